@@ -1,1 +1,232 @@
+//! sds-agent: serves Envoy's Secret Discovery Service (SDS v3) on a Unix socket, with a
+//! workload certificate whose key is generated here, signed by a pluggable CA, validated,
+//! and rotated well before it expires.
+//!
+//! Data flows one way: [`config`] → [`identity`] → [`secrets`] (keys → CSR → CA → validate →
+//! publish) → [`sds`] streams → Envoy. [`admin`] and [`metrics`] observe; nothing below the
+//! secret manager knows about SDS, and no backend knows about rotation.
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod identity;
+pub mod keys;
+pub mod metrics;
+pub mod sds;
+pub mod secrets;
+pub mod socket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sds_backends::CertificateAuthority;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{CaConfig, Config};
+use crate::metrics::Metrics;
+use crate::sds::SdsService;
+use crate::secrets::{Policy, SecretManager};
+use crate::socket::SocketGuard;
+
+/// How long shutdown may take before the remaining tasks are abandoned (the process must
+/// exit within 5 s of SIGTERM).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A started agent: the manager, the SDS server and the admin server, all running.
+#[derive(Debug)]
+pub struct RunningAgent {
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    sds: SdsService,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    socket: Option<SocketGuard>,
+}
+
+impl Policy {
+    /// The policy a configuration asks for, with the agent's default timeouts and backoff.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            ttl: config.cert_ttl,
+            renew_at: config.renew_at,
+            key_type: config.key_type,
+            ca_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            bundle_refresh: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Builds the CA backend a configuration names.
+pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    match &config.ca {
+        CaConfig::Embedded {
+            cert: Some(cert),
+            key: Some(key),
+        } => {
+            let cert_pem = std::fs::read(cert)
+                .with_context(|| format!("cannot read --embedded-ca-cert {}", cert.display()))?;
+            let key_pem = zeroize::Zeroizing::new(
+                std::fs::read_to_string(key)
+                    .with_context(|| format!("cannot read --embedded-ca-key {}", key.display()))?,
+            );
+            let ca = sds_backends::embedded::EmbeddedCa::from_pem(&cert_pem, &key_pem)?;
+            info!(cert = %cert.display(), "embedded CA loaded");
+            Ok(Arc::new(ca))
+        }
+        CaConfig::Embedded { .. } => {
+            let ca = sds_backends::embedded::EmbeddedCa::generate(config.spiffe_id.trust_domain())?;
+            warn!(
+                "embedded CA: generated an ephemeral self-signed root for this process; only proxies served by this \
+                 agent will trust its certificates. Give --embedded-ca-cert and --embedded-ca-key to share a trust domain"
+            );
+            Ok(Arc::new(ca))
+        }
+    }
+}
+
+impl RunningAgent {
+    /// Starts the secret manager, binds the socket and the admin address, and serves.
+    pub async fn start(
+        config: &Config,
+        policy: Policy,
+        ca: Arc<dyn CertificateAuthority>,
+    ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let manager = SecretManager::new(
+            config.spiffe_id.clone(),
+            policy,
+            ca.clone(),
+            metrics.clone(),
+        );
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on --admin-addr {}", config.admin_addr))?;
+        let admin_addr = admin.local_addr()?;
+        if !admin_addr.ip().is_loopback() {
+            warn!(%admin_addr, "the admin endpoint is not on loopback; anyone who reaches it can force rotations");
+        }
+        let (listener, socket) = socket::bind(&config.socket, config.socket_mode)?;
+        let sds = SdsService::new(manager.clone(), metrics.clone(), shutdown.clone());
+
+        let span = info_span!("secret_manager", id = %config.spiffe_id, backend = ca.name());
+        let mut tasks = vec![tokio::spawn(
+            manager.clone().run(shutdown.clone()).instrument(span),
+        )];
+        let state = admin::AdminState {
+            manager: manager.clone(),
+            metrics: metrics.clone(),
+            sds: sds.clone(),
+        };
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(
+            async move {
+                if let Err(error) = admin::serve(admin, state, token).await {
+                    warn!(%error, "admin server failed");
+                }
+            }
+            .instrument(info_span!("admin")),
+        ));
+        let server = tonic::transport::Server::builder()
+            .add_service(sds.clone().into_server())
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tasks.push(tokio::spawn(
+            async move {
+                if let Err(error) = server.await {
+                    warn!(%error, "SDS server failed");
+                }
+            }
+            .instrument(info_span!("sds")),
+        ));
+        info!(
+            socket = %config.socket.display(),
+            admin = %admin_addr,
+            id = %config.spiffe_id,
+            backend = ca.name(),
+            "serving SDS"
+        );
+        Ok(Self {
+            manager,
+            metrics,
+            sds,
+            admin_addr,
+            shutdown,
+            tasks,
+            socket: Some(socket),
+        })
+    }
+
+    /// The secret manager.
+    pub fn manager(&self) -> &Arc<SecretManager> {
+        &self.manager
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The SDS service (for its proxy list).
+    pub fn sds(&self) -> &SdsService {
+        &self.sds
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, ends every stream, stops the manager, and removes the socket.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        if tokio::time::timeout(SHUTDOWN_GRACE, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            warn!("shutdown grace period over; abandoning remaining connections");
+        }
+        drop(self.socket.take());
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let ca = build_ca(&config)?;
+    let agent = RunningAgent::start(&config, Policy::from_config(&config), ca).await?;
+    wait_for_signal().await?;
+    info!("shutting down");
+    agent.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+    }
+    Ok(())
+}

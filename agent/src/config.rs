@@ -1,0 +1,601 @@
+//! Command line, environment and config file, merged into one validated [`Config`].
+//!
+//! Precedence is flag > environment (`SDS_AGENT_<FLAG>`) > config file (`--config`, TOML,
+//! keys named like the flags) > default. clap reads flags and the environment; the file is
+//! read here and fills only what neither gave. Every value goes through one parser whatever
+//! its source, so an error names the flag, its variable and its file key alike.
+//!
+//! This module reads files but never creates anything, and it knows nothing of what the
+//! values are used for.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sds_backends::{KeyType, SpiffeId, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+/// The SDS socket path istio-agent uses, relative to the working directory.
+pub const DEFAULT_SOCKET: &str = "./var/run/secrets/workload-spiffe-uds/socket";
+const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_RENEW_AT: f64 = 0.5;
+const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Shortest certificate lifetime accepted; anything shorter cannot be rotated sensibly.
+const MIN_TTL: Duration = Duration::from_secs(5);
+
+/// sds-agent: workload certificates for Envoy over SDS, signed by your CA, rotated for you.
+#[derive(Debug, Parser)]
+#[command(name = "sds-agent", version, about, rename_all = "kebab-case")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+#[command(rename_all = "kebab-case")]
+pub enum Command {
+    /// Serve SDS on the Unix socket until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Check the configuration and print it resolved, as JSON, without serving anything.
+    Validate(RunArgs),
+    /// Print the version.
+    Version,
+}
+
+/// Flags of `run` and `validate`. Each is also `SDS_AGENT_<FLAG>` in the environment and
+/// `<flag>` in the config file.
+#[derive(Debug, Default, Clone, Args)]
+#[command(rename_all = "kebab-case")]
+pub struct RunArgs {
+    /// Config file (TOML); its keys are the flag names, e.g. `trust-domain = "example.org"`.
+    #[arg(long, env = "SDS_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// SDS Unix socket path. [default: ./var/run/secrets/workload-spiffe-uds/socket]
+    #[arg(long, env = "SDS_AGENT_SOCKET", value_name = "PATH")]
+    pub socket: Option<String>,
+    /// Permissions of the socket file, octal. [default: 0600]
+    #[arg(long, env = "SDS_AGENT_SOCKET_MODE", value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// SPIFFE trust domain. [default: cluster.local]
+    #[arg(long, env = "SDS_AGENT_TRUST_DOMAIN", value_name = "TD")]
+    pub trust_domain: Option<String>,
+    /// Kubernetes namespace of the workload. [default: default]
+    #[arg(long, env = "SDS_AGENT_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Kubernetes service account of the workload. [default: default]
+    #[arg(long, env = "SDS_AGENT_SERVICE_ACCOUNT", value_name = "SA")]
+    pub service_account: Option<String>,
+    /// CA backend that signs the workload certificates. [default: embedded]
+    #[arg(long, env = "SDS_AGENT_CA", value_name = "BACKEND")]
+    pub ca: Option<String>,
+    /// Certificate lifetime to ask for, e.g. 30s, 90m, 24h. [default: 24h]
+    #[arg(long, env = "SDS_AGENT_CERT_TTL", value_name = "DURATION")]
+    pub cert_ttl: Option<String>,
+    /// Fraction of the certificate's actual lifetime after which it is renewed (0 < f < 1),
+    /// less a small random jitter. [default: 0.5]
+    #[arg(long, env = "SDS_AGENT_RENEW_AT", value_name = "FRACTION")]
+    pub renew_at: Option<String>,
+    /// Private key type: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096.
+    /// [default: ecdsa-p256]
+    #[arg(long, env = "SDS_AGENT_KEY_TYPE", value_name = "TYPE")]
+    pub key_type: Option<String>,
+    /// Embedded CA: PEM signing certificate followed by its chain up to the root. Without
+    /// it, an ephemeral root is generated at start-up.
+    #[arg(long, env = "SDS_AGENT_EMBEDDED_CA_CERT", value_name = "PEM")]
+    pub embedded_ca_cert: Option<PathBuf>,
+    /// Embedded CA: PEM private key (PKCS#8) of the signing certificate.
+    #[arg(long, env = "SDS_AGENT_EMBEDDED_CA_KEY", value_name = "PEM")]
+    pub embedded_ca_key: Option<PathBuf>,
+    /// Admin HTTP address (/healthz, /readyz, /secrets, /metrics, POST /rotate).
+    /// [default: 127.0.0.1:15020]
+    #[arg(long, env = "SDS_AGENT_ADMIN_ADDR", value_name = "ADDR")]
+    pub admin_addr: Option<String>,
+    /// Log filter, e.g. info or sds_agent=debug; RUST_LOG is used when this is unset.
+    /// [default: info]
+    #[arg(long, env = "SDS_AGENT_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The config file: the same keys as the flags, all optional, nothing else allowed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<String>,
+    socket_mode: Option<String>,
+    trust_domain: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    ca: Option<String>,
+    cert_ttl: Option<String>,
+    renew_at: Option<f64>,
+    key_type: Option<String>,
+    embedded_ca_cert: Option<PathBuf>,
+    embedded_ca_key: Option<PathBuf>,
+    admin_addr: Option<String>,
+    log_level: Option<String>,
+}
+
+/// The validated configuration of a running agent.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Config {
+    /// SDS socket path.
+    pub socket: PathBuf,
+    /// Socket file permission bits.
+    #[serde(serialize_with = "octal")]
+    pub socket_mode: u32,
+    /// The workload identity served as `default`.
+    pub spiffe_id: SpiffeId,
+    /// The CA backend.
+    pub ca: CaConfig,
+    /// Lifetime asked of the CA.
+    #[serde(serialize_with = "humanized")]
+    pub cert_ttl: Duration,
+    /// Renewal point as a fraction of the actual lifetime.
+    pub renew_at: RenewAt,
+    /// Key type of workload keys.
+    #[serde(serialize_with = "display")]
+    pub key_type: KeyType,
+    /// Admin HTTP address.
+    pub admin_addr: SocketAddr,
+    /// Log filter, if set by flag, env or file.
+    pub log_level: Option<String>,
+}
+
+/// Which CA signs, and its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum CaConfig {
+    /// The in-process CA.
+    Embedded {
+        /// Signing certificate and chain, PEM; `None` for an ephemeral root.
+        cert: Option<PathBuf>,
+        /// Its key, PEM.
+        key: Option<PathBuf>,
+    },
+}
+
+/// Backend names `--ca` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CaKind {
+    Embedded,
+}
+
+/// A renewal fraction strictly between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RenewAt(f64);
+
+/// A configuration that cannot be used, with the setting at fault named.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape.
+    #[error("config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A setting has a value that cannot be used.
+    #[error("invalid {setting} {value:?}: {reason}")]
+    Invalid {
+        /// The setting, as `--flag (SDS_AGENT_FLAG, file key flag)`.
+        setting: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two settings that only make sense together, or never together.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl RunArgs {
+    /// Merges flags and environment (already in `self`) with the config file and the
+    /// defaults, and validates the result.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let pick =
+            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
+
+        let socket = pick(&self.socket, &file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into());
+        if socket.is_empty() {
+            return Err(invalid("socket", "", "must not be empty"));
+        }
+        let socket_mode = match pick(&self.socket_mode, &file.socket_mode) {
+            Some(v) => parse_mode(&v).map_err(|r| invalid("socket-mode", &v, r))?,
+            None => DEFAULT_SOCKET_MODE,
+        };
+        let td_raw =
+            pick(&self.trust_domain, &file.trust_domain).unwrap_or_else(|| "cluster.local".into());
+        let trust_domain =
+            TrustDomain::from_str(&td_raw).map_err(|e| invalid("trust-domain", &td_raw, e))?;
+        let ns = pick(&self.namespace, &file.namespace).unwrap_or_else(|| "default".into());
+        let sa =
+            pick(&self.service_account, &file.service_account).unwrap_or_else(|| "default".into());
+        let spiffe_id = SpiffeId::for_service_account(trust_domain, &ns, &sa).map_err(|e| {
+            let (setting, value) = match &e {
+                sds_backends::IdentityError::EmptySegment { what }
+                | sds_backends::IdentityError::DotSegment { what, .. }
+                | sds_backends::IdentityError::BadSegmentChar { what, .. }
+                    if *what == "service account" =>
+                {
+                    ("service-account", sa.as_str())
+                }
+                _ => ("namespace", ns.as_str()),
+            };
+            invalid(setting, value, e)
+        })?;
+
+        let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
+        let ca_kind = CaKind::from_str(&ca_raw, false).map_err(|_| {
+            invalid(
+                "ca",
+                &ca_raw,
+                "the backends built into this binary are: embedded",
+            )
+        })?;
+        let ca = match ca_kind {
+            CaKind::Embedded => {
+                let cert = self.embedded_ca_cert.clone().or(file.embedded_ca_cert);
+                let key = self.embedded_ca_key.clone().or(file.embedded_ca_key);
+                if cert.is_some() != key.is_some() {
+                    return Err(ConfigError::Conflict(
+                        "--embedded-ca-cert and --embedded-ca-key go together: give both or neither".into(),
+                    ));
+                }
+                CaConfig::Embedded { cert, key }
+            }
+        };
+
+        let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
+            Some(v) => parse_ttl(&v).map_err(|r| invalid("cert-ttl", &v, r))?,
+            None => DEFAULT_TTL,
+        };
+        let renew_at = match (&self.renew_at, file.renew_at) {
+            (Some(v), _) => v.parse().map_err(|r| invalid("renew-at", v, r))?,
+            (None, Some(f)) => {
+                RenewAt::new(f).map_err(|r| invalid("renew-at", &f.to_string(), r))?
+            }
+            (None, None) => RenewAt(DEFAULT_RENEW_AT),
+        };
+        let key_type = match pick(&self.key_type, &file.key_type) {
+            Some(v) => v.parse().map_err(|e| invalid("key-type", &v, e))?,
+            None => KeyType::default(),
+        };
+        let admin_raw =
+            pick(&self.admin_addr, &file.admin_addr).unwrap_or_else(|| DEFAULT_ADMIN_ADDR.into());
+        let admin_addr = admin_raw.parse().map_err(|_| {
+            invalid(
+                "admin-addr",
+                &admin_raw,
+                "expected IP:PORT, e.g. 127.0.0.1:15020",
+            )
+        })?;
+        Ok(Config {
+            socket: PathBuf::from(socket),
+            socket_mode,
+            spiffe_id,
+            ca,
+            cert_ttl,
+            renew_at,
+            key_type,
+            admin_addr,
+            log_level: pick(&self.log_level, &file.log_level),
+        })
+    }
+}
+
+impl RenewAt {
+    /// A fraction strictly between 0 and 1.
+    pub fn new(f: f64) -> Result<Self, &'static str> {
+        if f.is_finite() && f > 0.0 && f < 1.0 {
+            Ok(Self(f))
+        } else {
+            Err("must be a fraction strictly between 0 and 1, e.g. 0.5")
+        }
+    }
+
+    /// The fraction.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl Default for RenewAt {
+    fn default() -> Self {
+        Self(DEFAULT_RENEW_AT)
+    }
+}
+
+impl FromStr for RenewAt {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let f: f64 = s.trim().parse().map_err(|_| "must be a number, e.g. 0.5")?;
+        Self::new(f)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// `30s`, `90m`, `24h`, `1h30m`: humantime's syntax, at least 5 s.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; expected e.g. 30s, 90m, 24h"))?;
+    if d < MIN_TTL {
+        return Err(format!(
+            "must be at least {}",
+            humantime::format_duration(MIN_TTL)
+        ));
+    }
+    Ok(d)
+}
+
+/// Octal permission bits: `0600`, `600` or `0o600`.
+fn parse_mode(s: &str) -> Result<u32, &'static str> {
+    let digits = s.trim().trim_start_matches("0o");
+    let mode =
+        u32::from_str_radix(digits, 8).map_err(|_| "expected octal permission bits, e.g. 0600")?;
+    if mode > 0o777 {
+        return Err("only permission bits (at most 0777) may be set");
+    }
+    if mode & 0o600 != 0o600 {
+        return Err("the owner must keep read and write permission (0600)");
+    }
+    Ok(mode)
+}
+
+fn invalid(flag: &str, value: &str, reason: impl fmt::Display) -> ConfigError {
+    let var = format!("SDS_AGENT_{}", flag.to_uppercase().replace('-', "_"));
+    ConfigError::Invalid {
+        setting: format!("--{flag} ({var}, file key {flag})"),
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{mode:04o}"))
+}
+
+fn humanized<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults() {
+        let c = RunArgs::default().resolve().unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(
+            c.spiffe_id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+        assert_eq!(
+            c.ca,
+            CaConfig::Embedded {
+                cert: None,
+                key: None
+            }
+        );
+        assert_eq!(c.cert_ttl, Duration::from_secs(86400));
+        assert_eq!(c.renew_at.get(), 0.5);
+        assert_eq!(c.key_type, KeyType::EcdsaP256);
+        assert_eq!(c.admin_addr, "127.0.0.1:15020".parse().unwrap());
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let f = file(
+            "trust-domain = \"file.org\"\nnamespace = \"from-file\"\ncert-ttl = \"90m\"\nrenew-at = 0.7\n",
+        );
+        let args = RunArgs {
+            config: Some(f.path().to_owned()),
+            trust_domain: Some("flag.org".into()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(
+            c.spiffe_id.to_string(),
+            "spiffe://flag.org/ns/from-file/sa/default"
+        );
+        assert_eq!(c.cert_ttl, Duration::from_secs(90 * 60));
+        assert_eq!(c.renew_at.get(), 0.7);
+    }
+
+    #[test]
+    fn malformed_files_are_refused_with_their_position() {
+        let f = file("trust-domain = \n");
+        let err = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::ParseFile { .. }), "{err}");
+        assert!(err.to_string().contains("line 1"), "{err}");
+
+        let f = file("trust_domain = \"x\"\n");
+        let err = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+
+        let f = file("renew-at = \"half\"\n");
+        assert!(
+            RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve()
+            .is_err()
+        );
+
+        let err = RunArgs {
+            config: Some("/nonexistent/sds.toml".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_setting() {
+        let cases: Vec<(RunArgs, &str)> = vec![
+            (
+                RunArgs {
+                    trust_domain: Some("Bad.Domain".into()),
+                    ..Default::default()
+                },
+                "--trust-domain (SDS_AGENT_TRUST_DOMAIN",
+            ),
+            (
+                RunArgs {
+                    namespace: Some("a/b".into()),
+                    ..Default::default()
+                },
+                "--namespace",
+            ),
+            (
+                RunArgs {
+                    service_account: Some("".into()),
+                    ..Default::default()
+                },
+                "--service-account",
+            ),
+            (
+                RunArgs {
+                    cert_ttl: Some("soon".into()),
+                    ..Default::default()
+                },
+                "--cert-ttl",
+            ),
+            (
+                RunArgs {
+                    cert_ttl: Some("1s".into()),
+                    ..Default::default()
+                },
+                "at least 5s",
+            ),
+            (
+                RunArgs {
+                    renew_at: Some("1.0".into()),
+                    ..Default::default()
+                },
+                "--renew-at",
+            ),
+            (
+                RunArgs {
+                    renew_at: Some("0".into()),
+                    ..Default::default()
+                },
+                "--renew-at",
+            ),
+            (
+                RunArgs {
+                    key_type: Some("ed25519".into()),
+                    ..Default::default()
+                },
+                "--key-type",
+            ),
+            (
+                RunArgs {
+                    ca: Some("vault".into()),
+                    ..Default::default()
+                },
+                "--ca",
+            ),
+            (
+                RunArgs {
+                    admin_addr: Some("localhost".into()),
+                    ..Default::default()
+                },
+                "--admin-addr",
+            ),
+            (
+                RunArgs {
+                    socket_mode: Some("0999".into()),
+                    ..Default::default()
+                },
+                "--socket-mode",
+            ),
+            (
+                RunArgs {
+                    socket_mode: Some("0200".into()),
+                    ..Default::default()
+                },
+                "owner",
+            ),
+            (
+                RunArgs {
+                    embedded_ca_cert: Some("ca.pem".into()),
+                    ..Default::default()
+                },
+                "go together",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn durations_and_modes_parse() {
+        assert_eq!(parse_ttl("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_ttl("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_ttl("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_mode("0660").unwrap(), 0o660);
+        assert_eq!(parse_mode("0o600").unwrap(), 0o600);
+        assert!(parse_mode("rw").is_err());
+    }
+}

@@ -1,0 +1,689 @@
+//! `envoy.service.secret.v3.SecretDiscoveryService`: StreamSecrets (state of the world),
+//! DeltaSecrets and FetchSecrets, over the secret manager's `watch` channels.
+//!
+//! Each stream runs in its own task with its own xDS state: the names it subscribed to, the
+//! versions it was last sent, and the nonce of the last response. A response goes out when a
+//! subscribed resource has a version the stream has not been sent; every response carries a
+//! version and a fresh nonce. ACKs are recorded; a NACK is logged and counted and nothing is
+//! re-sent until a new version exists, so a proxy that rejects a secret cannot start a push
+//! loop. Requests with a stale nonce are ignored. Unknown names get a clear error (SotW and
+//! Fetch: `NOT_FOUND`; Delta: the name in `removed_resources`, the delta protocol's "does not
+//! exist"), never a hang.
+//!
+//! A stream that stops reading blocks only its own task: the manager publishes into `watch`
+//! channels and never waits for readers. This module never touches the CA.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::google::protobuf::Any;
+use futures::Stream;
+use parking_lot::Mutex;
+use prost::Name;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::identity::{ResourceName, UnknownResource};
+use crate::metrics::{ApiLabel, Metrics};
+use crate::secrets::{SecretManager, ServedBundle, ServedCert};
+
+/// How long FetchSecrets waits for a first certificate before answering UNAVAILABLE.
+const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// Responses buffered per stream before its task waits for the client to read.
+const STREAM_BUFFER: usize = 4;
+
+type CertRx = watch::Receiver<Option<Arc<ServedCert>>>;
+type BundleRx = watch::Receiver<Option<Arc<ServedBundle>>>;
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The SDS gRPC service.
+#[derive(Debug, Clone)]
+pub struct SdsService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    next_stream: AtomicU64,
+    proxies: Mutex<BTreeMap<u64, ProxyState>>,
+}
+
+/// What the agent knows of one connected proxy's stream, for `/proxies`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyState {
+    /// Stream number, unique in this process.
+    pub stream: u64,
+    /// "sotw" or "delta".
+    pub api: &'static str,
+    /// The Envoy node ID, if the proxy sent one.
+    pub node_id: String,
+    /// Resource names subscribed.
+    pub resources: Vec<&'static str>,
+    /// The version last ACKed.
+    pub acked_version: Option<String>,
+    /// The last NACK's message, cleared by the next ACK.
+    pub nack: Option<String>,
+}
+
+/// Why a request was refused. Becomes a `tonic::Status` in [`SdsError::into_status`] only.
+#[derive(Debug, thiserror::Error)]
+enum SdsError {
+    #[error(transparent)]
+    Unknown(#[from] UnknownResource),
+    #[error(
+        "the first request must name the secrets it wants (\"default\", \"ROOTCA\"); wildcard subscriptions are not served"
+    )]
+    Wildcard,
+    #[error("type_url {0:?} is not served here; this is SDS ({SECRET_TYPE})")]
+    WrongType(String),
+    #[error("no certificate has been issued yet; retry shortly")]
+    NotReady,
+}
+
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// State of the world on one stream.
+#[derive(Debug, Default)]
+struct SotwState {
+    names: Option<BTreeSet<ResourceName>>,
+    sent: BTreeMap<ResourceName, u64>,
+    nonce: u64,
+    last_nonce: Option<String>,
+}
+
+/// Incremental state on one delta stream.
+#[derive(Debug, Default)]
+struct DeltaState {
+    subscribed: BTreeSet<ResourceName>,
+    sent: HashMap<ResourceName, String>,
+    removed: Vec<String>,
+    nonce: u64,
+    last_nonce: Option<String>,
+    started: bool,
+}
+
+/// Removes a stream's traces when its task ends, however it ends.
+struct StreamGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    api: &'static str,
+}
+
+impl SdsService {
+    /// A service over `manager`'s channels; its streams end when `shutdown` fires.
+    pub fn new(
+        manager: Arc<SecretManager>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                manager,
+                metrics,
+                shutdown,
+                next_stream: AtomicU64::new(1),
+                proxies: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// The tonic server wrapper, with message size limits suited to SDS.
+    pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(1024 * 1024)
+    }
+
+    /// The streams connected now.
+    pub fn proxies(&self) -> Vec<ProxyState> {
+        self.inner.proxies.lock().values().cloned().collect()
+    }
+
+    fn start_stream<T: Send + 'static>(
+        &self,
+        api: &'static str,
+        node_id: String,
+    ) -> (
+        StreamGuard,
+        mpsc::Sender<Result<T, Status>>,
+        ResponseStream<T>,
+    ) {
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .streams_open
+            .get_or_create(&ApiLabel { api })
+            .inc();
+        self.inner.proxies.lock().insert(
+            id,
+            ProxyState {
+                stream: id,
+                api,
+                node_id,
+                resources: vec![],
+                acked_version: None,
+                nack: None,
+            },
+        );
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let guard = StreamGuard {
+            inner: self.inner.clone(),
+            id,
+            api,
+        };
+        (guard, tx, Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (guard, tx, rx) = self.start_stream("sotw", String::new());
+        let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
+        tokio::spawn(sotw_stream(guard, request.into_inner(), tx).instrument(span));
+        Ok(Response::new(rx))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (guard, tx, rx) = self.start_stream("delta", String::new());
+        let span = info_span!("sds_stream", api = "delta", stream = guard.id);
+        tokio::spawn(delta_stream(guard, request.into_inner(), tx).instrument(span));
+        Ok(Response::new(rx))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let inner = &self.inner;
+        let req = request.into_inner();
+        let result = async {
+            check_type(&req.type_url)?;
+            if req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*") {
+                return Err(SdsError::Wildcard);
+            }
+            let names = parse_names(&req.resource_names)?;
+            let mut cert_rx = inner.manager.subscribe_cert();
+            let mut bundle_rx = inner.manager.subscribe_bundle();
+            let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+            loop {
+                let ready = names
+                    .iter()
+                    .all(|n| version(*n, &cert_rx.borrow(), &bundle_rx.borrow()).is_some());
+                if ready {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return Err(SdsError::NotReady),
+                    r = cert_rx.changed() => if r.is_err() { return Err(SdsError::NotReady) },
+                    r = bundle_rx.changed() => if r.is_err() { return Err(SdsError::NotReady) },
+                }
+            }
+            let cert = cert_rx.borrow().clone();
+            let bundle = bundle_rx.borrow().clone();
+            let mut versions = Vec::new();
+            let mut resources = Vec::new();
+            for n in &names {
+                if let Some((v, any)) = resource(*n, &cert, &bundle) {
+                    versions.push((*n, v));
+                    resources.push(any);
+                }
+            }
+            Ok(DiscoveryResponse {
+                version_info: version_info(&versions),
+                resources,
+                type_url: SECRET_TYPE.into(),
+                nonce: format!(
+                    "fetch-{}",
+                    inner.next_stream.fetch_add(1, Ordering::Relaxed)
+                ),
+                ..Default::default()
+            })
+        }
+        .await;
+        match result {
+            Ok(resp) => {
+                inner
+                    .metrics
+                    .pushes
+                    .get_or_create(&ApiLabel { api: "fetch" })
+                    .inc();
+                Ok(Response::new(resp))
+            }
+            Err(e) => Err(e.into_status(&inner.metrics)),
+        }
+    }
+}
+
+async fn sotw_stream(
+    guard: StreamGuard,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let inner = guard.inner.clone();
+    let mut cert_rx = inner.manager.subscribe_cert();
+    let mut bundle_rx = inner.manager.subscribe_bundle();
+    let mut st = SotwState::default();
+    loop {
+        let response = st.pending(guard.id, &cert_rx, &bundle_rx);
+        if let Some(resp) = response {
+            debug!(version = %resp.version_info, nonce = %resp.nonce, "pushing");
+            tokio::select! {
+                r = tx.send(Ok(resp)) => if r.is_err() { return },
+                _ = inner.shutdown.cancelled() => return,
+            }
+            inner
+                .metrics
+                .pushes
+                .get_or_create(&ApiLabel { api: "sotw" })
+                .inc();
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if let Err(e) = st.on_request(&guard, req) {
+                        warn!(error = %e, "refusing SDS request");
+                        let _ = tx.send(Err(e.into_status(&inner.metrics))).await;
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    debug!(%status, "stream ended by the client");
+                    return;
+                }
+            },
+            r = cert_rx.changed() => if r.is_err() { return },
+            r = bundle_rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn delta_stream(
+    guard: StreamGuard,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let inner = guard.inner.clone();
+    let mut cert_rx = inner.manager.subscribe_cert();
+    let mut bundle_rx = inner.manager.subscribe_bundle();
+    let mut st = DeltaState::default();
+    loop {
+        if let Some(resp) = st.pending(guard.id, &cert_rx, &bundle_rx) {
+            debug!(nonce = %resp.nonce, resources = resp.resources.len(), removed = resp.removed_resources.len(), "pushing");
+            tokio::select! {
+                r = tx.send(Ok(resp)) => if r.is_err() { return },
+                _ = inner.shutdown.cancelled() => return,
+            }
+            inner
+                .metrics
+                .pushes
+                .get_or_create(&ApiLabel { api: "delta" })
+                .inc();
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if let Err(e) = st.on_request(&guard, req) {
+                        warn!(error = %e, "refusing SDS request");
+                        let _ = tx.send(Err(e.into_status(&inner.metrics))).await;
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    debug!(%status, "stream ended by the client");
+                    return;
+                }
+            },
+            r = cert_rx.changed() => if r.is_err() { return },
+            r = bundle_rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+impl SotwState {
+    fn on_request(&mut self, g: &StreamGuard, req: DiscoveryRequest) -> Result<(), SdsError> {
+        check_type(&req.type_url)?;
+        if let Some(node) = &req.node {
+            g.update(|p| p.node_id.clone_from(&node.id));
+        }
+        if !req.response_nonce.is_empty() {
+            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                g.inner
+                    .metrics
+                    .stale_nonces
+                    .get_or_create(&ApiLabel { api: "sotw" })
+                    .inc();
+                debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
+                return Ok(());
+            }
+            g.ack_or_nack("sotw", &req.version_info, req.error_detail.as_ref());
+        }
+        if self.names.is_none() && (req.resource_names.is_empty())
+            || req.resource_names.iter().any(|n| n == "*")
+        {
+            return Err(SdsError::Wildcard);
+        }
+        let names = parse_names(&req.resource_names)?;
+        self.sent.retain(|n, _| names.contains(n));
+        g.update(|p| p.resources = names.iter().map(|n| n.as_str()).collect());
+        self.names = Some(names);
+        Ok(())
+    }
+
+    /// The response owed to the client, if a subscribed resource has a version it has not
+    /// been sent. SotW responses carry every subscribed resource that exists.
+    fn pending(
+        &mut self,
+        stream: u64,
+        cert_rx: &CertRx,
+        bundle_rx: &BundleRx,
+    ) -> Option<DiscoveryResponse> {
+        let names = self.names.as_ref()?;
+        let cert = cert_rx.borrow().clone();
+        let bundle = bundle_rx.borrow().clone();
+        let mut versions = Vec::new();
+        let mut resources = Vec::new();
+        for n in names {
+            if let Some((v, any)) = resource(*n, &cert, &bundle) {
+                versions.push((*n, v));
+                resources.push(any);
+            }
+        }
+        if versions.iter().all(|(n, v)| self.sent.get(n) == Some(v)) {
+            return None;
+        }
+        self.sent = versions.iter().copied().collect();
+        self.nonce += 1;
+        let nonce = format!("{stream}-{}", self.nonce);
+        self.last_nonce = Some(nonce.clone());
+        Some(DiscoveryResponse {
+            version_info: version_info(&versions),
+            resources,
+            type_url: SECRET_TYPE.into(),
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+impl DeltaState {
+    fn on_request(&mut self, g: &StreamGuard, req: DeltaDiscoveryRequest) -> Result<(), SdsError> {
+        check_type(&req.type_url)?;
+        if let Some(node) = &req.node {
+            g.update(|p| p.node_id.clone_from(&node.id));
+        }
+        if !req.response_nonce.is_empty() {
+            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                g.inner
+                    .metrics
+                    .stale_nonces
+                    .get_or_create(&ApiLabel { api: "delta" })
+                    .inc();
+                debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
+                return Ok(());
+            }
+            let acked = self
+                .sent
+                .iter()
+                .map(|(n, v)| format!("{n}:{v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            g.ack_or_nack("delta", &acked, req.error_detail.as_ref());
+        }
+        if !self.started {
+            self.started = true;
+            if req.resource_names_subscribe.is_empty() {
+                return Err(SdsError::Wildcard);
+            }
+            // Versions the client already holds (after a reconnect): do not resend them.
+            for (name, version) in &req.initial_resource_versions {
+                if let Ok(n) = name.parse::<ResourceName>() {
+                    self.sent.insert(n, version.clone());
+                }
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                return Err(SdsError::Wildcard);
+            }
+            match name.parse::<ResourceName>() {
+                Ok(n) => {
+                    self.subscribed.insert(n);
+                }
+                Err(e) => {
+                    g.inner.metrics.bad_request("unknown_resource");
+                    warn!(error = %e, "subscription to an unknown secret; answering that it does not exist");
+                    self.removed.push(e.0);
+                }
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if let Ok(n) = name.parse::<ResourceName>() {
+                self.subscribed.remove(&n);
+                self.sent.remove(&n);
+            }
+        }
+        g.update(|p| p.resources = self.subscribed.iter().map(|n| n.as_str()).collect());
+        Ok(())
+    }
+
+    fn pending(
+        &mut self,
+        stream: u64,
+        cert_rx: &CertRx,
+        bundle_rx: &BundleRx,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let cert = cert_rx.borrow().clone();
+        let bundle = bundle_rx.borrow().clone();
+        let mut resources = Vec::new();
+        for n in &self.subscribed {
+            if let Some((v, any)) = resource(*n, &cert, &bundle) {
+                let v = v.to_string();
+                if self.sent.get(n) != Some(&v) {
+                    self.sent.insert(*n, v.clone());
+                    resources.push(Resource {
+                        name: n.as_str().into(),
+                        version: v,
+                        resource: Some(any),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        if resources.is_empty() && self.removed.is_empty() {
+            return None;
+        }
+        self.nonce += 1;
+        let nonce = format!("{stream}-{}", self.nonce);
+        self.last_nonce = Some(nonce.clone());
+        Some(DeltaDiscoveryResponse {
+            system_version_info: version_info(
+                &self
+                    .sent
+                    .iter()
+                    .filter_map(|(n, v)| v.parse().ok().map(|v| (*n, v)))
+                    .collect::<Vec<_>>(),
+            ),
+            resources,
+            type_url: SECRET_TYPE.into(),
+            removed_resources: std::mem::take(&mut self.removed),
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+impl StreamGuard {
+    fn update(&self, f: impl FnOnce(&mut ProxyState)) {
+        if let Some(p) = self.inner.proxies.lock().get_mut(&self.id) {
+            f(p);
+        }
+    }
+
+    fn ack_or_nack(
+        &self,
+        api: &'static str,
+        version: &str,
+        error: Option<&envoy_types::pb::google::rpc::Status>,
+    ) {
+        let label = ApiLabel { api };
+        match error {
+            Some(status) => {
+                self.inner.metrics.nacks.get_or_create(&label).inc();
+                let node = self
+                    .inner
+                    .proxies
+                    .lock()
+                    .get(&self.id)
+                    .map(|p| p.node_id.clone())
+                    .unwrap_or_default();
+                warn!(node, version, code = status.code, message = %status.message, "proxy rejected the secret (NACK); not re-sending until it changes");
+                let message = status.message.chars().take(512).collect::<String>();
+                self.update(|p| p.nack = Some(message));
+            }
+            None => {
+                self.inner.metrics.acks.get_or_create(&label).inc();
+                debug!(version, "ACK");
+                self.update(|p| {
+                    p.acked_version = Some(version.to_owned());
+                    p.nack = None;
+                });
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.inner
+            .metrics
+            .streams_open
+            .get_or_create(&ApiLabel { api: self.api })
+            .dec();
+        self.inner.proxies.lock().remove(&self.id);
+    }
+}
+
+impl SdsError {
+    /// The one place SDS errors become gRPC statuses (and are counted).
+    fn into_status(self, metrics: &Metrics) -> Status {
+        let (reason, status) = match &self {
+            SdsError::Unknown(_) => ("unknown_resource", Status::not_found(self.to_string())),
+            SdsError::Wildcard => ("wildcard", Status::invalid_argument(self.to_string())),
+            SdsError::WrongType(_) => ("type_url", Status::invalid_argument(self.to_string())),
+            SdsError::NotReady => ("not_ready", Status::unavailable(self.to_string())),
+        };
+        metrics.bad_request(reason);
+        status
+    }
+}
+
+fn check_type(type_url: &str) -> Result<(), SdsError> {
+    if type_url.is_empty() || type_url == SECRET_TYPE {
+        Ok(())
+    } else {
+        Err(SdsError::WrongType(type_url.chars().take(256).collect()))
+    }
+}
+
+fn parse_names(names: &[String]) -> Result<BTreeSet<ResourceName>, SdsError> {
+    names
+        .iter()
+        .map(|n| n.parse().map_err(SdsError::from))
+        .collect()
+}
+
+fn version(
+    name: ResourceName,
+    cert: &Option<Arc<ServedCert>>,
+    bundle: &Option<Arc<ServedBundle>>,
+) -> Option<u64> {
+    match name {
+        ResourceName::Default => cert.as_ref().map(|c| c.version),
+        ResourceName::RootCa => bundle.as_ref().map(|b| b.version),
+    }
+}
+
+/// `default:3,ROOTCA:1`: the versions of the resources in a response.
+fn version_info(versions: &[(ResourceName, u64)]) -> String {
+    versions
+        .iter()
+        .map(|(n, v)| format!("{n}:{v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The resource's version and its encoding, if it exists now.
+fn resource(
+    name: ResourceName,
+    cert: &Option<Arc<ServedCert>>,
+    bundle: &Option<Arc<ServedBundle>>,
+) -> Option<(u64, Any)> {
+    let inline = |bytes: &[u8]| {
+        Some(DataSource {
+            specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+            ..Default::default()
+        })
+    };
+    let (v, ty) = match name {
+        ResourceName::Default => {
+            let c = cert.as_ref()?;
+            let tls = TlsCertificate {
+                certificate_chain: inline(c.chain_pem.as_bytes()),
+                private_key: inline(c.key_pem().as_bytes()),
+                ..Default::default()
+            };
+            (c.version, secret::Type::TlsCertificate(tls))
+        }
+        ResourceName::RootCa => {
+            let b = bundle.as_ref()?;
+            let vc = CertificateValidationContext {
+                trusted_ca: inline(b.pem.as_bytes()),
+                ..Default::default()
+            };
+            (b.version, secret::Type::ValidationContext(vc))
+        }
+    };
+    let secret = Secret {
+        name: name.as_str().into(),
+        r#type: Some(ty),
+    };
+    Some((
+        v,
+        Any {
+            type_url: Secret::type_url(),
+            value: prost::Message::encode_to_vec(&secret),
+        },
+    ))
+}

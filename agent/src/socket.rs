@@ -1,0 +1,135 @@
+//! The SDS Unix socket: created with tight permissions, never stolen from a live agent, and
+//! removed on shutdown.
+//!
+//! The socket is bound under a temporary name in the same directory, given its mode, then
+//! renamed into place, so no client can ever connect to it with looser permissions. A socket
+//! file left by a crashed run (nobody accepts on it) is replaced; a live one is an error, and
+//! anything that is not a socket is never deleted.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketError {
+    /// Another process accepts connections on the path.
+    #[error("{0} is in use: another agent is listening on it")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A filesystem call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// The step that failed.
+        what: &'static str,
+        /// The path it failed on.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Removes the socket file on drop, if it is still the one this process created.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    ino: u64,
+}
+
+/// Binds the SDS socket at `path` with permission bits `mode`.
+pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
+    fn io_err<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> SocketError + 'a {
+        move |source| SocketError::Io {
+            what,
+            path: p.to_owned(),
+            source,
+        }
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io_err("cannot create directory", &dir))?;
+    remove_if_stale(path)?;
+
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io_err("cannot bind", &tmp))?;
+    let result = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set permissions of", &tmp))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(io_err("cannot move the socket to", path))
+        });
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let ino = std::fs::symlink_metadata(path)
+        .map_err(io_err("cannot stat", path))?
+        .ino();
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_owned(),
+            ino,
+        },
+    ))
+}
+
+fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(SocketError::Io {
+                what: "cannot stat",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_owned()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            info!(path = %path.display(), "replacing a stale socket left by an earlier run");
+            std::fs::remove_file(path).map_err(|source| SocketError::Io {
+                what: "cannot remove stale socket",
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Err(source) => Err(SocketError::Io {
+            what: "cannot probe existing socket",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.ino() == self.ino => {
+                if let Err(error) = std::fs::remove_file(&self.path) {
+                    warn!(%error, path = %self.path.display(), "cannot remove the socket");
+                }
+            }
+            // Replaced by someone else, or already gone: not ours to remove.
+            _ => {}
+        }
+    }
+}
