@@ -25,7 +25,7 @@ use rand::Rng;
 use rustls_pki_types::CertificateDer;
 use sds_backends::{CaError, CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustBundle};
 use serde::Serialize;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -141,7 +141,9 @@ pub struct SecretManager {
     ca: Arc<dyn CertificateAuthority>,
     cert: watch::Sender<Option<Arc<ServedCert>>>,
     bundle: watch::Sender<Option<Arc<ServedBundle>>>,
-    rotate: Notify,
+    /// Bumped by [`SecretManager::rotate_now`]; requests made during an issuance are
+    /// satisfied by it, so a burst of them causes one CSR.
+    rotate: watch::Sender<u64>,
     health: Mutex<Health>,
     metrics: Arc<Metrics>,
     /// Version of the last certificate built; never reused, even after an expiry.
@@ -162,7 +164,7 @@ impl SecretManager {
             ca,
             cert: watch::Sender::new(None),
             bundle: watch::Sender::new(None),
-            rotate: Notify::new(),
+            rotate: watch::Sender::new(0),
             health: Mutex::new(Health::default()),
             metrics,
             cert_version: AtomicU64::new(0),
@@ -186,7 +188,7 @@ impl SecretManager {
 
     /// Asks for a renewal now, whatever the schedule says.
     pub fn rotate_now(&self) {
-        self.rotate.notify_one();
+        self.rotate.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Whether a valid certificate and a trust bundle are being served.
@@ -235,18 +237,25 @@ impl SecretManager {
         let mut next_issue = Instant::now();
         let mut next_bundle = Instant::now() + self.policy.bundle_refresh;
         let mut expires: Option<Instant> = None;
+        let mut withdrawn = false;
         let mut failures: u32 = 0;
+        let mut rotate = self.rotate.subscribe();
         loop {
             let expiry = async {
                 match expires {
-                    Some(t) => sleep_until(t).await,
-                    None => std::future::pending().await,
+                    Some(t) if !withdrawn => sleep_until(t).await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = sleep_until(next_issue) => {}
-                _ = self.rotate.notified() => info!("rotation requested"),
+                r = rotate.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    info!("rotation requested");
+                }
                 _ = sleep_until(next_bundle) => {
                     if let Err(error) = self.refresh_bundle().await {
                         warn!(%error, backend = self.ca.name(), "trust bundle refresh failed; keeping the last one");
@@ -258,7 +267,7 @@ impl SecretManager {
                     error!(id = %self.identity, "certificate expired before it could be renewed; it is no longer served");
                     self.cert.send_replace(None);
                     self.health.lock().expired = true;
-                    expires = None;
+                    withdrawn = true;
                     continue;
                 }
             }
@@ -268,6 +277,8 @@ impl SecretManager {
                 _ = shutdown.cancelled() => return,
                 r = self.issue_once() => r,
             };
+            // Rotation requests made while this attempt ran are answered by it.
+            rotate.borrow_and_update();
             match result {
                 Ok(cert) => {
                     failures = 0;
@@ -302,6 +313,7 @@ impl SecretManager {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
+                    // Zero once expired: retry at the most urgent pace.
                     let remaining = expires.map(|t| t.saturating_duration_since(Instant::now()));
                     let delay = backoff(failures, remaining, &self.policy);
                     next_issue = Instant::now() + delay;

@@ -1,0 +1,303 @@
+//! The secret manager's rules (DESIGN.md), driven through its public API against the scripted
+//! CA, with tokio's clock paused so renewals, backoff and expiry happen in virtual time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sds_agent::config::RenewAt;
+use sds_agent::metrics::Metrics;
+use sds_agent::secrets::{Policy, SecretManager, ServedCert};
+use sds_backends::testing::{Fault, ScriptedCa};
+use sds_backends::{CaError, KeyType, SpiffeId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+fn id() -> SpiffeId {
+    "spiffe://example.org/ns/default/sa/web".parse().unwrap()
+}
+
+fn policy() -> Policy {
+    Policy {
+        ttl: Duration::from_secs(24 * 3600),
+        renew_at: RenewAt::new(0.5).unwrap(),
+        key_type: KeyType::EcdsaP256,
+        ca_timeout: Duration::from_secs(5),
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(300),
+        bundle_refresh: Duration::from_secs(3600),
+    }
+}
+
+struct Harness {
+    ca: Arc<ScriptedCa>,
+    manager: Arc<SecretManager>,
+    metrics: Arc<Metrics>,
+    certs: watch::Receiver<Option<Arc<ServedCert>>>,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    fn start(ca: Arc<ScriptedCa>, policy: Policy) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let manager = SecretManager::new(id(), policy, ca.clone(), metrics.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(manager.clone().run(shutdown.clone()));
+        let certs = manager.subscribe_cert();
+        Self {
+            ca,
+            manager,
+            metrics,
+            certs,
+            shutdown,
+        }
+    }
+
+    /// Waits (virtual time, bounded) for a certificate other than `previous`.
+    async fn next_cert(&mut self, previous: Option<&str>, limit: Duration) -> Arc<ServedCert> {
+        tokio::time::timeout(limit, async {
+            loop {
+                if let Some(c) = self.certs.borrow_and_update().clone() {
+                    if Some(c.leaf.serial.as_str()) != previous {
+                        return c;
+                    }
+                }
+                self.certs.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("no new certificate in time")
+    }
+
+    fn metric(&self, needle: &str) -> u64 {
+        let text = self.metrics.encode();
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse::<f64>().unwrap() as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn leaf_key(cert: &ServedCert) -> Vec<u8> {
+    let der = sds_backends::pem::decode_certificates(cert.chain_pem.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    leaf.public_key().raw.to_vec()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_issuance_uses_a_new_key() {
+    let mut h = Harness::start(ScriptedCa::new(), policy());
+    let first = h.next_cert(None, Duration::from_secs(5)).await;
+    h.manager.rotate_now();
+    let second = h
+        .next_cert(Some(&first.leaf.serial), Duration::from_secs(5))
+        .await;
+    h.manager.rotate_now();
+    let third = h
+        .next_cert(Some(&second.leaf.serial), Duration::from_secs(5))
+        .await;
+    let keys = [leaf_key(&first), leaf_key(&second), leaf_key(&third)];
+    assert_ne!(keys[0], keys[1]);
+    assert_ne!(keys[1], keys[2]);
+    assert_ne!(keys[0], keys[2]);
+    assert!(first.version < second.version && second.version < third.version);
+    assert!(
+        !format!("{first:?}").contains("PRIVATE KEY"),
+        "Debug must redact the key"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_time_comes_from_the_certificate_returned() {
+    // The CA ignores the 24 h asked for and issues 100 s certificates.
+    let ca = ScriptedCa::new();
+    ca.set_lifetime(Some(Duration::from_secs(100)));
+    let mut h = Harness::start(ca, policy());
+    let first = h.next_cert(None, Duration::from_secs(5)).await;
+    let lifetime = first
+        .leaf
+        .not_after
+        .duration_since(first.leaf.not_before)
+        .unwrap();
+    assert_eq!(lifetime, Duration::from_secs(100));
+    let planned = first
+        .renew_at
+        .duration_since(first.leaf.not_before)
+        .unwrap();
+    // Half the real lifetime, less at most 10 % jitter.
+    assert!(
+        planned <= Duration::from_secs(50) && planned >= Duration::from_secs(45),
+        "{planned:?}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(44)).await;
+    assert_eq!(h.ca.sign_calls(), 1, "renewed before the renewal point");
+    let second = h
+        .next_cert(Some(&first.leaf.serial), Duration::from_secs(8))
+        .await;
+    assert_eq!(h.ca.sign_calls(), 2);
+    assert_ne!(second.leaf.serial, first.leaf.serial);
+}
+
+#[tokio::test(start_paused = true)]
+async fn outage_keeps_the_last_good_certificate_with_capped_backoff_then_recovers() {
+    let ca = ScriptedCa::new();
+    ca.set_lifetime(Some(Duration::from_secs(400)));
+    let mut h = Harness::start(ca, policy());
+    let good = h.next_cert(None, Duration::from_secs(5)).await;
+
+    h.ca.set_outage(Some(CaError::Unavailable("connection refused".into())));
+    // Renewal is due at ~180-200 s; go to 300 s, 100 s of validity left.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let served = h.certs.borrow().clone().unwrap();
+    assert_eq!(
+        served.leaf.serial, good.leaf.serial,
+        "the last good certificate stays served"
+    );
+    assert!(h.manager.is_ready());
+    let calls = h.ca.sign_calls() - 1;
+    // Exponential from 1 s with equal jitter and a cap of validity-left/8 (at most 27 s here):
+    // over ~100-120 s of outage that is a handful of attempts, not a busy loop.
+    assert!(
+        (4..=20).contains(&calls),
+        "{calls} attempts during the outage"
+    );
+    assert_eq!(
+        h.metric("sds_agent_renewals_total{result=\"failure\"}"),
+        calls as u64
+    );
+    let health = h.manager.health();
+    assert_eq!(health.consecutive_failures as usize, calls);
+    assert!(health.last_error.unwrap().contains("connection refused"));
+
+    // Near expiry the cap is an eighth of what is left: retries become more frequent.
+    let before = h.ca.sign_calls();
+    tokio::time::sleep(Duration::from_secs(60)).await; // 40 s left at most
+    let late = h.ca.sign_calls() - before;
+    assert!(
+        late >= 6,
+        "only {late} retries in the last minute before expiry"
+    );
+
+    // The CA returns: renewed within one backoff cap (≤ 40 s / 8 = 5 s).
+    h.ca.set_outage(None);
+    let renewed = h
+        .next_cert(Some(&good.leaf.serial), Duration::from_secs(6))
+        .await;
+    assert_ne!(renewed.leaf.serial, good.leaf.serial);
+    assert_eq!(h.manager.health().consecutive_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_certificate_is_withdrawn() {
+    let ca = ScriptedCa::new();
+    ca.set_lifetime(Some(Duration::from_secs(60)));
+    let mut h = Harness::start(ca, policy());
+    h.next_cert(None, Duration::from_secs(5)).await;
+    h.ca.set_outage(Some(CaError::Unavailable("down".into())));
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert!(
+        h.certs.borrow().is_none(),
+        "an expired certificate must not be served"
+    );
+    assert!(!h.manager.is_ready());
+    assert!(h.manager.health().expired);
+    // Still retrying, at the shortest interval.
+    let before = h.ca.sign_calls();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(h.ca.sign_calls() - before >= 5);
+    h.ca.set_outage(None);
+    h.next_cert(None, Duration::from_secs(3)).await;
+    assert!(h.manager.is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_answers_are_rejected_counted_and_retried() {
+    let ca = ScriptedCa::new();
+    ca.push_fault(Fault::WrongKey);
+    ca.push_fault(Fault::WrongSan(
+        "spiffe://example.org/ns/default/sa/other".parse().unwrap(),
+    ));
+    ca.push_fault(Fault::Expired);
+    ca.push_fault(Fault::UnrelatedChain);
+    let mut h = Harness::start(ca, policy());
+    // The four bad answers are retried with backoff (1 + 2 + 4 + 8 s at most).
+    let cert = h.next_cert(None, Duration::from_secs(20)).await;
+    assert_eq!(h.ca.sign_calls(), 5);
+    assert_eq!(cert.version, 1, "no rejected answer was ever published");
+    for reason in ["wrong_key", "wrong_san", "expired", "chain"] {
+        let line = format!("sds_agent_ca_responses_rejected_total{{reason=\"{reason}\"}}");
+        assert_eq!(h.metric(&line), 1, "{reason}");
+    }
+    let der = sds_backends::pem::decode_certificates(cert.chain_pem.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        "[URI(\"spiffe://example.org/ns/default/sa/web\")]"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_ca_times_out_and_is_retried() {
+    let ca = ScriptedCa::new();
+    ca.push_fault(Fault::Delay(Duration::from_secs(3600)));
+    let mut p = policy();
+    p.ca_timeout = Duration::from_secs(2);
+    let mut h = Harness::start(ca, p);
+    h.next_cert(None, Duration::from_secs(10)).await;
+    assert_eq!(h.ca.sign_calls(), 2);
+    assert_eq!(
+        h.metric(
+            "sds_agent_ca_errors_total{backend=\"scripted\",kind=\"timeout\",retryable=\"true\"}"
+        ),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_rotation_requests_causes_one_csr() {
+    let mut h = Harness::start(ScriptedCa::new(), policy());
+    let first = h.next_cert(None, Duration::from_secs(5)).await;
+    // A slow CA, and many callers asking at once.
+    h.ca.push_fault(Fault::Delay(Duration::from_millis(500)));
+    for _ in 0..100 {
+        h.manager.rotate_now();
+    }
+    let second = h
+        .next_cert(Some(&first.leaf.serial), Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.ca.sign_calls(), 2, "100 requests, one renewal");
+    assert_eq!(
+        h.certs.borrow().as_ref().unwrap().leaf.serial,
+        second.leaf.serial
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_issuance_retries_until_the_ca_answers() {
+    let ca = ScriptedCa::new();
+    ca.set_outage(Some(CaError::Denied(
+        "role does not allow this URI SAN".into(),
+    )));
+    let h = Harness::start(ca, policy());
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(!h.manager.is_ready());
+    let calls = h.ca.sign_calls();
+    // Capped at 30 s before any certificate exists: 1+2+4+8+16+30+30+30 ≈ 8 attempts.
+    assert!((5..=12).contains(&calls), "{calls}");
+    assert_eq!(
+        h.metric(
+            "sds_agent_ca_errors_total{backend=\"scripted\",kind=\"denied\",retryable=\"false\"}"
+        ),
+        calls as u64
+    );
+}
