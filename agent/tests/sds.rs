@@ -1,0 +1,677 @@
+//! SDS over a real Unix socket: a started agent (scripted CA) and tonic clients speaking
+//! `envoy.service.secret.v3`, checking the xDS rules and the bad inputs of DESIGN.md.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::rpc;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use sds_agent::RunningAgent;
+use sds_agent::config::RunArgs;
+use sds_agent::secrets::Policy;
+use sds_backends::testing::{Fault, ScriptedCa};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// Bound on every wait for a message in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Agent {
+    agent: Option<RunningAgent>,
+    ca: Arc<ScriptedCa>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start() -> Self {
+        Self::start_with(ScriptedCa::new()).await
+    }
+
+    async fn start_with(ca: Arc<ScriptedCa>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sds.sock");
+        let config = RunArgs {
+            socket: Some(socket.to_string_lossy().into_owned()),
+            admin_addr: Some("127.0.0.1:0".into()),
+            trust_domain: Some("example.org".into()),
+            service_account: Some("web".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let mut policy = Policy::from_config(&config);
+        policy.backoff_initial = Duration::from_millis(10);
+        let agent = RunningAgent::start(&config, policy, ca.clone())
+            .await
+            .unwrap();
+        Self {
+            agent: Some(agent),
+            ca,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// Started, and serving a certificate and a bundle.
+    async fn ready() -> Self {
+        let a = Self::start().await;
+        wait_for(|| a.agent().manager().is_ready()).await;
+        a
+    }
+
+    fn agent(&self) -> &RunningAgent {
+        self.agent.as_ref().unwrap()
+    }
+
+    fn metric(&self, needle: &str) -> u64 {
+        self.agent()
+            .metrics()
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse::<f64>().unwrap() as u64)
+            .unwrap_or(0)
+    }
+
+    async fn client(&self) -> SecretDiscoveryServiceClient<Channel> {
+        connect(&self.socket).await
+    }
+}
+
+async fn connect(path: &Path) -> SecretDiscoveryServiceClient<Channel> {
+    let path = path.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    SecretDiscoveryServiceClient::new(channel)
+}
+
+/// One SotW stream: requests go in through `tx`, responses come out of `rx`.
+struct Sotw {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+}
+
+impl Sotw {
+    async fn open(client: &mut SecretDiscoveryServiceClient<Channel>, names: &[&str]) -> Self {
+        let (tx, req_rx) = mpsc::channel(16);
+        tx.send(request(names, "", "", None)).await.unwrap();
+        let rx = client
+            .stream_secrets(ReceiverStream::new(req_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn recv(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
+        match tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("no response in time")
+        {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => panic!("stream ended"),
+            Err(s) => Err(s),
+        }
+    }
+
+    async fn send(&self, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
+        self.tx
+            .send(request(names, version, nonce, error))
+            .await
+            .unwrap();
+    }
+
+    async fn ack(&self, resp: &DiscoveryResponse, names: &[&str]) {
+        self.send(names, &resp.version_info, &resp.nonce, None)
+            .await;
+    }
+}
+
+fn request(names: &[&str], version: &str, nonce: &str, error: Option<&str>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        type_url: SECRET_TYPE.into(),
+        response_nonce: nonce.into(),
+        error_detail: error.map(|m| rpc::Status {
+            code: 3,
+            message: m.into(),
+            details: vec![],
+        }),
+        node: Some(envoy_types::pb::envoy::config::core::v3::Node {
+            id: "test-node".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// name → decoded secret.
+fn secrets(resp: &DiscoveryResponse) -> BTreeMap<String, Secret> {
+    resp.resources
+        .iter()
+        .map(|any| {
+            assert_eq!(any.type_url, SECRET_TYPE);
+            let s = Secret::decode(any.value.as_slice()).unwrap();
+            (s.name.clone(), s)
+        })
+        .collect()
+}
+
+fn inline(ds: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> String {
+    match ds.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("expected inline bytes, got {other:?}"),
+    }
+}
+
+/// (chain PEM, key PEM) of a `default` secret.
+fn tls(s: &Secret) -> (String, String) {
+    match &s.r#type {
+        Some(secret::Type::TlsCertificate(t)) => {
+            (inline(&t.certificate_chain), inline(&t.private_key))
+        }
+        other => panic!("not a tls_certificate: {other:?}"),
+    }
+}
+
+fn leaf_serial(chain_pem: &str) -> String {
+    let der = sds_backends::pem::decode_certificates(chain_pem.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    leaf.raw_serial_as_string()
+}
+
+#[tokio::test]
+async fn sotw_serves_the_certificate_and_the_bundle() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default", "ROOTCA"]).await;
+    let resp = s.recv().await.unwrap();
+    assert!(!resp.version_info.is_empty() && !resp.nonce.is_empty());
+    assert_eq!(resp.type_url, SECRET_TYPE);
+    let got = secrets(&resp);
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["ROOTCA", "default"]);
+
+    // The key served is the one the certificate certifies, and the SAN is the workload's.
+    let (chain, key) = tls(&got["default"]);
+    let der = sds_backends::pem::decode_certificates(chain.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        pair.public_key_raw()
+    );
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        "[URI(\"spiffe://example.org/ns/default/sa/web\")]"
+    );
+    match &got["ROOTCA"].r#type {
+        Some(secret::Type::ValidationContext(vc)) => {
+            assert!(inline(&vc.trusted_ca).starts_with("-----BEGIN CERTIFICATE-----"))
+        }
+        other => panic!("ROOTCA is not a validation_context: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ack_is_recorded_and_a_nack_causes_no_push_loop() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    let first = s.recv().await.unwrap();
+    s.ack(&first, &["default"]).await;
+    wait_for(|| {
+        a.agent()
+            .sds()
+            .proxies()
+            .iter()
+            .any(|p| p.acked_version.as_deref() == Some(first.version_info.as_str()))
+    })
+    .await;
+    let proxies = a.agent().sds().proxies();
+    assert_eq!(proxies[0].node_id, "test-node");
+    assert_eq!(proxies[0].resources, ["default"]);
+
+    // Rotate; the proxy rejects the new version.
+    a.agent().manager().rotate_now();
+    let second = s.recv().await.unwrap();
+    assert_ne!(second.version_info, first.version_info);
+    assert_ne!(second.nonce, first.nonce);
+    s.send(
+        &["default"],
+        &first.version_info,
+        &second.nonce,
+        Some("bad key"),
+    )
+    .await;
+    wait_for(|| a.metric("sds_agent_sds_nacks_total{api=\"sotw\"}") == 1).await;
+    assert_eq!(
+        a.agent().sds().proxies()[0].nack.as_deref(),
+        Some("bad key")
+    );
+
+    // Nothing is re-sent for the NACK: the next response is the next rotation.
+    a.agent().manager().rotate_now();
+    let third = s.recv().await.unwrap();
+    assert_ne!(
+        third.version_info, second.version_info,
+        "the NACKed version was pushed again"
+    );
+    assert_eq!(a.metric("sds_agent_sds_pushes_total{api=\"sotw\"}"), 3);
+    assert_eq!(a.metric("sds_agent_sds_acks_total{api=\"sotw\"}"), 1);
+}
+
+#[tokio::test]
+async fn a_stale_nonce_is_ignored_and_a_new_name_set_is_honoured() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    let first = s.recv().await.unwrap();
+    assert_eq!(secrets(&first).len(), 1);
+    // A request carrying an old nonce asks for ROOTCA too: it must be ignored.
+    s.send(&["default", "ROOTCA"], "", "not-a-nonce-we-sent", None)
+        .await;
+    wait_for(|| a.metric("sds_agent_sds_stale_nonces_total{api=\"sotw\"}") == 1).await;
+    // The same change with the current nonce is honoured at once.
+    s.send(
+        &["default", "ROOTCA"],
+        &first.version_info,
+        &first.nonce,
+        None,
+    )
+    .await;
+    let both = s.recv().await.unwrap();
+    assert_eq!(
+        secrets(&both).keys().collect::<Vec<_>>(),
+        ["ROOTCA", "default"]
+    );
+    // And narrowing to ROOTCA, then rotating the certificate, pushes nothing new for it...
+    s.send(&["ROOTCA"], &both.version_info, &both.nonce, None)
+        .await;
+    a.agent().manager().rotate_now();
+    // ...so the next thing we see is our own re-subscription to default.
+    wait_for(|| a.agent().manager().status().first().map(|st| st.version) == Some(2)).await;
+    s.send(
+        &["ROOTCA", "default"],
+        &both.version_info,
+        &both.nonce,
+        None,
+    )
+    .await;
+    let after = s.recv().await.unwrap();
+    assert_eq!(
+        a.metric("sds_agent_sds_pushes_total{api=\"sotw\"}"),
+        3,
+        "a push for an unsubscribed name"
+    );
+    assert_ne!(
+        leaf_serial(&tls(&secrets(&after)["default"]).0),
+        leaf_serial(&tls(&secrets(&both)["default"]).0)
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+
+    let mut s = Sotw::open(&mut client, &["default", "no-such-secret"]).await;
+    let err = s.recv().await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("no-such-secret") && err.message().contains("ROOTCA"),
+        "{}",
+        err.message()
+    );
+
+    let mut s = Sotw::open(&mut client, &[]).await;
+    let err = s.recv().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("must name the secrets"),
+        "{}",
+        err.message()
+    );
+
+    let (tx, rx) = mpsc::channel(1);
+    let mut wrong = request(&["default"], "", "", None);
+    wrong.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+    tx.send(wrong).await.unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let err = client
+        .fetch_secrets(request(&["nope"], "", "", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Thousands of unknown names in one request: one clear error, quickly.
+    let many: Vec<String> = (0..5000).map(|i| format!("unknown-{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut s = Sotw::open(&mut client, &refs).await;
+    assert_eq!(s.recv().await.unwrap_err().code(), Code::NotFound);
+
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"unknown_resource\"}"),
+        3
+    );
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"wildcard\"}"),
+        1
+    );
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"type_url\"}"),
+        1
+    );
+
+    // The agent still serves well-behaved clients.
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    assert!(s.recv().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_is_cleaned_up() {
+    let a = Agent::ready().await;
+    {
+        let mut client = a.client().await;
+        let mut s = Sotw::open(&mut client, &["default"]).await;
+        s.recv().await.unwrap();
+        assert_eq!(a.metric("sds_agent_sds_streams_open{api=\"sotw\"}"), 1);
+        // Dropped here without closing its request side.
+    }
+    wait_for(|| a.metric("sds_agent_sds_streams_open{api=\"sotw\"}") == 0).await;
+    assert!(a.agent().sds().proxies().is_empty());
+    // Rotations after it left are fine.
+    a.agent().manager().rotate_now();
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    assert!(s.recv().await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_cause_one_csr_and_all_get_the_rotation() {
+    let a = Agent::ready().await;
+    let mut streams = Vec::new();
+    // A few connections, many streams each, as a node agent would see from many proxies.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(a.client().await);
+    }
+    for i in 0..1000 {
+        streams.push(Sotw::open(&mut clients[i % 10], &["default", "ROOTCA"]).await);
+    }
+    let mut serials = Vec::new();
+    for s in &mut streams {
+        let r = s.recv().await.unwrap();
+        serials.push(leaf_serial(&tls(&secrets(&r)["default"]).0));
+        s.ack(&r, &["default", "ROOTCA"]).await;
+    }
+    assert!(serials.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(a.ca.sign_calls(), 1, "1000 streams, one CSR");
+    assert_eq!(a.metric("sds_agent_sds_streams_open{api=\"sotw\"}"), 1000);
+
+    // A rotation reaches every stream within a second.
+    #[allow(clippy::disallowed_types)] // wall time is the point here
+    let started = std::time::Instant::now();
+    a.agent().manager().rotate_now();
+    let recv_all = futures::future::join_all(streams.iter_mut().map(|s| s.recv()));
+    let responses = tokio::time::timeout(Duration::from_secs(1), recv_all)
+        .await
+        .expect("a rotation did not reach all 1000 streams within a second");
+    let elapsed = started.elapsed();
+    for r in responses {
+        assert_ne!(
+            leaf_serial(&tls(&secrets(&r.unwrap())["default"]).0),
+            serials[0]
+        );
+    }
+    assert_eq!(a.ca.sign_calls(), 2);
+    eprintln!("rotation reached 1000 streams in {elapsed:?}");
+}
+
+#[tokio::test]
+async fn delta_subscribe_unsubscribe_unknown_and_nack() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: vec!["default".into(), "bogus".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .delta_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut recv = async || -> DeltaDiscoveryResponse {
+        tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let first = recv().await;
+    assert!(!first.nonce.is_empty());
+    assert_eq!(
+        first.removed_resources,
+        ["bogus"],
+        "an unknown name is reported as not existing"
+    );
+    assert_eq!(first.resources.len(), 1);
+    assert_eq!(first.resources[0].name, "default");
+    let v1 = first.resources[0].version.clone();
+
+    // Subscribe to ROOTCA while ACKing: only ROOTCA is sent (default is unchanged).
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        response_nonce: first.nonce.clone(),
+        resource_names_subscribe: vec!["ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let second = recv().await;
+    assert_eq!(
+        second
+            .resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["ROOTCA"]
+    );
+
+    // NACK it; then unsubscribe ROOTCA and rotate: only default comes, with a new version.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        response_nonce: second.nonce.clone(),
+        error_detail: Some(rpc::Status {
+            code: 3,
+            message: "nope".into(),
+            details: vec![],
+        }),
+        resource_names_unsubscribe: vec!["ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_for(|| a.metric("sds_agent_sds_nacks_total{api=\"delta\"}") == 1).await;
+    a.agent().manager().rotate_now();
+    let third = recv().await;
+    assert_eq!(third.resources.len(), 1);
+    assert_eq!(third.resources[0].name, "default");
+    assert_ne!(third.resources[0].version, v1);
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"unknown_resource\"}"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn delta_reconnect_with_current_versions_is_not_resent() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let first = {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE.into(),
+            resource_names_subscribe: vec!["default".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut stream = client
+            .delta_secrets(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let version = first.resources[0].version.clone();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: vec!["default".into()],
+        initial_resource_versions: [("default".to_string(), version.clone())].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .delta_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Nothing is owed; the next message is the next rotation.
+    a.agent().manager().rotate_now();
+    let next = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_ne!(next.resources[0].version, version);
+}
+
+#[tokio::test]
+async fn fetch_returns_the_current_secrets() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let resp = client
+        .fetch_secrets(request(&["default", "ROOTCA"], "", "", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!resp.version_info.is_empty() && !resp.nonce.is_empty());
+    assert_eq!(secrets(&resp).len(), 2);
+    let err = client
+        .fetch_secrets(request(&[], "", "", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bad_ca_answers_never_reach_a_stream() {
+    let ca = ScriptedCa::new();
+    ca.push_fault(Fault::WrongKey);
+    ca.push_fault(Fault::WrongSan(
+        "spiffe://example.org/ns/default/sa/evil".parse().unwrap(),
+    ));
+    ca.push_fault(Fault::Expired);
+    ca.push_fault(Fault::UnrelatedChain);
+    let a = Agent::start_with(ca).await;
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    let resp = s.recv().await.unwrap();
+    assert_eq!(
+        a.ca.sign_calls(),
+        5,
+        "four rejected answers, then a good one"
+    );
+    let (chain, key) = tls(&secrets(&resp)["default"]);
+    let der = sds_backends::pem::decode_certificates(chain.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    let pair = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        pair.public_key_raw()
+    );
+    assert!(leaf.validity().is_valid());
+    for reason in ["wrong_key", "wrong_san", "expired", "chain"] {
+        let line = format!("sds_agent_ca_responses_rejected_total{{reason=\"{reason}\"}}");
+        assert_eq!(a.metric(&line), 1, "{reason}");
+    }
+    assert_eq!(
+        resp.version_info, "default:1",
+        "only the good certificate was ever published"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_and_removes_the_socket() {
+    let mut a = Agent::ready().await;
+    let mut client = a.client().await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    s.recv().await.unwrap();
+    let agent = a.agent.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), agent.shutdown())
+        .await
+        .expect("shutdown took over 5 s");
+    let end = tokio::time::timeout(WAIT, s.rx.message())
+        .await
+        .expect("stream not ended");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no more responses after shutdown"
+    );
+    assert!(!a.socket.exists(), "socket file left behind");
+}
+
+/// Polls `cond` every 10 ms for at most 10 s.
+async fn wait_for(mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("condition not met in time");
+}
