@@ -1,6 +1,9 @@
 //! The secret manager's rules (DESIGN.md), driven through its public API against the scripted
 //! CA, with tokio's clock paused so renewals, backoff and expiry happen in virtual time.
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,10 +60,10 @@ impl Harness {
     async fn next_cert(&mut self, previous: Option<&str>, limit: Duration) -> Arc<ServedCert> {
         tokio::time::timeout(limit, async {
             loop {
-                if let Some(c) = self.certs.borrow_and_update().clone() {
-                    if Some(c.leaf.serial.as_str()) != previous {
-                        return c;
-                    }
+                if let Some(c) = self.certs.borrow_and_update().clone()
+                    && Some(c.leaf.serial.as_str()) != previous
+                {
+                    return c;
                 }
                 self.certs.changed().await.unwrap();
             }

@@ -1,6 +1,9 @@
 //! SDS over a real Unix socket: a started agent (scripted CA) and tonic clients speaking
 //! `envoy.service.secret.v3`, checking the xDS rules and the bad inputs of DESIGN.md.
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

