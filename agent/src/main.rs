@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,7 +13,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
-            println!("sds-agent {}", env!("CARGO_PKG_VERSION"));
+            drop(writeln!(
+                std::io::stdout(),
+                "sds-agent {}",
+                env!("CARGO_PKG_VERSION")
+            ));
             ExitCode::SUCCESS
         }
         Command::Validate(args) => match args.resolve() {
@@ -22,7 +27,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
                 match serde_json::to_string_pretty(&config) {
-                    Ok(json) => println!("{json}"),
+                    // A closed stdout (`| head`) is not worth a panic.
+                    Ok(json) => drop(writeln!(std::io::stdout(), "{json}")),
                     Err(e) => eprintln!("error: cannot print the configuration: {e}"),
                 }
                 ExitCode::SUCCESS
