@@ -573,3 +573,69 @@ fn unix_f64(t: SystemTime) -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            ttl: Duration::from_secs(3600),
+            renew_at: RenewAt::default(),
+            key_type: KeyType::EcdsaP256,
+            ca_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            bundle_refresh: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_tightens_near_expiry() {
+        let p = policy();
+        let plenty = Some(Duration::from_secs(86400));
+        for _ in 0..100 {
+            let d1 = backoff(1, plenty, &p);
+            assert!(d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1));
+            let d4 = backoff(4, plenty, &p);
+            assert!(d4 >= Duration::from_secs(4) && d4 <= Duration::from_secs(8));
+            assert!(backoff(30, plenty, &p) <= Duration::from_secs(300));
+            assert!(backoff(30, plenty, &p) >= Duration::from_secs(150));
+            // An eighth of what is left: 80 s left → at most 10 s.
+            assert!(backoff(30, Some(Duration::from_secs(80)), &p) <= Duration::from_secs(10));
+            // Expired: the initial delay.
+            assert!(backoff(30, Some(Duration::ZERO), &p) <= Duration::from_secs(1));
+            // Before the first certificate: 30 s.
+            assert!(backoff(30, None, &p) <= Duration::from_secs(30));
+        }
+    }
+
+    #[test]
+    fn renewal_is_at_the_fraction_less_jitter_and_never_in_the_past() {
+        let now = SystemTime::now();
+        let leaf = LeafInfo {
+            serial: "01".into(),
+            not_before: now,
+            not_after: now + Duration::from_secs(1000),
+        };
+        for _ in 0..100 {
+            let t = renewal_time(&leaf, RenewAt::new(0.5).unwrap_or_default(), now);
+            let after = t.duration_since(now).unwrap_or_default();
+            assert!(
+                after <= Duration::from_secs(500) && after >= Duration::from_secs(450),
+                "{after:?}"
+            );
+        }
+        // A certificate issued long ago, nearly dead: renew soon, but not in a busy loop.
+        let old = LeafInfo {
+            serial: "02".into(),
+            not_before: now - Duration::from_secs(990),
+            not_after: now + Duration::from_secs(10),
+        };
+        let t = renewal_time(&old, RenewAt::default(), now);
+        assert_eq!(
+            t.duration_since(now).unwrap_or_default(),
+            Duration::from_secs(1)
+        );
+    }
+}

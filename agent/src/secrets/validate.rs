@@ -169,3 +169,141 @@ fn unix(t: SystemTime) -> i64 {
 fn from_unix(s: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(s).unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        root: CertificateDer<'static>,
+    }
+
+    fn new_ca() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = p.self_signed(&key).unwrap().der().clone();
+        Ca {
+            issuer: Issuer::new(p, key),
+            root,
+        }
+    }
+
+    fn id() -> SpiffeId {
+        "spiffe://example.org/ns/a/sa/b".parse().unwrap()
+    }
+
+    /// A leaf for `key` from `ca`, bent by `edit`.
+    fn leaf(ca: &Ca, key: &KeyPair, edit: impl FnOnce(&mut CertificateParams)) -> IssuedChain {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id().to_string().try_into().unwrap())];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = SystemTime::now();
+        p.not_before = (now - Duration::from_secs(60)).into();
+        p.not_after = (now + Duration::from_secs(3600)).into();
+        edit(&mut p);
+        IssuedChain {
+            leaf: p.signed_by(key, &ca.issuer).unwrap().der().clone(),
+            intermediates: vec![],
+            roots_hint: vec![],
+        }
+    }
+
+    fn check(ca: &Ca, key: &KeyPair, chain: &IssuedChain) -> Result<LeafInfo, Rejection> {
+        validate(
+            chain,
+            key.public_key_raw(),
+            &id(),
+            std::slice::from_ref(&ca.root),
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn accepts_a_good_svid() {
+        let (ca, key) = (new_ca(), KeyPair::generate().unwrap());
+        let info = check(&ca, &key, &leaf(&ca, &key, |_| {})).unwrap();
+        assert!(!info.serial.is_empty());
+        assert!(info.not_after > info.not_before);
+    }
+
+    #[test]
+    fn rejects_every_kind_of_bad_answer() {
+        let (ca, key) = (new_ca(), KeyPair::generate().unwrap());
+        let other = KeyPair::generate().unwrap();
+        let stranger = new_ca();
+        let now = SystemTime::now();
+        let cases: Vec<(IssuedChain, &str)> = vec![
+            (leaf(&ca, &other, |_| {}), "wrong_key"),
+            (
+                leaf(&ca, &key, |p| {
+                    p.subject_alt_names = vec![SanType::URI(
+                        "spiffe://example.org/ns/a/sa/c".try_into().unwrap(),
+                    )]
+                }),
+                "wrong_san",
+            ),
+            (
+                leaf(&ca, &key, |p| {
+                    p.subject_alt_names
+                        .push(SanType::URI("spiffe://example.org/x".try_into().unwrap()))
+                }),
+                "wrong_san",
+            ),
+            (
+                leaf(&ca, &key, |p| {
+                    p.subject_alt_names = vec![SanType::DnsName("web".try_into().unwrap())]
+                }),
+                "wrong_san",
+            ),
+            (
+                leaf(&ca, &key, |p| {
+                    p.not_before = (now + Duration::from_secs(600)).into()
+                }),
+                "not_yet_valid",
+            ),
+            (
+                leaf(&ca, &key, |p| {
+                    p.not_after = (now - Duration::from_secs(10)).into()
+                }),
+                "expired",
+            ),
+            (
+                leaf(&ca, &key, |p| {
+                    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+                }),
+                "is_ca",
+            ),
+            (leaf(&stranger, &key, |_| {}), "chain"),
+            (
+                leaf(&ca, &key, |p| {
+                    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]
+                }),
+                "chain",
+            ),
+            (
+                IssuedChain {
+                    leaf: CertificateDer::from(vec![0x30, 0x00]),
+                    intermediates: vec![],
+                    roots_hint: vec![],
+                },
+                "unparseable",
+            ),
+        ];
+        for (chain, reason) in cases {
+            let err = check(&ca, &key, &chain).unwrap_err();
+            assert_eq!(err.reason(), reason, "{err}");
+        }
+    }
+}
