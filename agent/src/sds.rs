@@ -202,9 +202,9 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream("sotw", String::new());
+        let (guard, tx, rx) = self.start_stream(SotwState::API, String::new());
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
-        tokio::spawn(sotw_stream(guard, request.into_inner(), tx).instrument(span));
+        tokio::spawn(serve_stream::<SotwState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
     }
 
@@ -212,9 +212,9 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream("delta", String::new());
+        let (guard, tx, rx) = self.start_stream(DeltaState::API, String::new());
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
-        tokio::spawn(delta_stream(guard, request.into_inner(), tx).instrument(span));
+        tokio::spawn(serve_stream::<DeltaState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
     }
 
@@ -282,72 +282,42 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
-async fn sotw_stream(
-    guard: StreamGuard,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) {
-    let inner = guard.inner.clone();
-    let mut cert_rx = inner.manager.subscribe_cert();
-    let mut bundle_rx = inner.manager.subscribe_bundle();
-    let mut st = SotwState::default();
-    loop {
-        let response = st.pending(guard.id, &cert_rx, &bundle_rx);
-        if let Some(resp) = response {
-            debug!(version = %resp.version_info, nonce = %resp.nonce, "pushing");
-            tokio::select! {
-                r = tx.send(Ok(resp)) => if r.is_err() { return },
-                _ = inner.shutdown.cancelled() => return,
-            }
-            inner
-                .metrics
-                .pushes
-                .get_or_create(&ApiLabel { api: "sotw" })
-                .inc();
-        }
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => return,
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => {
-                    if let Err(e) = st.on_request(&guard, req) {
-                        warn!(error = %e, "refusing SDS request");
-                        let _ = tx.send(Err(e.into_status(&inner.metrics))).await;
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(status) => {
-                    debug!(%status, "stream ended by the client");
-                    return;
-                }
-            },
-            r = cert_rx.changed() => if r.is_err() { return },
-            r = bundle_rx.changed() => if r.is_err() { return },
-        }
-    }
+/// One stream's xDS state machine: what a request changes, and what response is owed.
+/// [`serve_stream`] drives it the same way for both flavours of the protocol.
+trait XdsState: Default + Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Send + 'static;
+    /// The `api` metric label.
+    const API: &'static str;
+
+    fn on_request(&mut self, g: &StreamGuard, req: Self::Request) -> Result<(), SdsError>;
+
+    fn pending(
+        &mut self,
+        stream: u64,
+        cert_rx: &CertRx,
+        bundle_rx: &BundleRx,
+    ) -> Option<Self::Response>;
 }
 
-async fn delta_stream(
+/// Runs one stream: push what is owed, then wait for a request, a new secret, or shutdown.
+async fn serve_stream<S: XdsState>(
     guard: StreamGuard,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut inbound: Streaming<S::Request>,
+    tx: mpsc::Sender<Result<S::Response, Status>>,
 ) {
     let inner = guard.inner.clone();
+    let api = ApiLabel { api: S::API };
     let mut cert_rx = inner.manager.subscribe_cert();
     let mut bundle_rx = inner.manager.subscribe_bundle();
-    let mut st = DeltaState::default();
+    let mut st = S::default();
     loop {
         if let Some(resp) = st.pending(guard.id, &cert_rx, &bundle_rx) {
-            debug!(nonce = %resp.nonce, resources = resp.resources.len(), removed = resp.removed_resources.len(), "pushing");
             tokio::select! {
                 r = tx.send(Ok(resp)) => if r.is_err() { return },
                 _ = inner.shutdown.cancelled() => return,
             }
-            inner
-                .metrics
-                .pushes
-                .get_or_create(&ApiLabel { api: "delta" })
-                .inc();
+            inner.metrics.pushes.get_or_create(&api).inc();
         }
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
@@ -371,7 +341,11 @@ async fn delta_stream(
     }
 }
 
-impl SotwState {
+impl XdsState for SotwState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const API: &'static str = "sotw";
+
     fn on_request(&mut self, g: &StreamGuard, req: DiscoveryRequest) -> Result<(), SdsError> {
         check_type(&req.type_url)?;
         if let Some(node) = &req.node {
@@ -382,12 +356,12 @@ impl SotwState {
                 g.inner
                     .metrics
                     .stale_nonces
-                    .get_or_create(&ApiLabel { api: "sotw" })
+                    .get_or_create(&ApiLabel { api: Self::API })
                     .inc();
                 debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
                 return Ok(());
             }
-            g.ack_or_nack("sotw", &req.version_info, req.error_detail.as_ref());
+            g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref());
         }
         if self.names.is_none() && (req.resource_names.is_empty())
             || req.resource_names.iter().any(|n| n == "*")
@@ -427,6 +401,7 @@ impl SotwState {
         self.nonce += 1;
         let nonce = format!("{stream}-{}", self.nonce);
         self.last_nonce = Some(nonce.clone());
+        debug!(%nonce, ?versions, "pushing");
         Some(DiscoveryResponse {
             version_info: version_info(&versions),
             resources,
@@ -437,7 +412,11 @@ impl SotwState {
     }
 }
 
-impl DeltaState {
+impl XdsState for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const API: &'static str = "delta";
+
     fn on_request(&mut self, g: &StreamGuard, req: DeltaDiscoveryRequest) -> Result<(), SdsError> {
         check_type(&req.type_url)?;
         if let Some(node) = &req.node {
@@ -448,7 +427,7 @@ impl DeltaState {
                 g.inner
                     .metrics
                     .stale_nonces
-                    .get_or_create(&ApiLabel { api: "delta" })
+                    .get_or_create(&ApiLabel { api: Self::API })
                     .inc();
                 debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
                 return Ok(());
@@ -459,7 +438,7 @@ impl DeltaState {
                 .map(|(n, v)| format!("{n}:{v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            g.ack_or_nack("delta", &acked, req.error_detail.as_ref());
+            g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
         }
         if !self.started {
             self.started = true;
@@ -527,6 +506,7 @@ impl DeltaState {
         self.nonce += 1;
         let nonce = format!("{stream}-{}", self.nonce);
         self.last_nonce = Some(nonce.clone());
+        debug!(%nonce, resources = resources.len(), removed = self.removed.len(), "pushing");
         Some(DeltaDiscoveryResponse {
             system_version_info: version_info(
                 &self
