@@ -50,7 +50,8 @@ pub enum Rejection {
     /// The leaf is a CA certificate.
     #[error("leaf is a CA certificate (basicConstraints CA:TRUE)")]
     IsCa,
-    /// The chain does not verify to the trust bundle for the usage named.
+    /// The chain does not verify to the trust bundle for the usage named, or the leaf does
+    /// not allow that usage.
     #[error("chain does not verify to the trust bundle for {usage}: {error}")]
     Chain {
         /// serverAuth or clientAuth.
@@ -131,23 +132,30 @@ pub fn validate(
         now.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
-    for (usage, ku) in [
-        ("serverAuth", webpki::KeyUsage::server_auth()),
-        ("clientAuth", webpki::KeyUsage::client_auth()),
-    ] {
-        ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &chain.intermediates,
-            time,
-            ku,
-            None,
-            None,
-        )
-        .map_err(|e| Rejection::Chain {
-            usage,
-            error: e.to_string(),
-        })?;
+    // One chain verification (signatures, validity, name constraints) for clientAuth; the
+    // serverAuth half of the usage check needs no second pass over the signatures.
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &chain.intermediates,
+        time,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| Rejection::Chain {
+        usage: "clientAuth",
+        error: e.to_string(),
+    })?;
+    // Same rule as webpki's: an EKU extension, when present, must allow the usage.
+    if let Ok(Some(eku)) = leaf.extended_key_usage()
+        && !eku.value.server_auth
+        && !eku.value.any
+    {
+        return Err(Rejection::Chain {
+            usage: "serverAuth",
+            error: "the extended key usage does not include serverAuth".into(),
+        });
     }
     Ok(LeafInfo {
         serial: leaf
