@@ -196,6 +196,9 @@ fn defaults_and_precedence_flag_env_file() {
     assert_eq!(c["key-type"], "rsa-2048");
 }
 
+/// Arguments, environment, and what the error must mention.
+type Case = (Vec<String>, Vec<(&'static str, &'static str)>, &'static str);
+
 #[test]
 fn bad_input_exits_2_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,7 +214,7 @@ fn bad_input_exits_2_naming_the_setting() {
         "key.pem",
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     );
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec!["--config".into(), malformed.display().to_string()],
             vec![],
