@@ -248,14 +248,7 @@ impl SecretDiscoveryService for SdsService {
             }
             let cert = cert_rx.borrow().clone();
             let bundle = bundle_rx.borrow().clone();
-            let mut versions = Vec::new();
-            let mut resources = Vec::new();
-            for n in &names {
-                if let Some((v, any)) = resource(*n, &cert, &bundle) {
-                    versions.push((*n, v));
-                    resources.push(any);
-                }
-            }
+            let (versions, resources) = encode_all(&names, &cert, &bundle);
             Ok(DiscoveryResponse {
                 version_info: version_info(&versions),
                 resources,
@@ -386,17 +379,15 @@ impl XdsState for SotwState {
         let names = self.names.as_ref()?;
         let cert = cert_rx.borrow().clone();
         let bundle = bundle_rx.borrow().clone();
-        let mut versions = Vec::new();
-        let mut resources = Vec::new();
-        for n in names {
-            if let Some((v, any)) = resource(*n, &cert, &bundle) {
-                versions.push((*n, v));
-                resources.push(any);
-            }
-        }
-        if versions.iter().all(|(n, v)| self.sent.get(n) == Some(v)) {
+        // Compare versions first: most wake-ups (ACKs, the other resource changing) owe
+        // nothing, and encoding is the expensive part.
+        let owed = names
+            .iter()
+            .any(|n| version(*n, &cert, &bundle).is_some_and(|v| self.sent.get(n) != Some(&v)));
+        if !owed {
             return None;
         }
+        let (versions, resources) = encode_all(names, &cert, &bundle);
         self.sent = versions.iter().copied().collect();
         self.nonce += 1;
         let nonce = format!("{stream}-{}", self.nonce);
@@ -622,6 +613,18 @@ fn version_info(versions: &[(ResourceName, u64)]) -> String {
         .map(|(n, v)| format!("{n}:{v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The versions and encodings of those of `names` that exist now.
+fn encode_all(
+    names: &BTreeSet<ResourceName>,
+    cert: &Option<Arc<ServedCert>>,
+    bundle: &Option<Arc<ServedBundle>>,
+) -> (Vec<(ResourceName, u64)>, Vec<Any>) {
+    names
+        .iter()
+        .filter_map(|n| resource(*n, cert, bundle).map(|(v, any)| ((*n, v), any)))
+        .unzip()
 }
 
 /// The resource's version and its encoding, if it exists now.
