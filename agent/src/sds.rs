@@ -340,21 +340,16 @@ impl XdsState for SotwState {
     const API: &'static str = "sotw";
 
     fn on_request(&mut self, g: &StreamGuard, req: DiscoveryRequest) -> Result<(), SdsError> {
-        check_type(&req.type_url)?;
-        if let Some(node) = &req.node {
-            g.update(|p| p.node_id.clone_from(&node.id));
-        }
-        if !req.response_nonce.is_empty() {
-            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                g.inner
-                    .metrics
-                    .stale_nonces
-                    .get_or_create(&ApiLabel { api: Self::API })
-                    .inc();
-                debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
-                return Ok(());
-            }
-            g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref());
+        match g.admit(
+            Self::API,
+            &req.type_url,
+            req.node.as_ref(),
+            &req.response_nonce,
+            self.last_nonce.as_deref(),
+        )? {
+            Admit::Stale => return Ok(()),
+            Admit::Reply => g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref()),
+            Admit::Fresh => {}
         }
         if self.names.is_none() && (req.resource_names.is_empty())
             || req.resource_names.iter().any(|n| n == "*")
@@ -409,27 +404,24 @@ impl XdsState for DeltaState {
     const API: &'static str = "delta";
 
     fn on_request(&mut self, g: &StreamGuard, req: DeltaDiscoveryRequest) -> Result<(), SdsError> {
-        check_type(&req.type_url)?;
-        if let Some(node) = &req.node {
-            g.update(|p| p.node_id.clone_from(&node.id));
-        }
-        if !req.response_nonce.is_empty() {
-            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                g.inner
-                    .metrics
-                    .stale_nonces
-                    .get_or_create(&ApiLabel { api: Self::API })
-                    .inc();
-                debug!(nonce = %req.response_nonce, "ignoring request with a stale nonce");
-                return Ok(());
+        match g.admit(
+            Self::API,
+            &req.type_url,
+            req.node.as_ref(),
+            &req.response_nonce,
+            self.last_nonce.as_deref(),
+        )? {
+            Admit::Stale => return Ok(()),
+            Admit::Reply => {
+                let acked = self
+                    .sent
+                    .iter()
+                    .map(|(n, v)| format!("{n}:{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
             }
-            let acked = self
-                .sent
-                .iter()
-                .map(|(n, v)| format!("{n}:{v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
+            Admit::Fresh => {}
         }
         if !self.started {
             self.started = true;
@@ -515,7 +507,45 @@ impl XdsState for DeltaState {
     }
 }
 
+/// What the nonce of a request says about it.
+enum Admit {
+    /// No nonce: a first request, or one that changes subscriptions out of turn.
+    Fresh,
+    /// The nonce of the last response: an ACK or a NACK of it.
+    Reply,
+    /// An older nonce: the request is superseded and ignored.
+    Stale,
+}
+
 impl StreamGuard {
+    /// The checks every request gets, SotW or delta: its type, its node, its nonce.
+    fn admit(
+        &self,
+        api: &'static str,
+        type_url: &str,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        nonce: &str,
+        last_nonce: Option<&str>,
+    ) -> Result<Admit, SdsError> {
+        check_type(type_url)?;
+        if let Some(node) = node {
+            self.update(|p| p.node_id.clone_from(&node.id));
+        }
+        if nonce.is_empty() {
+            return Ok(Admit::Fresh);
+        }
+        if last_nonce != Some(nonce) {
+            self.inner
+                .metrics
+                .stale_nonces
+                .get_or_create(&ApiLabel { api })
+                .inc();
+            debug!(nonce, "ignoring request with a stale nonce");
+            return Ok(Admit::Stale);
+        }
+        Ok(Admit::Reply)
+    }
+
     fn update(&self, f: impl FnOnce(&mut ProxyState)) {
         if let Some(p) = self.inner.proxies.lock().get_mut(&self.id) {
             f(p);
