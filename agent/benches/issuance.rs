@@ -1,6 +1,8 @@
 //! Issuance latency of the agent's full path (keygen → CSR → embedded CA sign → validate),
-//! stage by stage, beside the bare rcgen floor for the same cryptographic work, measured in
-//! one run. Prints figures; `docs/benchmarks.md` records them.
+//! stage by stage, beside two floors measured in the same run: bare rcgen doing the same
+//! encoding and signing (no parsing, no verification), and the raw aws-lc primitives the path
+//! cannot avoid (one P-256 keygen, two signatures, two verifications). Prints figures;
+//! `docs/benchmarks.md` records them.
 //!
 //! `cargo bench -p sds-agent --bench issuance`
 
@@ -9,7 +11,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use rcgen::{CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, SanType, SigningKey};
 use sds_agent::keys::PrivateKey;
 use sds_agent::secrets::validate::validate;
 use sds_backends::embedded::EmbeddedCa;
@@ -17,7 +19,9 @@ use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId};
 
 const N: usize = 1000;
 const WARMUP: usize = 50;
+const ROUNDS: usize = 10;
 
+#[derive(Default)]
 struct Stages {
     total: Vec<Duration>,
     keygen: Vec<Duration>,
@@ -40,8 +44,32 @@ fn main() {
     println!("sds-agent issuance benchmark: {N} issuances after {WARMUP} warm-up, one thread");
     println!();
 
-    let agent = rt.block_on(agent_path(&ca, &roots, &id, KeyType::EcdsaP256, N));
-    let floor = bare_rcgen(N);
+    // The three measurements run interleaved, in ROUNDS rounds of N / ROUNDS each, so that
+    // drift on a shared machine (frequency, neighbours) falls on all of them alike.
+    let (mut agent, mut floor, mut raw) = (Stages::default(), Vec::new(), Raw::default());
+    let bare = BareRcgen::new();
+    rt.block_on(agent_path(
+        &ca,
+        &roots,
+        &id,
+        KeyType::EcdsaP256,
+        WARMUP,
+        &mut Stages::default(),
+    ));
+    bare.run(WARMUP, &mut Vec::new());
+    raw_primitives(WARMUP, &mut Raw::default());
+    for _ in 0..ROUNDS {
+        rt.block_on(agent_path(
+            &ca,
+            &roots,
+            &id,
+            KeyType::EcdsaP256,
+            N / ROUNDS,
+            &mut agent,
+        ));
+        bare.run(N / ROUNDS, &mut floor);
+        raw_primitives(N / ROUNDS, &mut raw);
+    }
     println!(
         "{:<44} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
         "path (microseconds)", "p50", "p90", "p99", "max", "mean", "per sec"
@@ -52,27 +80,67 @@ fn main() {
     row("  sign (embedded CA, incl. CSR parse)", &agent.sign);
     row("  validate (SPIFFE rules + webpki chain)", &agent.validate);
     row("floor: bare rcgen keygen+CSR+sign (P-256)", &floor);
-    let ratio = pct(&agent.total, 0.5).as_secs_f64() / pct(&floor, 0.5).as_secs_f64();
+    row("raw aws-lc: P-256 keygen", &raw.keygen);
+    row("raw aws-lc: P-256 sign (CSR-sized message)", &raw.sign);
+    row("raw aws-lc: P-256 verify", &raw.verify);
+    let agent_p50 = pct(&agent.total, 0.5).as_secs_f64();
+    let raw_p50 = pct(&raw.keygen, 0.5).as_secs_f64()
+        + 2.0 * pct(&raw.sign, 0.5).as_secs_f64()
+        + 2.0 * pct(&raw.verify, 0.5).as_secs_f64();
     println!();
-    println!("agent / bare rcgen at p50: {ratio:.2}x");
-    if let Some((sign, verify)) = openssl_speed() {
+    println!(
+        "agent / bare rcgen at p50: {:.2}x",
+        agent_p50 / pct(&floor, 0.5).as_secs_f64()
+    );
+    println!(
+        "raw floor = keygen + 2 sign + 2 verify at p50 = {:.1} us; agent / raw floor at p50: {:.2}x",
+        raw_p50 * 1e6,
+        agent_p50 / raw_p50
+    );
+    if let Some((line, sign, verify)) = openssl_speed() {
+        println!("openssl speed -seconds 1 ecdsap256: {line}");
         // The agent's cryptography: one keygen, two signatures (CSR, certificate) and two
         // verifications (the CA checks the CSR, the agent checks the chain).
         let keygen = pct(&agent.keygen, 0.5).as_secs_f64();
         let crypto = keygen + 2.0 / sign + 2.0 / verify;
         println!(
-            "openssl speed ecdsap256: {sign:.0} sign/s, {verify:.0} verify/s -> keygen + 2 sign + 2 verify = {:.1} us; agent / that = {:.2}x",
+            "  {sign:.0} sign/s, {verify:.0} verify/s -> agent keygen + 2 sign + 2 verify = {:.1} us; agent / that = {:.2}x",
             crypto * 1e6,
             pct(&agent.total, 0.5).as_secs_f64() / crypto
         );
     } else {
-        println!("openssl not found: no raw-crypto line");
+        println!("openssl not found (or its output not understood): no openssl line");
     }
     println!();
 
-    let p384 = rt.block_on(agent_path(&ca, &roots, &id, KeyType::EcdsaP384, 200));
+    let mut p384 = Stages::default();
+    rt.block_on(agent_path(
+        &ca,
+        &roots,
+        &id,
+        KeyType::EcdsaP384,
+        WARMUP,
+        &mut Stages::default(),
+    ));
+    rt.block_on(agent_path(
+        &ca,
+        &roots,
+        &id,
+        KeyType::EcdsaP384,
+        200,
+        &mut p384,
+    ));
     row("agent: full path, ecdsa-p384 (200)", &p384.total);
-    let rsa = rt.block_on(agent_path(&ca, &roots, &id, KeyType::Rsa2048, 50));
+    let mut rsa = Stages::default();
+    rt.block_on(agent_path(
+        &ca,
+        &roots,
+        &id,
+        KeyType::Rsa2048,
+        5,
+        &mut Stages::default(),
+    ));
+    rt.block_on(agent_path(&ca, &roots, &id, KeyType::Rsa2048, 50, &mut rsa));
     row("agent: full path, rsa-2048 (50)", &rsa.total);
     row("  rsa-2048 keygen alone", &rsa.keygen);
 }
@@ -83,16 +151,9 @@ async fn agent_path(
     id: &SpiffeId,
     kt: KeyType,
     n: usize,
-) -> Stages {
-    let mut s = Stages {
-        total: vec![],
-        keygen: vec![],
-        csr: vec![],
-        sign: vec![],
-        validate: vec![],
-    };
-    let warmup = WARMUP.min(n / 4);
-    for i in 0..n + warmup {
+    s: &mut Stages,
+) {
+    for _ in 0..n {
         let t0 = Instant::now();
         let key = PrivateKey::generate(kt).unwrap();
         let t1 = Instant::now();
@@ -108,49 +169,84 @@ async fn agent_path(
         let t3 = Instant::now();
         validate(&chain, key.public_key_raw(), id, roots, SystemTime::now()).unwrap();
         let t4 = Instant::now();
-        if i >= warmup {
-            s.keygen.push(t1 - t0);
-            s.csr.push(t2 - t1);
-            s.sign.push(t3 - t2);
-            s.validate.push(t4 - t3);
-            s.total.push(t4 - t0);
-        }
+        s.keygen.push(t1 - t0);
+        s.csr.push(t2 - t1);
+        s.sign.push(t3 - t2);
+        s.validate.push(t4 - t3);
+        s.total.push(t4 - t0);
     }
-    s
 }
 
 /// The same cryptographic work with rcgen alone: a P-256 key, a CSR (one signature), and a
 /// certificate for it signed by a CA key (one signature). No parsing, no checks.
-fn bare_rcgen(n: usize) -> Vec<Duration> {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n + WARMUP {
-        let t0 = Instant::now();
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/default/sa/bench"
-                .try_into()
-                .unwrap(),
-        )];
-        let csr = p.serialize_request(&key).unwrap();
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        std::hint::black_box((csr.der().len(), cert.der().len()));
-        if i >= WARMUP {
+struct BareRcgen {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl BareRcgen {
+    fn new() -> Self {
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        Self {
+            issuer: Issuer::new(ca_params, ca_key),
+        }
+    }
+
+    fn run(&self, n: usize, out: &mut Vec<Duration>) {
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            p.subject_alt_names = vec![SanType::URI(
+                "spiffe://cluster.local/ns/default/sa/bench"
+                    .try_into()
+                    .unwrap(),
+            )];
+            let csr = p.serialize_request(&key).unwrap();
+            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            std::hint::black_box((csr.der().len(), cert.der().len()));
             out.push(t0.elapsed());
         }
     }
-    out
 }
 
-/// (sign/s, verify/s) for ECDSA P-256 from `openssl speed`, if openssl is installed.
-fn openssl_speed() -> Option<(f64, f64)> {
+#[derive(Default)]
+struct Raw {
+    keygen: Vec<Duration>,
+    sign: Vec<Duration>,
+    verify: Vec<Duration>,
+}
+
+/// The primitives alone, through the same aws-lc the agent uses (rcgen for keygen and
+/// signing, webpki's algorithm table for verification): no encoding, no parsing.
+fn raw_primitives(n: usize, r: &mut Raw) {
+    // About the size of the agent's CSR info and of a leaf's TBSCertificate.
+    let msg = [0x5au8; 300];
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let sig = key.sign(&msg).unwrap();
+    let alg = webpki::aws_lc_rs::ECDSA_P256_SHA256;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let k = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let t1 = Instant::now();
+        let s = key.sign(&msg).unwrap();
+        let t2 = Instant::now();
+        alg.verify_signature(key.public_key_raw(), &msg, &sig)
+            .unwrap();
+        let t3 = Instant::now();
+        std::hint::black_box((k.public_key_raw().len(), s.len()));
+        r.keygen.push(t1 - t0);
+        r.sign.push(t2 - t1);
+        r.verify.push(t3 - t2);
+    }
+}
+
+/// openssl's ECDSA P-256 line and its (sign/s, verify/s), if openssl is installed.
+fn openssl_speed() -> Option<(String, f64, f64)> {
     let out = std::process::Command::new("openssl")
-        .args(["speed", "-seconds", "2", "ecdsap256"])
+        .args(["speed", "-seconds", "1", "ecdsap256"])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -161,7 +257,7 @@ fn openssl_speed() -> Option<(f64, f64)> {
         .collect();
     // "256 bits ecdsa (nistp256) 0.0000s 0.0001s 42727.6 13289.0": the last two.
     match nums.as_slice() {
-        [.., sign, verify] => Some((*sign, *verify)),
+        [.., sign, verify] => Some((line.trim().to_owned(), *sign, *verify)),
         _ => None,
     }
 }

@@ -11,22 +11,45 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::config::core::v3::DataSource;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    Secret, TlsCertificate, secret,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use hyper_util::rt::TokioIo;
+use prost::Message;
 use tonic::transport::Endpoint;
 
 const RUNS: usize = 20;
 
 fn main() {
     let bin = release_binary();
-    let (mut first, mut exits, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut exec, mut accepting, mut first, mut exits, mut rss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..RUNS {
+        // The floor for any start-up: exec, dynamic loading and exit of the same binary,
+        // doing nothing (`sds-agent version`).
+        let t = Instant::now();
+        let status = Command::new(&bin)
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        exec.push(t.elapsed());
+        assert!(status.success());
+
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sock");
         let admin = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
+            .unwrap();
+        // A runtime per run, built before the clock starts and dropped (closing the client's
+        // connection, as a proxy that goes away would) before the agent is told to stop.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
         let started = Instant::now();
         let mut child = Command::new(&bin)
@@ -43,14 +66,9 @@ fn main() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // A runtime per run, dropped (closing the client's connection, as a proxy that goes
-        // away would) before the agent is told to stop.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(first_secret(&socket));
+        let connected = rt.block_on(first_secret(&socket));
         first.push(started.elapsed());
+        accepting.push(connected - started);
         drop(rt);
         if i == 0 {
             // Idle with one identity: let it settle, then read its resident set.
@@ -72,20 +90,25 @@ fn main() {
         bin.display()
     );
     println!(
-        "{:<40} {:>9} {:>9} {:>9}",
+        "{:<44} {:>9} {:>9} {:>9}",
         "milliseconds", "p50", "p90", "max"
     );
-    row("process start -> first secret served", &first);
+    row("`sds-agent version`: spawn -> exit", &exec);
+    row("run: process start -> SDS socket connected", &accepting);
+    row("run: process start -> first secret served", &first);
     row("SIGTERM -> exit (socket removed)", &exits);
     println!("idle RSS with one identity: {} KiB", rss[0]);
 }
 
 /// Connects to the socket as soon as it exists and fetches `default` until it is served.
-async fn first_secret(socket: &Path) {
+/// Returns when the first connection was established.
+async fn first_secret(socket: &Path) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut connected = None;
     loop {
         assert!(Instant::now() < deadline, "no secret within 10 s");
         if let Ok(mut client) = connect(socket).await {
+            let at = *connected.get_or_insert_with(Instant::now);
             let req = DiscoveryRequest {
                 resource_names: vec!["default".into()],
                 type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -93,13 +116,32 @@ async fn first_secret(socket: &Path) {
                 ..Default::default()
             };
             if let Ok(resp) = client.fetch_secrets(req).await
-                && !resp.get_ref().resources.is_empty()
+                && carries_certificate(resp.get_ref())
             {
-                return;
+                return at;
             }
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
+}
+
+/// Whether the response holds a `default` secret whose TLS certificate has a chain in it.
+fn carries_certificate(resp: &DiscoveryResponse) -> bool {
+    resp.resources.iter().any(|any| {
+        Secret::decode(any.value.as_slice()).is_ok_and(|s| {
+            s.name == "default"
+                && matches!(
+                    s.r#type,
+                    Some(secret::Type::TlsCertificate(TlsCertificate {
+                        certificate_chain: Some(DataSource {
+                            specifier: Some(_),
+                            ..
+                        }),
+                        ..
+                    }))
+                )
+        })
+    })
 }
 
 async fn connect(
@@ -151,7 +193,7 @@ fn row(name: &str, v: &[Duration]) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
     println!(
-        "{name:<40} {:>9.2} {:>9.2} {:>9.2}",
+        "{name:<44} {:>9.2} {:>9.2} {:>9.2}",
         ms(p(0.5)),
         ms(p(0.9)),
         ms(s[s.len() - 1])
