@@ -1,113 +1,136 @@
-//! The `sds-agent` binary as users run it: configuration precedence (flag > env > file >
-//! default), clear errors with exit code 2, the socket's permissions and safety rules,
-//! signals, `--help`, and no key material in logs.
+//! The `sds-agent` binary as users run it, from the outside: configuration precedence
+//! (flag > env > file > default) through `validate`, bad input refused with exit code 2 and
+//! the setting named, `run` end to end (socket permissions, admin endpoint, SDS, SIGTERM and
+//! SIGINT), the socket safety rules, `--help` and `version`, and no key material in logs.
+//!
+//! Every child is killed when its test ends, whatever the path, and every wait has a
+//! deadline: a broken agent fails a test, it never hangs the suite.
 
-// Test code: a panic is the failure report.
+// Test code: a panic is the failure report. The children run on the wall clock, so tokio's
+// pausable Instant would buy nothing here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_types)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sds-agent");
+use serde_json::Value;
 
-/// The agent command with no SDS_AGENT_* or RUST_LOG inherited from the test's environment.
+const BIN: &str = env!("CARGO_BIN_EXE_sds-agent");
+/// How long a command that should finish at once may take.
+const QUICK: Duration = Duration::from_secs(20);
+/// How long `run` may take to become ready (debug build, RSA keys on a busy machine).
+const READY: Duration = Duration::from_secs(30);
+/// DESIGN: the process exits within 5 s of SIGTERM.
+const STOP: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// The agent command, with no SDS_AGENT_* or RUST_LOG inherited from the test's environment.
 fn agent() -> Command {
     let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SDS_AGENT_") || k == "RUST_LOG" {
-            c.env_remove(k);
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if name.starts_with("SDS_AGENT_") || name == "RUST_LOG" {
+            c.env_remove(&k);
         }
     }
+    c.stdin(Stdio::null());
     c
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
-}
+/// A child process that is killed and reaped when dropped.
+struct Guard(Option<Child>);
 
-fn validate_json(cmd: &mut Command) -> serde_json::Value {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "validate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// A running agent, killed if the test ends early.
-struct Running {
-    child: Option<Child>,
-    admin: u16,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(dir: &Path, socket: &Path, extra: &[&str]) -> Self {
-        let admin = free_port();
-        let log = dir.join(format!("agent-{admin}.log"));
-        let child = agent()
-            .args(["run", "--admin-addr", &format!("127.0.0.1:{admin}")])
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let r = Self {
-            child: Some(child),
-            admin,
-            log,
-        };
-        assert!(
-            wait_until(Duration::from_secs(15), || http_status(r.admin, "/readyz")
-                == Some(200)),
-            "agent not ready: {}",
-            r.stderr()
-        );
-        r
+impl Guard {
+    fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
     }
 
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.0.as_mut().unwrap().try_wait().unwrap()
     }
 
-    fn signal(&mut self, sig: &str) -> (std::process::ExitStatus, Duration) {
-        let mut child = self.child.take().unwrap();
-        let sent = Instant::now();
-        assert!(
-            Command::new("kill")
-                .args([sig, &child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let deadline = sent + Duration::from_secs(10);
+    /// Waits up to `limit` for the child to exit.
+    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status, sent.elapsed());
+            if let Some(status) = self.try_wait() {
+                return Some(status);
             }
-            assert!(Instant::now() < deadline, "agent did not exit after {sig}");
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
 
-impl Drop for Running {
+impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 }
 
+/// What a finished command printed.
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs `cmd` to completion, killing it (and failing) if it takes longer than `limit`.
+/// Output goes to files, so a chatty child can never block on a full pipe.
+fn finish(cmd: &mut Command, limit: Duration) -> Out {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Guard(Some(
+        cmd.stdout(std::fs::File::create(&o).unwrap())
+            .stderr(std::fs::File::create(&e).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    let status = child.wait(limit);
+    let stderr = std::fs::read_to_string(&e).unwrap();
+    let Some(status) = status else {
+        panic!("{cmd:?} still running after {limit:?}; stderr: {stderr}");
+    };
+    Out {
+        status,
+        stdout: std::fs::read_to_string(&o).unwrap(),
+        stderr,
+    }
+}
+
+/// `validate` must succeed; returns the resolved configuration it printed.
+fn validate_json(cmd: &mut Command) -> Value {
+    let out = finish(cmd, QUICK);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "validate failed: {:?} {}",
+        cmd.get_args().collect::<Vec<_>>(),
+        out.stderr
+    );
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("validate printed no JSON ({e}): {}", out.stdout))
+}
+
+/// A free loopback port: bound, then released for the agent to take.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -116,34 +139,31 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// One HTTP/1.1 request on the admin port: status and body, or `None` if nobody answers.
+fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
-    buf.split(' ').nth(1)?.parse().ok()
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
-fn http_body(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    buf.split_once("\r\n\r\n").unwrap().1.to_owned()
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    http(port, "GET", path)
 }
 
+/// Polls `cond` every 20 ms for up to `limit`.
 fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
         if cond() {
             return true;
         }
@@ -156,335 +176,197 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-#[test]
-fn defaults_and_precedence_flag_env_file() {
-    let d = validate_json(agent().arg("validate"));
-    assert_eq!(d["socket"], "./var/run/secrets/workload-spiffe-uds/socket");
-    assert_eq!(d["socket-mode"], "0600");
-    assert_eq!(
-        d["spiffe-id"],
-        "spiffe://cluster.local/ns/default/sa/default"
-    );
-    assert_eq!(d["ca"]["backend"], "embedded");
-    assert_eq!(d["cert-ttl"], "1day");
-    assert_eq!(d["renew-at"], 0.5);
-    assert_eq!(d["key-type"], "ecdsa-p256");
-    assert_eq!(d["admin-addr"], "127.0.0.1:15020");
-
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("agent.toml");
-    std::fs::write(
-        &file,
-        "trust-domain = \"file.org\"\nnamespace = \"file-ns\"\nservice-account = \"file-sa\"\ncert-ttl = \"90m\"\nkey-type = \"rsa-2048\"\n",
-    )
-    .unwrap();
-    // File alone.
-    let c = validate_json(agent().arg("validate").arg("--config").arg(&file));
-    assert_eq!(c["spiffe-id"], "spiffe://file.org/ns/file-ns/sa/file-sa");
-    assert_eq!(c["cert-ttl"], "1h 30m");
-    // Env beats file; flag beats env; the file still fills the rest. --config from env too.
-    let c = validate_json(
-        agent()
-            .args(["validate", "--service-account", "flag-sa"])
-            .env("SDS_AGENT_CONFIG", &file)
-            .env("SDS_AGENT_NAMESPACE", "env-ns")
-            .env("SDS_AGENT_SERVICE_ACCOUNT", "env-sa")
-            .env("SDS_AGENT_RENEW_AT", "0.7"),
-    );
-    assert_eq!(c["spiffe-id"], "spiffe://file.org/ns/env-ns/sa/flag-sa");
-    assert_eq!(c["renew-at"], 0.7);
-    assert_eq!(c["key-type"], "rsa-2048");
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
-/// Arguments, environment, and what the error must mention.
-type Case = (Vec<String>, Vec<(&'static str, &'static str)>, &'static str);
+/// Sends a signal by name (`TERM`, `INT`) with kill(1): the tests have no libc.
+fn kill(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
 
-#[test]
-fn bad_input_exits_2_naming_the_setting() {
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let malformed = write("bad.toml", "trust-domain = \"x\"\nnamespace = \n");
-    let unknown = write("unknown.toml", "trust_domain = \"x\"\n");
-    let garbage = write("garbage.pem", "not a certificate");
-    let key = write(
-        "key.pem",
-        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-    );
-    let cases: Vec<Case> = vec![
-        (
-            vec!["--config".into(), malformed.display().to_string()],
-            vec![],
-            "line 2",
-        ),
-        (
-            vec!["--config".into(), unknown.display().to_string()],
-            vec![],
-            "unknown field `trust_domain`",
-        ),
-        (
-            vec!["--trust-domain".into(), "Example.COM".into()],
-            vec![],
-            "--trust-domain",
-        ),
-        (
-            vec!["--namespace".into(), "a/b".into()],
-            vec![],
-            "--namespace",
-        ),
-        (
-            vec!["--cert-ttl".into(), "soon".into()],
-            vec![],
-            "--cert-ttl",
-        ),
-        (
-            vec!["--renew-at".into(), "1.5".into()],
-            vec![],
-            "--renew-at",
-        ),
-        (
-            vec!["--key-type".into(), "ed25519".into()],
-            vec![],
-            "--key-type",
-        ),
-        (vec!["--ca".into(), "vault".into()], vec![], "--ca"),
-        (
-            vec!["--embedded-ca-cert".into(), garbage.display().to_string()],
-            vec![],
-            "go together",
-        ),
-        (
-            vec![
-                "--embedded-ca-cert".into(),
-                garbage.display().to_string(),
-                "--embedded-ca-key".into(),
-                key.display().to_string(),
-            ],
-            vec![],
-            "embedded CA",
-        ),
-        (
-            vec![],
-            vec![("SDS_AGENT_KEY_TYPE", "dsa")],
-            "SDS_AGENT_KEY_TYPE",
-        ),
-    ];
-    for sub in ["validate", "run"] {
-        for (args, env, needle) in &cases {
+/// A running `sds-agent run`, with its stderr in a file; killed when dropped.
+struct Running {
+    child: Guard,
+    admin: u16,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Running {
+    /// `run --socket SOCKET --admin-addr 127.0.0.1:PORT EXTRA...`, waited on until `/readyz`
+    /// answers 200.
+    fn start(dir: &Path, socket: &Path, extra: &[&str]) -> Self {
+        Self::spawn(dir, || {
             let mut cmd = agent();
-            cmd.arg(sub)
-                .args(args)
-                .args(["--socket", &dir.path().join("s").display().to_string()]);
-            cmd.args(["--admin-addr", "127.0.0.1:0"]);
-            for (k, v) in env {
-                cmd.env(k, v);
+            cmd.arg("run").arg("--socket").arg(socket).args(extra);
+            cmd
+        })
+    }
+
+    /// Starts `make()` (a `run` without `--admin-addr`) on a free admin port and waits
+    /// until it is ready. The port is free when picked but not reserved, so if another
+    /// process takes it first, this tries again with another.
+    fn spawn(dir: &Path, make: impl Fn() -> Command) -> Self {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::try_spawn(dir, make()) {
+                Ok(r) => return r,
+                Err(log) if attempts < 3 && log.contains("--admin-addr") => continue,
+                Err(log) => panic!("agent exited before it was ready: {log}"),
             }
-            let out = run(&mut cmd);
-            let err = String::from_utf8_lossy(&out.stderr);
-            let code = out.status.code();
-            // Bad CA files are found by `run` only once it builds the CA: exit 1, not 2.
-            let want = if sub == "run" && *needle == "embedded CA" {
-                Some(1)
-            } else {
-                Some(2)
-            };
-            assert_eq!(code, want, "{sub} {args:?} {env:?}: {err}");
-            assert!(
-                err.contains(needle),
-                "{sub} {args:?}: {err:?} lacks {needle:?}"
-            );
-            assert!(!err.contains("AAAA"), "key file content echoed: {err}");
         }
     }
-    assert!(
-        !dir.path().join("s").exists(),
-        "a refused configuration created the socket"
-    );
-}
 
-#[test]
-fn run_serves_with_tight_permissions_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("nested/dirs/sds.sock");
-    let mut a = Running::start(dir.path(), &socket, &[]);
-    assert_eq!(mode(&socket), 0o600);
-    let secrets: serde_json::Value = serde_json::from_str(&http_body(a.admin, "/secrets")).unwrap();
-    let names: Vec<&str> = secrets
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["default", "ROOTCA"]);
-    assert!(
-        a.stderr().contains("ephemeral"),
-        "the ephemeral root is not announced"
-    );
-    let (status, took) = a.signal("-TERM");
-    assert!(status.success(), "{status}: {}", a.stderr());
-    assert!(took < Duration::from_secs(5), "exit took {took:?}");
-    assert!(!socket.exists(), "socket left behind");
-}
+    fn try_spawn(dir: &Path, mut cmd: Command) -> Result<Self, String> {
+        let admin = free_port();
+        let stdout = dir.join(format!("agent-{admin}.stdout"));
+        let stderr = dir.join(format!("agent-{admin}.stderr"));
+        let child = cmd
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut r = Self {
+            child: Guard(Some(child)),
+            admin,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + READY;
+        loop {
+            if let Some(status) = r.child.try_wait() {
+                return Err(format!("({status}) {}", r.log()));
+            }
+            if get(admin, "/readyz").is_some_and(|(s, _)| s == 200) {
+                return Ok(r);
+            }
+            assert!(Instant::now() < deadline, "agent not ready: {}", r.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
-#[test]
-fn sigint_and_a_configured_socket_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("sds.sock");
-    let mut a = Running::start(dir.path(), &socket, &["--socket-mode", "0660"]);
-    assert_eq!(mode(&socket), 0o660);
-    let (status, took) = a.signal("-INT");
-    assert!(status.success() && took < Duration::from_secs(5));
-    assert!(!socket.exists());
-}
+    /// Everything the agent has written to stderr so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
 
-#[test]
-fn a_stale_socket_is_replaced_a_live_one_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("sds.sock");
-    // A crashed run's socket: the file exists, nobody listens.
-    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    assert!(socket.exists());
-    let mut first = Running::start(dir.path(), &socket, &[]);
-    assert!(
-        first.stderr().contains("stale socket"),
-        "{}",
-        first.stderr()
-    );
+    fn printed(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
 
-    // A second agent on the same path must refuse, and leave the first alone.
-    let out = run(agent()
-        .args(["run", "--admin-addr", "127.0.0.1:0", "--socket"])
-        .arg(&socket));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        "the first agent lost its socket"
-    );
-    assert_eq!(http_status(first.admin, "/readyz"), Some(200));
-    assert!(first.signal("-TERM").0.success());
-}
+    /// Sends `sig` and returns the exit status, asserting the exit came within [`STOP`].
+    fn stop(&mut self, sig: &str) -> ExitStatus {
+        let sent = Instant::now();
+        kill(self.child.id(), sig);
+        let status = self.child.wait(STOP + Duration::from_secs(5));
+        let took = sent.elapsed();
+        let Some(status) = status else {
+            panic!(
+                "agent still running {took:?} after SIG{sig}: {}",
+                self.log()
+            );
+        };
+        assert!(
+            took < STOP,
+            "agent took {took:?} to exit after SIG{sig}: {}",
+            self.log()
+        );
+        status
+    }
 
-#[test]
-fn a_file_at_the_socket_path_is_never_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("precious");
-    std::fs::write(&path, "data").unwrap();
-    let out = run(agent()
-        .args(["run", "--admin-addr", "127.0.0.1:0", "--socket"])
-        .arg(&path));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
-}
-
-#[test]
-fn help_and_version() {
-    let out = run(agent().arg("version"));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("sds-agent 0."));
-    let help = String::from_utf8_lossy(&run(agent().args(["run", "--help"])).stdout).into_owned();
-    for flag in [
-        "--socket ",
-        "--socket-mode",
-        "--trust-domain",
-        "--namespace",
-        "--service-account",
-        "--ca ",
-        "--cert-ttl",
-        "--renew-at",
-        "--key-type",
-        "--embedded-ca-cert",
-        "--embedded-ca-key",
-        "--admin-addr",
-        "--config",
-        "SDS_AGENT_TRUST_DOMAIN",
-        "SDS_AGENT_CERT_TTL",
-    ] {
-        assert!(help.contains(flag), "run --help lacks {flag}");
+    /// GET `/secrets`, parsed.
+    fn secrets(&self) -> Vec<Value> {
+        let (status, body) = get(self.admin, "/secrets").expect("admin endpoint gone");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
-#[test]
-fn no_key_material_in_logs_even_at_trace() {
-    let dir = tempfile::tempdir().unwrap();
-    // A CA key on disk, so we can also check that its contents never reach the log.
+/// A CA certificate and its PKCS#8 key, written as `NAME.pem` and `NAME-key.pem`.
+struct CaFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    key_pem: String,
+}
+
+fn write_ca(dir: &Path, name: &str) -> CaFiles {
+    write_ca_with(dir, name, |_| {})
+}
+
+fn write_ca_with(
+    dir: &Path,
+    name: &str,
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) -> CaFiles {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("test CA {name}"));
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let cert = p.self_signed(&key).unwrap();
-    let (cp, kp) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
-    std::fs::write(&cp, cert.pem()).unwrap();
-    std::fs::write(&kp, key.serialize_pem()).unwrap();
-    let socket = dir.path().join("sds.sock");
-    let args = [
-        "--log-level",
-        "trace",
-        "--cert-ttl",
-        "10s",
-        "--embedded-ca-cert",
-        cp.to_str().unwrap(),
-        "--embedded-ca-key",
-        kp.to_str().unwrap(),
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
     ];
-    let mut a = Running::start(dir.path(), &socket, &args);
-    // Fetch the key over SDS, so the serving path runs (and logs at trace) too.
-    let served_key = fetch_default_key(&socket);
-    assert!(served_key.contains("PRIVATE KEY"));
-    let _ = http_body(a.admin, "/secrets");
-    std::thread::sleep(Duration::from_secs(6)); // at least one rotation
-    assert!(a.signal("-TERM").0.success());
-    let log = a.stderr();
-    assert!(log.contains("certificate issued"), "nothing logged?");
-    assert!(
-        log.matches("certificate issued").count() >= 2,
-        "no rotation in the window"
-    );
-    assert!(!log.contains("PRIVATE KEY"));
-    let served_body: String = served_key
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    for chunk in served_body.as_bytes().chunks(24) {
-        assert!(
-            !log.contains(std::str::from_utf8(chunk).unwrap()),
-            "workload key material in the log"
-        );
-    }
-    let ca_key_body: String = key
-        .serialize_pem()
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    for chunk in ca_key_body.as_bytes().chunks(24) {
-        assert!(
-            !log.contains(std::str::from_utf8(chunk).unwrap()),
-            "CA key material in the log"
-        );
+    tweak(&mut p);
+    let cert = p.self_signed(&key).unwrap();
+    let files = CaFiles {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+        key_pem: key.serialize_pem(),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, &files.key_pem).unwrap();
+    files
+}
+
+/// Asserts that no 24-character piece of the base64 body of `pem` occurs in `text`.
+fn assert_no_piece_of(pem: &str, text: &str, what: &str) {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(body.len() >= 24, "{what}: no PEM body in {pem:?}");
+    for chunk in body.as_bytes().chunks(24).filter(|c| c.len() == 24) {
+        let chunk = std::str::from_utf8(chunk).unwrap();
+        assert!(!text.contains(chunk), "{what} found in output: {chunk}");
     }
 }
 
-/// The PEM private key of `default`, fetched over SDS.
-fn fetch_default_key(socket: &Path) -> String {
+// ---------------------------------------------------------------------------------------
+// SDS client (FetchSecrets and StreamSecrets over the Unix socket)
+// ---------------------------------------------------------------------------------------
+
+mod sds {
+    use std::path::Path;
+
+    use envoy_types::pb::envoy::config::core::v3::DataSource;
     use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
     use prost::Message;
+    use tonic::transport::{Channel, Endpoint};
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let path = socket.to_owned();
-    rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+    pub(crate) fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    pub(crate) async fn connect(socket: &Path) -> SecretDiscoveryServiceClient<Channel> {
+        let path = socket.to_owned();
+        let channel = Endpoint::from_static("http://localhost")
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move {
@@ -495,23 +377,1038 @@ fn fetch_default_key(socket: &Path) -> String {
             }))
             .await
             .unwrap();
-        let resp = SecretDiscoveryServiceClient::new(channel)
-            .fetch_secrets(DiscoveryRequest {
-                resource_names: vec!["default".into()],
-                ..Default::default()
+        SecretDiscoveryServiceClient::new(channel)
+    }
+
+    pub(crate) fn request(names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The certificate chain and private key of `default`, both PEM, fetched over SDS.
+    pub(crate) fn fetch_default(socket: &Path) -> (String, String) {
+        runtime().block_on(async {
+            let resp = tokio::time::timeout(super::QUICK, async {
+                connect(socket)
+                    .await
+                    .fetch_secrets(request(&["default"]))
+                    .await
+                    .unwrap()
+                    .into_inner()
             })
             .await
-            .unwrap()
-            .into_inner();
-        let secret = Secret::decode(resp.resources[0].value.as_slice()).unwrap();
-        match secret.r#type {
-            Some(secret::Type::TlsCertificate(t)) => {
-                match t.private_key.and_then(|k| k.specifier) {
-                    Some(Specifier::InlineBytes(b)) => String::from_utf8(b).unwrap(),
-                    other => panic!("no inline key: {other:?}"),
+            .expect("FetchSecrets timed out");
+            default_of(&resp)
+        })
+    }
+
+    /// The chain and key of the `default` secret in `resp`.
+    pub(crate) fn default_of(resp: &DiscoveryResponse) -> (String, String) {
+        for any in &resp.resources {
+            let s = Secret::decode(any.value.as_slice()).unwrap();
+            if s.name != "default" {
+                continue;
+            }
+            match s.r#type {
+                Some(secret::Type::TlsCertificate(t)) => {
+                    return (inline(t.certificate_chain), inline(t.private_key));
+                }
+                other => panic!("default is not a tls_certificate: {other:?}"),
+            }
+        }
+        panic!("no default secret in {resp:?}");
+    }
+
+    fn inline(ds: Option<DataSource>) -> String {
+        match ds.and_then(|d| d.specifier) {
+            Some(Specifier::InlineBytes(b)) => String::from_utf8(b).unwrap(),
+            Some(Specifier::InlineString(s)) => s,
+            other => panic!("not inline: {other:?}"),
+        }
+    }
+
+    /// The URI SANs of the first certificate of a PEM chain.
+    pub(crate) fn leaf_uris(chain_pem: &str) -> Vec<String> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let der = pem::parse(chain_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(der.contents()).unwrap();
+        let san = cert.subject_alternative_name().unwrap().expect("no SAN");
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some((*u).to_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Precedence: flag > env > file > default, seen through `validate`
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn validate_prints_the_defaults_and_touches_nothing() {
+    let cwd = tempfile::tempdir().unwrap();
+    // Something already listens on the default admin port? validate must not care, since
+    // it serves nothing; hold a port and point the agent at it to prove it never binds.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+
+    let d = validate_json(agent().arg("validate").current_dir(cwd.path()));
+    let keys: Vec<&str> = d.as_object().unwrap().keys().map(String::as_str).collect();
+    for k in [
+        "socket",
+        "socket-mode",
+        "spiffe-id",
+        "ca",
+        "cert-ttl",
+        "renew-at",
+        "key-type",
+        "admin-addr",
+        "log-level",
+    ] {
+        assert!(keys.contains(&k), "validate output lacks {k}: {d}");
+    }
+    assert_eq!(d["socket"], "./var/run/secrets/workload-spiffe-uds/socket");
+    assert_eq!(d["socket-mode"], "0600");
+    assert_eq!(
+        d["spiffe-id"],
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+    assert_eq!(d["ca"]["backend"], "embedded");
+    assert_eq!(d["ca"]["cert"], Value::Null);
+    assert_eq!(d["ca"]["key"], Value::Null);
+    assert_eq!(
+        humantime::parse_duration(d["cert-ttl"].as_str().unwrap()).unwrap(),
+        Duration::from_secs(24 * 3600)
+    );
+    assert_eq!(d["renew-at"], 0.5);
+    assert_eq!(d["key-type"], "ecdsa-p256");
+    assert_eq!(d["admin-addr"], "127.0.0.1:15020");
+    assert_eq!(d["log-level"], Value::Null);
+
+    let d = validate_json(
+        agent()
+            .args(["validate", "--admin-addr", &busy_addr])
+            .current_dir(cwd.path()),
+    );
+    assert_eq!(d["admin-addr"], busy_addr.as_str());
+    let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "validate created files in its working directory: {left:?}"
+    );
+    drop(busy);
+}
+
+/// One setting in the precedence test: its values at each level and how `validate` shows
+/// them.
+struct Setting {
+    /// Flag name without `--`; also the file key and, upper-cased, the env suffix.
+    key: &'static str,
+    /// Settings that must come from the same level (a CA certificate and its key) share one.
+    group: usize,
+    /// The value in the file, as a TOML literal.
+    file_toml: String,
+    /// The values given at file, env and flag level, as strings.
+    given: [String; 3],
+    /// What `validate` shows for each level.
+    shown: [String; 3],
+    /// Where `validate` shows it.
+    read: fn(&Value) -> String,
+}
+
+fn spiffe_part(v: &Value, i: usize) -> String {
+    let id = v["spiffe-id"].as_str().unwrap();
+    let rest = id.strip_prefix("spiffe://").unwrap();
+    // spiffe://TD/ns/NS/sa/SA
+    rest.split('/').nth(i).unwrap().to_owned()
+}
+
+fn settings(dir: &Path) -> Vec<Setting> {
+    fn s(v: &str) -> String {
+        v.to_owned()
+    }
+    fn string(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    fn plain(
+        key: &'static str,
+        group: usize,
+        given: [&str; 3],
+        shown: [&str; 3],
+        read: fn(&Value) -> String,
+    ) -> Setting {
+        Setting {
+            key,
+            group,
+            file_toml: format!("{:?}", given[0]),
+            given: given.map(s),
+            shown: shown.map(s),
+            read,
+        }
+    }
+    let cas = ["file", "env", "flag"].map(|level| write_ca(dir, &format!("ca-{level}")));
+    let paths = |f: fn(&CaFiles) -> &PathBuf| cas.each_ref().map(|c| f(c).display().to_string());
+    vec![
+        plain(
+            "socket",
+            0,
+            ["/file/sock", "/env/sock", "/flag/sock"],
+            ["/file/sock", "/env/sock", "/flag/sock"],
+            |v| string(&v["socket"]),
+        ),
+        plain(
+            "socket-mode",
+            1,
+            ["0640", "0660", "0700"],
+            ["0640", "0660", "0700"],
+            |v| string(&v["socket-mode"]),
+        ),
+        plain(
+            "trust-domain",
+            2,
+            ["file.example", "env.example", "flag.example"],
+            ["file.example", "env.example", "flag.example"],
+            |v| spiffe_part(v, 0),
+        ),
+        plain(
+            "namespace",
+            3,
+            ["file-ns", "env-ns", "flag-ns"],
+            ["file-ns", "env-ns", "flag-ns"],
+            |v| spiffe_part(v, 2),
+        ),
+        plain(
+            "service-account",
+            4,
+            ["file-sa", "env-sa", "flag-sa"],
+            ["file-sa", "env-sa", "flag-sa"],
+            |v| spiffe_part(v, 4),
+        ),
+        plain(
+            "cert-ttl",
+            5,
+            ["90m", "2h", "45m"],
+            ["5400", "7200", "2700"],
+            |v| {
+                humantime::parse_duration(v["cert-ttl"].as_str().unwrap())
+                    .unwrap()
+                    .as_secs()
+                    .to_string()
+            },
+        ),
+        Setting {
+            key: "renew-at",
+            group: 6,
+            // A TOML float in the file; strings in env and flags.
+            file_toml: "0.7".into(),
+            given: [s("0.7"), s("0.6"), s("0.8")],
+            shown: [s("0.7"), s("0.6"), s("0.8")],
+            read: |v| string(&v["renew-at"]),
+        },
+        plain(
+            "key-type",
+            7,
+            ["rsa-2048", "ecdsa-p384", "rsa-3072"],
+            ["rsa-2048", "ecdsa-p384", "rsa-3072"],
+            |v| string(&v["key-type"]),
+        ),
+        plain(
+            "admin-addr",
+            8,
+            ["127.0.0.1:1111", "127.0.0.1:2222", "[::1]:3333"],
+            ["127.0.0.1:1111", "127.0.0.1:2222", "[::1]:3333"],
+            |v| string(&v["admin-addr"]),
+        ),
+        plain(
+            "log-level",
+            9,
+            ["debug", "warn", "sds_agent=trace"],
+            ["debug", "warn", "sds_agent=trace"],
+            |v| string(&v["log-level"]),
+        ),
+        {
+            let p = paths(|c| &c.cert);
+            Setting {
+                key: "embedded-ca-cert",
+                group: 10,
+                file_toml: format!("{:?}", p[0]),
+                given: p.clone(),
+                shown: p,
+                read: |v| string(&v["ca"]["cert"]),
+            }
+        },
+        {
+            let p = paths(|c| &c.key);
+            Setting {
+                key: "embedded-ca-key",
+                group: 10,
+                file_toml: format!("{:?}", p[0]),
+                given: p.clone(),
+                shown: p,
+                read: |v| string(&v["ca"]["key"]),
+            }
+        },
+    ]
+}
+
+fn env_name(key: &str) -> String {
+    format!("SDS_AGENT_{}", key.to_uppercase().replace('-', "_"))
+}
+
+#[test]
+fn every_setting_comes_from_flag_then_env_then_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = settings(dir.path());
+    let file = dir.path().join("agent.toml");
+    let mut toml = String::from("ca = \"embedded\"\n");
+    for s in &all {
+        toml.push_str(&format!("{} = {}\n", s.key, s.file_toml));
+    }
+    std::fs::write(&file, &toml).unwrap();
+
+    // (how the file is given, which groups get an env value, which get a flag)
+    type Pick = fn(usize) -> bool;
+    let scenarios: [(&str, Pick, Pick); 6] = [
+        ("flag", |_| false, |_| false),
+        ("env", |_| true, |_| false),
+        ("env", |_| true, |_| true),
+        ("env", |g| g % 2 == 0, |g| g % 3 == 0),
+        ("flag", |_| false, |g| g % 2 == 1),
+        ("none", |_| true, |g| g % 2 == 0),
+    ];
+    for (config_via, env_for, flag_for) in scenarios {
+        let mut cmd = agent();
+        cmd.arg("validate");
+        match config_via {
+            "flag" => {
+                cmd.arg("--config").arg(&file);
+            }
+            "env" => {
+                cmd.env("SDS_AGENT_CONFIG", &file);
+            }
+            _ => {}
+        }
+        for s in &all {
+            if env_for(s.group) {
+                cmd.env(env_name(s.key), &s.given[1]);
+            }
+            if flag_for(s.group) {
+                cmd.arg(format!("--{}", s.key)).arg(&s.given[2]);
+            }
+        }
+        let v = validate_json(&mut cmd);
+        for s in &all {
+            let level = if flag_for(s.group) {
+                2
+            } else if env_for(s.group) {
+                1
+            } else {
+                0
+            };
+            assert_eq!(
+                (s.read)(&v),
+                s.shown[level],
+                "{} should come from the {} (config via {config_via}): {v:#}",
+                s.key,
+                ["file", "env", "flag"][level]
+            );
+        }
+    }
+}
+
+#[test]
+fn config_file_from_env_and_the_flag_beats_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.toml");
+    let b = dir.path().join("b.toml");
+    std::fs::write(&a, "namespace = \"from-a\"\ncert-ttl = \"2h\"\n").unwrap();
+    std::fs::write(&b, "namespace = \"from-b\"\n").unwrap();
+
+    let v = validate_json(agent().arg("validate").env("SDS_AGENT_CONFIG", &a));
+    assert_eq!(
+        v["spiffe-id"],
+        "spiffe://cluster.local/ns/from-a/sa/default"
+    );
+    assert_eq!(v["cert-ttl"], "2h");
+
+    let v = validate_json(
+        agent()
+            .arg("validate")
+            .arg("--config")
+            .arg(&b)
+            .env("SDS_AGENT_CONFIG", &a),
+    );
+    assert_eq!(
+        v["spiffe-id"],
+        "spiffe://cluster.local/ns/from-b/sa/default"
+    );
+    assert_eq!(
+        humantime::parse_duration(v["cert-ttl"].as_str().unwrap()).unwrap(),
+        Duration::from_secs(24 * 3600),
+        "a.toml was read although --config named b.toml"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Bad input: exit code 2, and stderr names the setting
+// ---------------------------------------------------------------------------------------
+
+/// A refused configuration.
+struct Bad {
+    what: &'static str,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    /// All of these must be in stderr.
+    needles: Vec<String>,
+    /// The error is in a CA file, which `run` finds when it builds the CA.
+    ca_file: bool,
+}
+
+fn bad(what: &'static str, args: &[&str], needles: &[&str]) -> Bad {
+    Bad {
+        what,
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: vec![],
+        needles: needles.iter().map(|n| (*n).to_owned()).collect(),
+        ca_file: false,
+    }
+}
+
+fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let malformed = write("malformed.toml", "trust-domain = \"x.org\"\nnamespace = \n");
+    let unknown = write(
+        "unknown.toml",
+        "namespace = \"ok\"\ntrust_domain = \"x.org\"\n",
+    );
+    let bad_in_file = write("bad-value.toml", "renew-at = 1.5\n");
+    let missing = dir.join("missing.toml").display().to_string();
+    let garbage = write("garbage.pem", "this is not a certificate\n");
+    let good = write_ca(dir, "good");
+    let other = write_ca(dir, "other");
+    let expired = write_ca_with(dir, "expired", |p| {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    });
+    let leaf = write_ca_with(dir, "leaf", |p| {
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    });
+    let [good_cert, good_key, other_key] =
+        [&good.cert, &good.key, &other.key].map(|p| p.display().to_string());
+    let keys = vec![
+        good.key_pem.clone(),
+        other.key_pem.clone(),
+        leaf.key_pem.clone(),
+        expired.key_pem.clone(),
+    ];
+
+    let mut cases = vec![
+        bad(
+            "malformed TOML",
+            &["--config", &malformed],
+            &["line 2", &malformed],
+        ),
+        bad(
+            "unknown key in the file",
+            &["--config", &unknown],
+            &["unknown field", "trust_domain", &unknown],
+        ),
+        bad("missing config file", &["--config", &missing], &[&missing]),
+        bad(
+            "bad value in the file",
+            &["--config", &bad_in_file],
+            &["renew-at", "1.5", "between 0 and 1"],
+        ),
+        bad(
+            "uppercase trust domain",
+            &["--trust-domain", "Example.COM"],
+            &["--trust-domain", "SDS_AGENT_TRUST_DOMAIN", "Example.COM"],
+        ),
+        bad(
+            "namespace with a slash",
+            &["--namespace", "a/b"],
+            &["--namespace", "SDS_AGENT_NAMESPACE", "a/b"],
+        ),
+        bad(
+            "service account with a slash",
+            &["--service-account", "web/admin"],
+            &["--service-account", "web/admin"],
+        ),
+        bad(
+            "unparsable ttl",
+            &["--cert-ttl", "soon"],
+            &["--cert-ttl", "SDS_AGENT_CERT_TTL", "soon"],
+        ),
+        bad(
+            "ttl too short",
+            &["--cert-ttl", "1s"],
+            &["--cert-ttl", "at least"],
+        ),
+        bad(
+            "renew-at above 1",
+            &["--renew-at", "1.5"],
+            &["--renew-at", "SDS_AGENT_RENEW_AT", "1.5"],
+        ),
+        bad(
+            "unknown key type",
+            &["--key-type", "ed25519"],
+            &["--key-type", "ed25519"],
+        ),
+        bad(
+            "unknown CA backend",
+            &["--ca", "vault"],
+            &["--ca", "vault", "embedded"],
+        ),
+        bad(
+            "socket mode not octal",
+            &["--socket-mode", "rw-------"],
+            &["--socket-mode", "rw-------"],
+        ),
+        bad(
+            "socket mode without owner rw",
+            &["--socket-mode", "0400"],
+            &["--socket-mode", "owner"],
+        ),
+        bad(
+            "admin address without a port",
+            &["--admin-addr", "localhost"],
+            &["--admin-addr", "localhost"],
+        ),
+        bad(
+            "CA certificate without its key",
+            &["--embedded-ca-cert", &good_cert],
+            &["--embedded-ca-cert", "--embedded-ca-key"],
+        ),
+        bad(
+            "CA key without its certificate",
+            &["--embedded-ca-key", &good_key],
+            &["--embedded-ca-cert", "--embedded-ca-key"],
+        ),
+    ];
+    let mut ca = |what, cert: &str, key: &str, needles: &[&str]| {
+        let mut b = bad(
+            what,
+            &["--embedded-ca-cert", cert, "--embedded-ca-key", key],
+            needles,
+        );
+        b.ca_file = true;
+        cases.push(b);
+    };
+    ca(
+        "garbage CA certificate",
+        &garbage,
+        &good_key,
+        &["certificate"],
+    );
+    ca("garbage CA key", &good_cert, &garbage, &["key"]);
+    ca(
+        "CA key in the certificate slot",
+        &good_key,
+        &good_key,
+        &["certificate"],
+    );
+    ca(
+        "CA key of another CA",
+        &good_cert,
+        &other_key,
+        &["key", "match"],
+    );
+    let (leaf_cert, leaf_key) = (
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string(),
+    );
+    ca(
+        "CA certificate that is not a CA",
+        &leaf_cert,
+        &leaf_key,
+        &["not a CA"],
+    );
+    let (old_cert, old_key) = (
+        expired.cert.display().to_string(),
+        expired.key.display().to_string(),
+    );
+    ca(
+        "expired CA certificate",
+        &old_cert,
+        &old_key,
+        &["not valid"],
+    );
+    let missing_pem = dir.join("missing.pem").display().to_string();
+    ca(
+        "missing CA certificate file",
+        &missing_pem,
+        &good_key,
+        &["--embedded-ca-cert", &missing_pem],
+    );
+
+    let mut env_case = bad("bad env value", &[], &["SDS_AGENT_KEY_TYPE", "dsa"]);
+    env_case.env = vec![("SDS_AGENT_KEY_TYPE", "dsa".into())];
+    cases.push(env_case);
+    let mut env_ttl = bad("bad env ttl", &[], &["SDS_AGENT_CERT_TTL", "2"]);
+    env_ttl.env = vec![("SDS_AGENT_CERT_TTL", "2".into())];
+    cases.push(env_ttl);
+    (cases, keys)
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cases, keys) = bad_inputs(dir.path());
+    let never = dir.path().join("never/sds.sock");
+    for sub in ["validate", "run"] {
+        for case in &cases {
+            let mut cmd = agent();
+            cmd.arg(sub)
+                .args(&case.args)
+                .arg("--socket")
+                .arg(&never)
+                .current_dir(dir.path());
+            if !case.args.iter().any(|a| a == "--admin-addr") {
+                cmd.args(["--admin-addr", "127.0.0.1:0"]);
+            }
+            for (k, v) in &case.env {
+                cmd.env(k, v);
+            }
+            // Bounded: a bad configuration that `run` wrongly accepts would serve forever.
+            let out = finish(&mut cmd, QUICK);
+            let what = format!("{sub}, {}: {:?} {:?}", case.what, case.args, case.env);
+            // `run` finds a bad CA file only when it builds the CA, after parsing the
+            // configuration; any failure will do there, as long as it says why.
+            if sub == "run" && case.ca_file {
+                assert!(
+                    !out.status.success() && out.code().is_some(),
+                    "{what}: {} {}",
+                    out.status,
+                    out.stderr
+                );
+            } else {
+                assert_eq!(out.code(), Some(2), "{what}: {}", out.stderr);
+            }
+            assert!(
+                out.stderr.contains("error"),
+                "{what}: no error on stderr: {:?}",
+                out.stderr
+            );
+            for needle in &case.needles {
+                assert!(
+                    out.stderr.contains(needle.as_str()),
+                    "{what}: stderr lacks {needle:?}: {}",
+                    out.stderr
+                );
+            }
+            if sub == "validate" {
+                assert!(
+                    out.stdout.trim().is_empty(),
+                    "{what}: validate printed a configuration although it failed: {}",
+                    out.stdout
+                );
+            }
+            // A misplaced key file must not be echoed in the error.
+            for output in [&out.stdout, &out.stderr] {
+                assert!(!output.contains("PRIVATE KEY"), "{what}: {output}");
+                for k in &keys {
+                    assert_no_piece_of(k, output, "a CA key");
                 }
             }
-            other => panic!("not a tls_certificate: {other:?}"),
         }
-    })
+    }
+    assert!(
+        !never.parent().unwrap().exists(),
+        "a refused configuration created the socket directory"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. `run` end to end
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn run_serves_with_0600_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_dir = dir.path().join("s/nested");
+    let socket = sock_dir.join("sock");
+    let mut a = Running::start(
+        dir.path(),
+        &socket,
+        &[
+            "--trust-domain",
+            "example.org",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+        ],
+    );
+    let id = "spiffe://example.org/ns/shop/sa/web";
+
+    assert!(is_socket(&socket), "no socket at {}", socket.display());
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(get(a.admin, "/healthz").map(|(s, _)| s), Some(200));
+    let secrets = a.secrets();
+    let names: Vec<&str> = secrets
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"default"), "{secrets:?}");
+    assert!(names.contains(&"ROOTCA"), "{secrets:?}");
+    let default = secrets.iter().find(|s| s["name"] == "default").unwrap();
+    assert_eq!(default["spiffe_id"], id, "{default}");
+    let root = secrets.iter().find(|s| s["name"] == "ROOTCA").unwrap();
+    assert_eq!(root["spiffe_id"], "spiffe://example.org", "{root}");
+
+    // The socket really serves SDS, with the certificate of that identity.
+    let (chain, key) = sds::fetch_default(&socket);
+    assert_eq!(sds::leaf_uris(&chain), [id]);
+    assert!(key.contains("PRIVATE KEY"));
+
+    // Only the socket is in its directory: no temporary file left from binding it.
+    let entries: Vec<_> = std::fs::read_dir(&sock_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["sock"], "unexpected files next to the socket");
+
+    let status = a.stop("TERM");
+    assert_eq!(status.code(), Some(0), "{status}: {}", a.log());
+    assert!(!socket.exists(), "socket left behind after SIGTERM");
+    assert_eq!(
+        std::fs::read_dir(&sock_dir).unwrap().count(),
+        0,
+        "files left next to the socket"
+    );
+    assert!(
+        !a.printed().contains("PRIVATE KEY"),
+        "a key on stdout: {}",
+        a.printed()
+    );
+}
+
+#[test]
+fn socket_mode_0660_default_path_and_sigint() {
+    let cwd = tempfile::tempdir().unwrap();
+    // No --socket: the default path, relative to the working directory.
+    let mut a = Running::spawn(cwd.path(), || {
+        let mut cmd = agent();
+        cmd.args(["run", "--socket-mode", "0660"])
+            .current_dir(cwd.path());
+        cmd
+    });
+    let socket = cwd
+        .path()
+        .join("var/run/secrets/workload-spiffe-uds/socket");
+    assert!(is_socket(&socket), "no socket at the default path");
+    assert_eq!(mode(&socket), 0o660);
+    let status = a.stop("INT");
+    assert_eq!(status.code(), Some(0), "{status}: {}", a.log());
+    assert!(!socket.exists(), "socket left behind after SIGINT");
+}
+
+#[test]
+fn sigterm_with_a_connected_proxy_still_exits_0_in_time() {
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let mut a = Running::start(dir.path(), &socket, &[]);
+    let rt = sds::runtime();
+    // A proxy holding a StreamSecrets open: its request stream never ends.
+    let mut responses = rt.block_on(async {
+        let mut client = sds::connect(&socket).await;
+        let requests = futures::stream::iter([sds::request(&["default", "ROOTCA"])])
+            .chain(futures::stream::pending());
+        let mut responses = tokio::time::timeout(QUICK, client.stream_secrets(requests))
+            .await
+            .expect("StreamSecrets timed out")
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(QUICK, responses.message())
+            .await
+            .expect("no first response")
+            .unwrap()
+            .expect("stream ended at once");
+        assert!(!first.resources.is_empty());
+        responses
+    });
+
+    let status = a.stop("TERM");
+    assert_eq!(status.code(), Some(0), "{status}: {}", a.log());
+    assert!(!socket.exists(), "socket left behind");
+    // The proxy sees its stream end (cleanly or not) instead of hanging.
+    let ended = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = responses.message().await {}
+        })
+        .await
+    });
+    assert!(ended.is_ok(), "the proxy's stream outlived the agent");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Socket safety
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    // A crashed run's socket: the file exists, nobody listens.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(is_socket(&socket));
+    // A child being spawned by a parallel test can hold a copy of the listener's descriptor
+    // until it execs; wait until the socket refuses connections.
+    assert!(
+        wait_until(QUICK, || std::os::unix::net::UnixStream::connect(&socket)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)),
+        "the socket still accepts connections"
+    );
+
+    let mut a = Running::start(dir.path(), &socket, &[]);
+    let (chain, _) = sds::fetch_default(&socket);
+    assert!(chain.contains("CERTIFICATE"));
+    assert_eq!(a.stop("TERM").code(), Some(0), "{}", a.log());
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_live_socket_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let mut first = Running::start(dir.path(), &socket, &[]);
+    let ino = std::fs::symlink_metadata(&socket).unwrap().ino();
+    let (before, _) = sds::fetch_default(&socket);
+
+    let out = finish(
+        agent()
+            .args(["run", "--admin-addr", "127.0.0.1:0", "--socket"])
+            .arg(&socket),
+        QUICK,
+    );
+    assert!(
+        !out.status.success() && out.code().is_some(),
+        "second agent: {} {}",
+        out.status,
+        out.stderr
+    );
+    assert!(out.stderr.contains("in use"), "{}", out.stderr);
+
+    // The first agent keeps its socket (the same file) and keeps serving.
+    assert_eq!(std::fs::symlink_metadata(&socket).unwrap().ino(), ino);
+    let (after, _) = sds::fetch_default(&socket);
+    assert_eq!(after, before, "the first agent's certificate changed");
+    assert_eq!(get(first.admin, "/readyz").map(|(s, _)| s), Some(200));
+    assert_eq!(first.stop("TERM").code(), Some(0), "{}", first.log());
+    assert!(!socket.exists());
+}
+
+#[test]
+fn what_is_not_a_socket_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("precious");
+    std::fs::write(&file, "data").unwrap();
+    let subdir = dir.path().join("a-directory");
+    std::fs::create_dir(&subdir).unwrap();
+    std::fs::write(subdir.join("inside"), "data").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+
+    for path in [&file, &subdir, &link] {
+        let out = finish(
+            agent()
+                .args(["run", "--admin-addr", "127.0.0.1:0", "--socket"])
+                .arg(path),
+            QUICK,
+        );
+        assert!(
+            !out.status.success() && out.code().is_some(),
+            "{}: {} {}",
+            path.display(),
+            out.status,
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("not a socket"),
+            "{}: {}",
+            path.display(),
+            out.stderr
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+    assert_eq!(
+        std::fs::read_to_string(subdir.join("inside")).unwrap(),
+        "data"
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), file);
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a-directory", "link", "precious"], "stray files");
+}
+
+/// A socket path a little under the platform limit (108 bytes on Linux, including the NUL)
+/// is a valid path and must work.
+#[test]
+#[ignore = "agent bug: socket::bind binds a temporary name `.NAME.PID.tmp` that is longer than the path asked for, so paths near the sun_path limit fail"]
+fn a_socket_path_near_the_length_limit_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().display().to_string().len() + "/".len() + "/sock".len();
+    let pad = 100usize.saturating_sub(base).max(1);
+    let socket = dir.path().join("d".repeat(pad)).join("sock");
+    assert!(socket.as_os_str().len() < 104, "{}", socket.display());
+    let mut a = Running::start(dir.path(), &socket, &[]);
+    assert!(is_socket(&socket));
+    assert_eq!(a.stop("TERM").code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. version and --help
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn version_and_help() {
+    let version = env!("CARGO_PKG_VERSION");
+    let out = finish(agent().arg("version"), QUICK);
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(out.stdout.trim(), format!("sds-agent {version}"));
+    let out = finish(agent().arg("--version"), QUICK);
+    assert_eq!(out.code(), Some(0));
+    assert!(out.stdout.contains(version), "{}", out.stdout);
+
+    let out = finish(agent().arg("--help"), QUICK);
+    assert_eq!(out.code(), Some(0));
+    for sub in ["run", "validate", "version"] {
+        assert!(
+            out.stdout.lines().any(|l| l.trim_start().starts_with(sub)),
+            "--help lacks the {sub} subcommand: {}",
+            out.stdout
+        );
+    }
+
+    let flags = [
+        "config",
+        "socket",
+        "socket-mode",
+        "trust-domain",
+        "namespace",
+        "service-account",
+        "ca",
+        "cert-ttl",
+        "renew-at",
+        "key-type",
+        "embedded-ca-cert",
+        "embedded-ca-key",
+        "admin-addr",
+        "log-level",
+    ];
+    for sub in ["run", "validate"] {
+        let out = finish(agent().args([sub, "--help"]), QUICK);
+        assert_eq!(out.code(), Some(0));
+        let help = &out.stdout;
+        for flag in flags {
+            // `--socket <PATH>`, not just the `--socket` in `--socket-mode`.
+            assert!(
+                help.contains(&format!("--{flag} <")),
+                "{sub} --help lacks --{flag}: {help}"
+            );
+            let var = env_name(flag);
+            assert!(
+                help.contains(&format!("{var}=")),
+                "{sub} --help lacks {var}: {help}"
+            );
+        }
+        for default in [
+            "cluster.local",
+            "24h",
+            "0.5",
+            "ecdsa-p256",
+            "127.0.0.1:15020",
+            "0600",
+        ] {
+            assert!(
+                help.contains(default),
+                "{sub} --help lacks the default {default}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. No key material in logs
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn no_key_material_in_logs_even_at_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_ca(dir.path(), "ca");
+    let socket = dir.path().join("sds.sock");
+    let mut a = Running::start(
+        dir.path(),
+        &socket,
+        &[
+            "--log-level",
+            "trace",
+            "--embedded-ca-cert",
+            ca.cert.to_str().unwrap(),
+            "--embedded-ca-key",
+            ca.key.to_str().unwrap(),
+        ],
+    );
+    // Serve the key over SDS, rotate, and serve the new one, so that loading the CA, issuing,
+    // rotating and serving have all run (and logged at trace).
+    let (_, first_key) = sds::fetch_default(&socket);
+    let version_of = |a: &Running| {
+        a.secrets()
+            .iter()
+            .find(|s| s["name"] == "default")
+            .map(|s| s["version"].clone())
+    };
+    let v1 = version_of(&a);
+    assert!(v1.is_some(), "no default in /secrets");
+    assert_eq!(http(a.admin, "POST", "/rotate").map(|(s, _)| s), Some(202));
+    assert!(
+        wait_until(QUICK, || version_of(&a) != v1
+            && sds::fetch_default(&socket).1 != first_key),
+        "POST /rotate did not rotate: {}",
+        a.log()
+    );
+    let (_, second_key) = sds::fetch_default(&socket);
+    let _ = get(a.admin, "/metrics");
+    assert_eq!(a.stop("TERM").code(), Some(0), "{}", a.log());
+
+    let log = a.log();
+    assert!(
+        log.matches("certificate issued").count() >= 2,
+        "expected two issuances in the trace log: {log}"
+    );
+    assert!(
+        log.contains("TRACE"),
+        "--log-level trace logged no trace event"
+    );
+    for output in [&log, &a.printed()] {
+        assert!(!output.contains("PRIVATE KEY"), "a PEM key in the output");
+        assert_no_piece_of(&ca.key_pem, output, "the CA key");
+        assert_no_piece_of(&first_key, output, "a workload key");
+        assert_no_piece_of(&second_key, output, "the rotated workload key");
+    }
 }
