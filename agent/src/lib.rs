@@ -79,7 +79,14 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
                 std::fs::read_to_string(key)
                     .with_context(|| format!("cannot read --embedded-ca-key {}", key.display()))?,
             );
-            let ca = sds_backends::embedded::EmbeddedCa::from_pem(&cert_pem, &key_pem)?;
+            let ca = sds_backends::embedded::EmbeddedCa::from_pem(&cert_pem, &key_pem)
+                .with_context(|| {
+                    format!(
+                        "--embedded-ca-cert {} / --embedded-ca-key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
             info!(cert = %cert.display(), "embedded CA loaded");
             Ok(Arc::new(ca))
         }

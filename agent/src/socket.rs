@@ -24,7 +24,7 @@ pub enum SocketError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// A filesystem call failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// The step that failed.
         what: &'static str,
@@ -35,6 +35,9 @@ pub enum SocketError {
         source: io::Error,
     },
 }
+
+/// Longest socket path Linux takes: `sun_path` is 108 bytes with the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Removes the socket file on drop, if it is still the one this process created.
 #[derive(Debug)]
@@ -59,12 +62,30 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Socke
     std::fs::create_dir_all(&dir).map_err(io_err("cannot create directory", &dir))?;
     remove_if_stale(path)?;
 
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    // A short temporary name (`.<pid>.tmp`), so that it fits sun_path whenever the final
+    // path nearly does. Only a socket left there by an earlier process is ever removed.
+    let tmp = dir.join(format!(".{:x}.tmp", std::process::id()));
+    if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    if tmp.as_os_str().len() > MAX_SOCKET_PATH && path.as_os_str().len() <= MAX_SOCKET_PATH {
+        // The temporary name does not fit but the path does: bind in place and set the mode
+        // at once. Connecting needs write permission, which the umask-derived mode (0755 at
+        // most, usually) gives only the owner, so the short window admits no one else.
+        let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err("cannot set permissions of", path))?;
+        let ino = std::fs::symlink_metadata(path)
+            .map_err(io_err("cannot stat", path))?
+            .ino();
+        return Ok((
+            listener,
+            SocketGuard {
+                path: path.to_owned(),
+                ino,
+            },
+        ));
+    }
     let listener = UnixListener::bind(&tmp).map_err(io_err("cannot bind", &tmp))?;
     let result = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set permissions of", &tmp))

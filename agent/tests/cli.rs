@@ -1269,7 +1269,6 @@ fn what_is_not_a_socket_is_never_deleted() {
 /// A socket path a little under the platform limit (108 bytes on Linux, including the NUL)
 /// is a valid path and must work.
 #[test]
-#[ignore = "agent bug: socket::bind binds a temporary name `.NAME.PID.tmp` that is longer than the path asked for, so paths near the sun_path limit fail"]
 fn a_socket_path_near_the_length_limit_works() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().display().to_string().len() + "/".len() + "/sock".len();
