@@ -1,0 +1,191 @@
+//! One running `sds-agent run` with the embedded CA, and what its admin endpoint reports.
+//!
+//! [`Agent::start`] returns only once `GET /readyz` answers `200`, or fails early if the agent
+//! exits. The agent logs at `info`, with the SDS module at `debug` so that pushes, ACKs and
+//! NACKs appear in the log tail printed when a test fails.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::pki::SharedCa;
+use crate::process::ChildGuard;
+use crate::{Error, Serial, free_port, http};
+
+/// How long an agent may take to become ready.
+pub const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// What an agent serves: SPIFFE `spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig<'a> {
+    /// The trust domain.
+    pub trust_domain: &'a str,
+    /// The Kubernetes namespace.
+    pub namespace: &'a str,
+    /// The Kubernetes service account.
+    pub service_account: &'a str,
+    /// `--cert-ttl`, e.g. `20s`.
+    pub cert_ttl: &'a str,
+}
+
+/// A ready agent, killed when dropped.
+#[derive(Debug)]
+pub struct Agent {
+    proc: ChildGuard,
+    socket: PathBuf,
+    admin: SocketAddr,
+    spiffe_id: String,
+}
+
+/// One entry of the agent's `GET /secrets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretInfo {
+    /// The SDS resource name: `default` or `ROOTCA`.
+    pub name: String,
+    /// The identity (for `ROOTCA`, the trust domain).
+    pub spiffe_id: String,
+    /// The certificate's serial number.
+    pub serial: Serial,
+}
+
+impl Agent {
+    /// Starts `bin run` in `dir` (socket `<service_account>.sock`, log
+    /// `agent-<service_account>.log`) with the embedded CA `ca`, and waits until it is ready.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        config: &AgentConfig<'_>,
+        ca: &SharedCa,
+    ) -> Result<Self, Error> {
+        let sa = config.service_account;
+        let socket = dir.join(format!("{sa}.sock"));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--trust-domain", config.trust_domain])
+            .args(["--namespace", config.namespace])
+            .args(["--service-account", sa])
+            .args(["--cert-ttl", config.cert_ttl])
+            .arg("--embedded-ca-cert")
+            .arg(&ca.cert)
+            .arg("--embedded-ca-key")
+            .arg(&ca.key)
+            .args(["--log-level", "info,sds_agent::sds=debug"])
+            // Plain text in the log file, without colour escapes.
+            .env("NO_COLOR", "1");
+        let mut proc = ChildGuard::spawn(
+            &format!("agent {sa}"),
+            cmd,
+            &dir.join(format!("agent-{sa}.log")),
+        )?;
+        proc.wait_ready("GET /readyz = 200", READY_LIMIT, || async move {
+            http::get(admin, "/readyz")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+        Ok(Self {
+            proc,
+            socket,
+            admin,
+            spiffe_id: format!(
+                "spiffe://{}/ns/{}/sa/{sa}",
+                config.trust_domain, config.namespace
+            ),
+        })
+    }
+
+    /// The SDS Unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The admin HTTP address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The SPIFFE ID it serves.
+    pub fn spiffe_id(&self) -> &str {
+        &self.spiffe_id
+    }
+
+    /// The process, for its log.
+    pub fn process(&self) -> &ChildGuard {
+        &self.proc
+    }
+
+    /// `GET /secrets`, as the agent wrote it, for failure reports.
+    pub async fn secrets_json(&self) -> Result<String, Error> {
+        Ok(http::get(self.admin, "/secrets").await?.body)
+    }
+
+    /// `GET /secrets`, parsed: an array of `{name, spiffe_id, serial, ...}`.
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>, Error> {
+        let body = self.secrets_json().await?;
+        parse_secrets(&body)
+    }
+
+    /// The serial of the workload certificate (`default`) it serves now, if any.
+    pub async fn current_serial(&self) -> Result<Option<Serial>, Error> {
+        Ok(self
+            .secrets()
+            .await?
+            .into_iter()
+            .find(|s| s.name == "default")
+            .map(|s| s.serial))
+    }
+}
+
+fn parse_secrets(body: &str) -> Result<Vec<SecretInfo>, Error> {
+    let malformed = |detail: String| Error::Malformed {
+        what: "agent /secrets",
+        detail,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| malformed(format!("{e}: {body}")))?;
+    let entries = json
+        .as_array()
+        .ok_or_else(|| malformed(format!("not an array: {body}")))?;
+    entries
+        .iter()
+        .map(|e| {
+            let field = |k: &str| {
+                e[k].as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| malformed(format!("no string {k:?} in {e}")))
+            };
+            Ok(SecretInfo {
+                name: field("name")?,
+                spiffe_id: field("spiffe_id")?,
+                serial: field("serial")?.parse()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_parse_as_the_agent_writes_them() {
+        let body = r#"[{"name":"default","spiffe_id":"spiffe://example.org/ns/default/sa/backend","serial":"4f3df2c88ece5c3a","not_before":"2026-11-23T03:20:44Z","not_after":"2026-11-23T03:21:09Z","next_renewal":"2026-11-23T03:20:55Z","version":1},{"name":"ROOTCA","spiffe_id":"spiffe://example.org","serial":"00938a56","not_before":"2026-11-23T03:20:49Z","not_after":"2026-11-24T03:20:49Z","next_renewal":null,"version":1}]"#;
+        let s = parse_secrets(body).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].name, "default");
+        assert_eq!(s[0].serial.to_string(), "4f3df2c88ece5c3a");
+        assert_eq!(s[1].serial.to_string(), "938a56");
+    }
+
+    #[test]
+    fn malformed_secrets_are_errors() {
+        assert!(parse_secrets("{}").is_err());
+        assert!(parse_secrets("[{\"name\":1}]").is_err());
+        assert!(parse_secrets("not json").is_err());
+    }
+}

@@ -1,0 +1,88 @@
+//! The shared root CA of a test mesh, and reading serial numbers out of certificates.
+//!
+//! Two agents given the same root sign workload certificates that chain to it, so two
+//! Envoys, each fed by its own agent, can verify each other. The root is written as an
+//! operator would hand it to `--embedded-ca-cert` and `--embedded-ca-key`: PEM files, the key
+//! as PKCS#8. Its key lives only in the test's temporary directory.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256,
+};
+
+use crate::{Error, Serial, io_error};
+
+/// A root CA written to disk as `ca.pem` and `ca-key.pem`.
+#[derive(Debug, Clone)]
+pub struct SharedCa {
+    /// The self-signed root certificate, PEM.
+    pub cert: PathBuf,
+    /// Its private key, PKCS#8 PEM.
+    pub key: PathBuf,
+    /// The root's serial number, to recognise it in Envoy's `/certs`.
+    pub serial: Serial,
+}
+
+impl SharedCa {
+    /// Generates an ECDSA P-256 root (CA:TRUE, keyCertSign) and writes it into `dir`.
+    pub fn write(dir: &Path) -> Result<Self, Error> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::Ca)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "sds-agent end-to-end");
+        dn.push(DnType::CommonName, "shared mesh root");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).map_err(Error::Ca)?;
+        let serial = serial_of_pem(&cert.pem())?;
+        let ca = Self {
+            cert: dir.join("ca.pem"),
+            key: dir.join("ca-key.pem"),
+            serial,
+        };
+        std::fs::write(&ca.cert, cert.pem())
+            .map_err(io_error(format!("writing {}", ca.cert.display())))?;
+        std::fs::write(&ca.key, key.serialize_pem())
+            .map_err(io_error(format!("writing {}", ca.key.display())))?;
+        Ok(ca)
+    }
+}
+
+/// The serial number of the first certificate in `pem`.
+pub fn serial_of_pem(pem: &str) -> Result<Serial, Error> {
+    let malformed = |detail: String| Error::Malformed {
+        what: "PEM certificate",
+        detail,
+    };
+    let (_, block) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| malformed(format!("{e}")))?;
+    let cert = block.parse_x509().map_err(|e| malformed(format!("{e}")))?;
+    Ok(Serial::from_bytes(cert.raw_serial()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_ca_is_a_p256_root_with_a_pkcs8_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SharedCa::write(dir.path()).unwrap();
+        let key = std::fs::read_to_string(&ca.key).unwrap();
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "{key}");
+        let pem = std::fs::read_to_string(&ca.cert).unwrap();
+        assert_eq!(serial_of_pem(&pem).unwrap(), ca.serial);
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = block.parse_x509().unwrap();
+        assert!(cert.is_ca());
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let usage = cert.key_usage().unwrap().unwrap().value;
+        assert!(usage.key_cert_sign());
+    }
+}
