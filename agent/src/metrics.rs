@@ -155,16 +155,6 @@ impl Metrics {
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
-
-    /// The current value of a reason-labelled counter, for tests and status.
-    pub fn count(family: &Family<ReasonLabel, Counter>, reason: &'static str) -> u64 {
-        family.get_or_create(&ReasonLabel { reason }).get()
-    }
-
-    /// The current value of an api-labelled counter.
-    pub fn api_count(family: &Family<ApiLabel, Counter>, api: &'static str) -> u64 {
-        family.get_or_create(&ApiLabel { api }).get()
-    }
 }
 
 impl Default for Metrics {

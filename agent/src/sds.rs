@@ -160,7 +160,6 @@ impl SdsService {
     fn start_stream<T: Send + 'static>(
         &self,
         api: &'static str,
-        node_id: String,
     ) -> (
         StreamGuard,
         mpsc::Sender<Result<T, Status>>,
@@ -177,7 +176,8 @@ impl SdsService {
             ProxyState {
                 stream: id,
                 api,
-                node_id,
+                // Filled in from the first request that names its node.
+                node_id: String::new(),
                 resources: vec![],
                 acked_version: None,
                 nack: None,
@@ -202,7 +202,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream(SotwState::API, String::new());
+        let (guard, tx, rx) = self.start_stream(SotwState::API);
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         tokio::spawn(serve_stream::<SotwState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
@@ -212,7 +212,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream(DeltaState::API, String::new());
+        let (guard, tx, rx) = self.start_stream(DeltaState::API);
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         tokio::spawn(serve_stream::<DeltaState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
