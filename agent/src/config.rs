@@ -100,6 +100,72 @@ pub struct RunArgs {
     /// [default: info]
     #[arg(long, env = "SDS_AGENT_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Vault: address, e.g. https://vault.example:8200. Falls back to VAULT_ADDR.
+    #[arg(long, env = "SDS_AGENT_VAULT_ADDR", value_name = "URL")]
+    pub vault_addr: Option<String>,
+    /// Vault: enterprise namespace, sent as X-Vault-Namespace. Falls back to VAULT_NAMESPACE.
+    #[arg(long, env = "SDS_AGENT_VAULT_NAMESPACE", value_name = "NS")]
+    pub vault_namespace: Option<String>,
+    /// Vault: PEM CA bundle that signed Vault's TLS certificate. Falls back to VAULT_CACERT.
+    #[arg(long, env = "SDS_AGENT_VAULT_CA_CERT", value_name = "PEM")]
+    pub vault_ca_cert: Option<PathBuf>,
+    /// Vault: mount path of the PKI secrets engine. [default: pki]
+    #[arg(long, env = "SDS_AGENT_VAULT_PKI_MOUNT", value_name = "PATH")]
+    pub vault_pki_mount: Option<String>,
+    /// Vault: the PKI role that signs (required with --ca vault).
+    #[arg(long, env = "SDS_AGENT_VAULT_ROLE", value_name = "ROLE")]
+    pub vault_role: Option<String>,
+    /// Vault: sign with this issuer (issuer/<ref>/sign/<role>) instead of the mount's default.
+    #[arg(long, env = "SDS_AGENT_VAULT_ISSUER", value_name = "REF")]
+    pub vault_issuer: Option<String>,
+    /// Vault: use sign-verbatim/<role> instead of sign/<role>. [default: false]
+    #[arg(
+        long,
+        env = "SDS_AGENT_VAULT_SIGN_VERBATIM",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub vault_sign_verbatim: Option<bool>,
+    /// Vault: pin the trust bundle to these PEM roots instead of reading the mount's issuers.
+    #[arg(long, env = "SDS_AGENT_VAULT_TRUST_BUNDLE", value_name = "PEM")]
+    pub vault_trust_bundle: Option<PathBuf>,
+    /// Vault: auth method, token, kubernetes or approle. [default: token]
+    #[arg(long, env = "SDS_AGENT_VAULT_AUTH", value_name = "METHOD")]
+    pub vault_auth: Option<String>,
+    /// Vault token auth: the token (prefer --vault-token-file: flags show in `ps`). Falls
+    /// back to VAULT_TOKEN.
+    #[arg(
+        long,
+        env = "SDS_AGENT_VAULT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub vault_token: Option<String>,
+    /// Vault token auth: file holding the token, re-read when it changes.
+    #[arg(long, env = "SDS_AGENT_VAULT_TOKEN_FILE", value_name = "FILE")]
+    pub vault_token_file: Option<PathBuf>,
+    /// Vault kubernetes/approle auth: mount path of the auth method.
+    /// [default: kubernetes or approle]
+    #[arg(long, env = "SDS_AGENT_VAULT_AUTH_MOUNT", value_name = "PATH")]
+    pub vault_auth_mount: Option<String>,
+    /// Vault kubernetes auth: the auth method's role. [default: the value of --vault-role]
+    #[arg(long, env = "SDS_AGENT_VAULT_AUTH_ROLE", value_name = "ROLE")]
+    pub vault_auth_role: Option<String>,
+    /// Vault kubernetes auth: service-account JWT file, re-read at every login.
+    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/token]
+    #[arg(long, env = "SDS_AGENT_VAULT_JWT_FILE", value_name = "FILE")]
+    pub vault_jwt_file: Option<PathBuf>,
+    /// Vault approle auth: the role ID.
+    #[arg(long, env = "SDS_AGENT_VAULT_ROLE_ID", value_name = "ID")]
+    pub vault_role_id: Option<String>,
+    /// Vault approle auth: file holding the secret ID, re-read at every login.
+    #[arg(long, env = "SDS_AGENT_VAULT_SECRET_ID_FILE", value_name = "FILE")]
+    pub vault_secret_id_file: Option<PathBuf>,
+    /// Vault: time limit of one HTTP request to Vault. [default: 10s]
+    #[arg(long, env = "SDS_AGENT_VAULT_TIMEOUT", value_name = "DURATION")]
+    pub vault_timeout: Option<String>,
 }
 
 /// The config file: the same keys as the flags, all optional, nothing else allowed.
@@ -119,6 +185,23 @@ struct FileConfig {
     embedded_ca_key: Option<PathBuf>,
     admin_addr: Option<String>,
     log_level: Option<String>,
+    vault_addr: Option<String>,
+    vault_namespace: Option<String>,
+    vault_ca_cert: Option<PathBuf>,
+    vault_pki_mount: Option<String>,
+    vault_role: Option<String>,
+    vault_issuer: Option<String>,
+    vault_sign_verbatim: Option<bool>,
+    vault_trust_bundle: Option<PathBuf>,
+    vault_auth: Option<String>,
+    vault_token: Option<String>,
+    vault_token_file: Option<PathBuf>,
+    vault_auth_mount: Option<String>,
+    vault_auth_role: Option<String>,
+    vault_jwt_file: Option<PathBuf>,
+    vault_role_id: Option<String>,
+    vault_secret_id_file: Option<PathBuf>,
+    vault_timeout: Option<String>,
 }
 
 /// The validated configuration of a running agent.
@@ -159,13 +242,108 @@ pub enum CaConfig {
         /// Its key, PEM.
         key: Option<PathBuf>,
     },
+    /// Vault's (or OpenBao's) PKI secrets engine.
+    Vault(Box<VaultSettings>),
+}
+
+/// Settings of the Vault backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VaultSettings {
+    /// Vault's address.
+    pub addr: String,
+    /// Enterprise namespace.
+    pub namespace: Option<String>,
+    /// CA bundle for TLS to Vault.
+    pub ca_cert: Option<PathBuf>,
+    /// PKI mount path.
+    pub pki_mount: String,
+    /// PKI role.
+    pub role: String,
+    /// Issuer reference, if not the default issuer.
+    pub issuer: Option<String>,
+    /// Use sign-verbatim.
+    pub sign_verbatim: bool,
+    /// Pinned roots, PEM file.
+    pub trust_bundle: Option<PathBuf>,
+    /// How to log in.
+    pub auth: VaultAuthSettings,
+    /// Time limit of one request.
+    #[serde(serialize_with = "humanized")]
+    pub timeout: Duration,
+}
+
+/// The Vault auth method and its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum VaultAuthSettings {
+    /// A token, given or in a file.
+    Token {
+        /// The token itself (printed redacted).
+        token: Option<Redacted>,
+        /// A file holding it.
+        token_file: Option<PathBuf>,
+    },
+    /// Kubernetes service-account JWT login.
+    Kubernetes {
+        /// Auth mount path.
+        mount: String,
+        /// Auth role.
+        role: String,
+        /// JWT file.
+        jwt_file: PathBuf,
+    },
+    /// AppRole login.
+    Approle {
+        /// Auth mount path.
+        mount: String,
+        /// Role ID.
+        role_id: String,
+        /// File holding the secret ID.
+        secret_id_file: PathBuf,
+    },
+}
+
+/// A secret setting: kept, but never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(zeroize::Zeroizing<String>);
+
+impl Redacted {
+    /// The secret.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Redacted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
 }
 
 /// Backend names `--ca` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum CaKind {
     Embedded,
+    Vault,
 }
+
+/// Vault auth method names `--vault-auth` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VaultAuthKind {
+    Token,
+    Kubernetes,
+    Approle,
+}
+
+const DEFAULT_VAULT_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A renewal fraction strictly between 0 and 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -211,6 +389,15 @@ impl RunArgs {
     /// Merges flags and environment (already in `self`) with the config file and the
     /// defaults, and validates the result.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
+        self.resolve_with_env(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// [`RunArgs::resolve`] with the process environment given as a function, for the
+    /// fallbacks (`VAULT_ADDR`, ...) that clap does not read.
+    pub fn resolve_with_env(
+        &self,
+        std_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
@@ -252,7 +439,7 @@ impl RunArgs {
             invalid(
                 "ca",
                 &ca_raw,
-                "the backends built into this binary are: embedded",
+                "the backends built into this binary are: embedded, vault",
             )
         })?;
         let ca = match ca_kind {
@@ -266,6 +453,7 @@ impl RunArgs {
                 }
                 CaConfig::Embedded { cert, key }
             }
+            CaKind::Vault => CaConfig::Vault(Box::new(self.resolve_vault(&file, std_env)?)),
         };
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
@@ -302,6 +490,125 @@ impl RunArgs {
             key_type,
             admin_addr,
             log_level: pick(&self.log_level, &file.log_level),
+        })
+    }
+}
+
+impl RunArgs {
+    fn resolve_vault(
+        &self,
+        file: &FileConfig,
+        std_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<VaultSettings, ConfigError> {
+        let pick = |flag: &Option<String>, file: &Option<String>, fallback: &str| {
+            flag.clone()
+                .or_else(|| file.clone())
+                .or_else(|| std_env(fallback))
+        };
+        let pick_path =
+            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
+        let addr = pick(&self.vault_addr, &file.vault_addr, "VAULT_ADDR").ok_or_else(|| {
+            ConfigError::Conflict(
+                "--ca vault needs --vault-addr (SDS_AGENT_VAULT_ADDR, file key vault-addr, or \
+                 VAULT_ADDR)"
+                    .into(),
+            )
+        })?;
+        match url::Url::parse(&addr) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => {
+                return Err(invalid(
+                    "vault-addr",
+                    &addr,
+                    "expected an http:// or https:// URL, e.g. https://vault.example:8200",
+                ));
+            }
+        }
+        let role = pick(&self.vault_role, &file.vault_role, "").ok_or_else(|| {
+            ConfigError::Conflict("--ca vault needs --vault-role, the PKI role that signs".into())
+        })?;
+        let ca_cert = pick_path(&self.vault_ca_cert, &file.vault_ca_cert)
+            .or_else(|| std_env("VAULT_CACERT").map(PathBuf::from));
+        let timeout = match pick(&self.vault_timeout, &file.vault_timeout, "") {
+            Some(v) => humantime::parse_duration(v.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid("vault-timeout", &v, "expected a duration, e.g. 10s"))?,
+            None => DEFAULT_VAULT_TIMEOUT,
+        };
+        let auth_raw =
+            pick(&self.vault_auth, &file.vault_auth, "").unwrap_or_else(|| "token".into());
+        let auth_kind = VaultAuthKind::from_str(&auth_raw, false).map_err(|_| {
+            invalid(
+                "vault-auth",
+                &auth_raw,
+                "expected token, kubernetes or approle",
+            )
+        })?;
+        let auth_mount = pick(&self.vault_auth_mount, &file.vault_auth_mount, "");
+        let auth = match auth_kind {
+            VaultAuthKind::Token => {
+                let token_file = pick_path(&self.vault_token_file, &file.vault_token_file);
+                let token = pick(&self.vault_token, &file.vault_token, "");
+                let token = match (&token, &token_file) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::Conflict(
+                            "--vault-token and --vault-token-file are exclusive: give one".into(),
+                        ));
+                    }
+                    (None, None) => std_env("VAULT_TOKEN"),
+                    _ => token,
+                };
+                if token.is_none() && token_file.is_none() {
+                    return Err(ConfigError::Conflict(
+                        "--vault-auth token needs --vault-token-file, --vault-token or VAULT_TOKEN"
+                            .into(),
+                    ));
+                }
+                VaultAuthSettings::Token {
+                    token: token.map(|t| Redacted(zeroize::Zeroizing::new(t))),
+                    token_file,
+                }
+            }
+            VaultAuthKind::Kubernetes => VaultAuthSettings::Kubernetes {
+                mount: auth_mount.unwrap_or_else(|| "kubernetes".into()),
+                role: pick(&self.vault_auth_role, &file.vault_auth_role, "")
+                    .unwrap_or_else(|| role.clone()),
+                jwt_file: pick_path(&self.vault_jwt_file, &file.vault_jwt_file)
+                    .unwrap_or_else(|| DEFAULT_VAULT_JWT_FILE.into()),
+            },
+            VaultAuthKind::Approle => VaultAuthSettings::Approle {
+                mount: auth_mount.unwrap_or_else(|| "approle".into()),
+                role_id: pick(&self.vault_role_id, &file.vault_role_id, "").ok_or_else(|| {
+                    ConfigError::Conflict("--vault-auth approle needs --vault-role-id".into())
+                })?,
+                secret_id_file: pick_path(&self.vault_secret_id_file, &file.vault_secret_id_file)
+                    .ok_or_else(|| {
+                    ConfigError::Conflict(
+                        "--vault-auth approle needs --vault-secret-id-file".into(),
+                    )
+                })?,
+            },
+        };
+        Ok(VaultSettings {
+            addr,
+            namespace: pick(
+                &self.vault_namespace,
+                &file.vault_namespace,
+                "VAULT_NAMESPACE",
+            ),
+            ca_cert,
+            pki_mount: pick(&self.vault_pki_mount, &file.vault_pki_mount, "")
+                .unwrap_or_else(|| "pki".into()),
+            role,
+            issuer: pick(&self.vault_issuer, &file.vault_issuer, ""),
+            sign_verbatim: self
+                .vault_sign_verbatim
+                .or(file.vault_sign_verbatim)
+                .unwrap_or(false),
+            trust_bundle: pick_path(&self.vault_trust_bundle, &file.vault_trust_bundle),
+            auth,
+            timeout,
         })
     }
 }
@@ -549,7 +856,7 @@ mod tests {
             ),
             (
                 RunArgs {
-                    ca: Some("vault".into()),
+                    ca: Some("acme".into()),
                     ..Default::default()
                 },
                 "--ca",
@@ -597,5 +904,216 @@ mod tests {
         assert_eq!(parse_mode("0660").unwrap(), 0o660);
         assert_eq!(parse_mode("0o600").unwrap(), 0o600);
         assert!(parse_mode("rw").is_err());
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn vault_args() -> RunArgs {
+        RunArgs {
+            ca: Some("vault".into()),
+            vault_addr: Some("https://vault.example:8200".into()),
+            vault_role: Some("sds".into()),
+            vault_token_file: Some("/run/vault-token".into()),
+            ..Default::default()
+        }
+    }
+
+    fn vault_of(c: Config) -> VaultSettings {
+        match c.ca {
+            CaConfig::Vault(v) => *v,
+            other => panic!("not vault: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn vault_defaults_and_auth_methods() {
+        let v = vault_of(vault_args().resolve_with_env(&no_env).unwrap());
+        assert_eq!(v.pki_mount, "pki");
+        assert_eq!(v.timeout, Duration::from_secs(10));
+        assert!(!v.sign_verbatim);
+        assert_eq!(
+            v.auth,
+            VaultAuthSettings::Token {
+                token: None,
+                token_file: Some("/run/vault-token".into())
+            }
+        );
+
+        let v = vault_of(
+            RunArgs {
+                vault_auth: Some("kubernetes".into()),
+                vault_token_file: None,
+                ..vault_args()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap(),
+        );
+        assert_eq!(
+            v.auth,
+            VaultAuthSettings::Kubernetes {
+                mount: "kubernetes".into(),
+                role: "sds".into(),
+                jwt_file: DEFAULT_VAULT_JWT_FILE.into(),
+            }
+        );
+
+        let v = vault_of(
+            RunArgs {
+                vault_auth: Some("approle".into()),
+                vault_role_id: Some("rid".into()),
+                vault_secret_id_file: Some("/run/sid".into()),
+                vault_auth_mount: Some("approle-mesh".into()),
+                ..vault_args()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap(),
+        );
+        assert_eq!(
+            v.auth,
+            VaultAuthSettings::Approle {
+                mount: "approle-mesh".into(),
+                role_id: "rid".into(),
+                secret_id_file: "/run/sid".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn vault_falls_back_to_the_usual_vault_variables() {
+        let env = |name: &str| match name {
+            "VAULT_ADDR" => Some("http://127.0.0.1:8200".to_owned()),
+            "VAULT_TOKEN" => Some("hvs.secret-token".to_owned()),
+            "VAULT_CACERT" => Some("/etc/vault-ca.pem".to_owned()),
+            "VAULT_NAMESPACE" => Some("team-a".to_owned()),
+            _ => None,
+        };
+        let args = RunArgs {
+            ca: Some("vault".into()),
+            vault_role: Some("sds".into()),
+            ..Default::default()
+        };
+        let c = args.resolve_with_env(&env).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("hvs.secret-token"), "{json}");
+        assert!(json.contains("<redacted>"), "{json}");
+        assert!(!format!("{c:?}").contains("hvs.secret-token"));
+        let v = vault_of(c);
+        assert_eq!(v.addr, "http://127.0.0.1:8200");
+        assert_eq!(v.ca_cert, Some("/etc/vault-ca.pem".into()));
+        assert_eq!(v.namespace.as_deref(), Some("team-a"));
+        let VaultAuthSettings::Token { token: Some(t), .. } = v.auth else {
+            panic!("token auth expected")
+        };
+        assert_eq!(t.expose(), "hvs.secret-token");
+
+        // Flags win over the fallbacks.
+        let v = vault_of(
+            RunArgs {
+                vault_addr: Some("https://flag.example".into()),
+                ..args
+            }
+            .resolve_with_env(&env)
+            .unwrap(),
+        );
+        assert_eq!(v.addr, "https://flag.example");
+    }
+
+    #[test]
+    fn vault_settings_are_checked() {
+        let cases: Vec<(RunArgs, &str)> = vec![
+            (
+                RunArgs {
+                    vault_addr: None,
+                    ..vault_args()
+                },
+                "needs --vault-addr",
+            ),
+            (
+                RunArgs {
+                    vault_addr: Some("vault:8200".into()),
+                    ..vault_args()
+                },
+                "--vault-addr",
+            ),
+            (
+                RunArgs {
+                    vault_role: None,
+                    ..vault_args()
+                },
+                "needs --vault-role",
+            ),
+            (
+                RunArgs {
+                    vault_auth: Some("ldap".into()),
+                    ..vault_args()
+                },
+                "--vault-auth",
+            ),
+            (
+                RunArgs {
+                    vault_token: Some("t".into()),
+                    ..vault_args()
+                },
+                "exclusive",
+            ),
+            (
+                RunArgs {
+                    vault_token_file: None,
+                    ..vault_args()
+                },
+                "needs --vault-token-file",
+            ),
+            (
+                RunArgs {
+                    vault_auth: Some("approle".into()),
+                    vault_secret_id_file: Some("/run/sid".into()),
+                    ..vault_args()
+                },
+                "needs --vault-role-id",
+            ),
+            (
+                RunArgs {
+                    vault_auth: Some("approle".into()),
+                    vault_role_id: Some("rid".into()),
+                    ..vault_args()
+                },
+                "needs --vault-secret-id-file",
+            ),
+            (
+                RunArgs {
+                    vault_timeout: Some("0s".into()),
+                    ..vault_args()
+                },
+                "--vault-timeout",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn vault_settings_come_from_the_file_too() {
+        let f = file(
+            "ca = \"vault\"\nvault-addr = \"https://v.example\"\nvault-role = \"r\"\n\
+             vault-auth = \"kubernetes\"\nvault-auth-role = \"k8s-role\"\n\
+             vault-sign-verbatim = true\nvault-issuer = \"next\"\n",
+        );
+        let v = vault_of(
+            RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap(),
+        );
+        assert!(v.sign_verbatim);
+        assert_eq!(v.issuer.as_deref(), Some("next"));
+        assert!(
+            matches!(v.auth, VaultAuthSettings::Kubernetes { ref role, .. } if role == "k8s-role")
+        );
     }
 }

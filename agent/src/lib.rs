@@ -98,6 +98,97 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
             );
             Ok(Arc::new(ca))
         }
+        CaConfig::Vault(settings) => build_vault(settings),
+    }
+}
+
+/// The Vault backend. Needs a tokio runtime (it starts its token renewer), but not Vault:
+/// a Vault that is down at start-up is retried like any outage.
+#[cfg(feature = "vault")]
+fn build_vault(
+    settings: &crate::config::VaultSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    use crate::config::VaultAuthSettings;
+    use sds_backends::vault::{TokenSource, VaultAuth, VaultCa, VaultConfig};
+
+    let trust_bundle = match &settings.trust_bundle {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --vault-trust-bundle {}", path.display()))?;
+            let roots = sds_backends::pem::decode_certificates(&pem)
+                .with_context(|| format!("--vault-trust-bundle {}", path.display()))?;
+            Some(sds_backends::TrustBundle::new(roots)?)
+        }
+        None => None,
+    };
+    let auth = match &settings.auth {
+        VaultAuthSettings::Token {
+            token: Some(token), ..
+        } => VaultAuth::Token(TokenSource::Literal(zeroize::Zeroizing::new(
+            token.expose().to_owned(),
+        ))),
+        VaultAuthSettings::Token {
+            token_file: Some(file),
+            ..
+        } => VaultAuth::Token(TokenSource::File(file.clone())),
+        VaultAuthSettings::Token { .. } => anyhow::bail!("vault token auth without a token"),
+        VaultAuthSettings::Kubernetes {
+            mount,
+            role,
+            jwt_file,
+        } => VaultAuth::Kubernetes {
+            mount: mount.clone(),
+            role: role.clone(),
+            jwt_file: jwt_file.clone(),
+        },
+        VaultAuthSettings::Approle {
+            mount,
+            role_id,
+            secret_id_file,
+        } => VaultAuth::AppRole {
+            mount: mount.clone(),
+            role_id: role_id.clone(),
+            secret_id_file: secret_id_file.clone(),
+        },
+    };
+    let config = VaultConfig {
+        addr: url::Url::parse(&settings.addr)
+            .with_context(|| format!("--vault-addr {}", settings.addr))?,
+        namespace: settings.namespace.clone(),
+        ca_cert: settings.ca_cert.clone(),
+        pki_mount: settings.pki_mount.clone(),
+        role: settings.role.clone(),
+        issuer: settings.issuer.clone(),
+        sign_verbatim: settings.sign_verbatim,
+        trust_bundle,
+        auth,
+        request_timeout: settings.timeout,
+    };
+    let ca = VaultCa::new(config)?;
+    info!(
+        addr = %settings.addr,
+        mount = %settings.pki_mount,
+        role = %settings.role,
+        auth = ca_auth_name(&settings.auth),
+        "vault CA configured"
+    );
+    Ok(Arc::new(ca))
+}
+
+#[cfg(not(feature = "vault"))]
+fn build_vault(
+    _settings: &crate::config::VaultSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    anyhow::bail!("this sds-agent was built without the vault feature")
+}
+
+#[cfg(feature = "vault")]
+fn ca_auth_name(auth: &crate::config::VaultAuthSettings) -> &'static str {
+    use crate::config::VaultAuthSettings;
+    match auth {
+        VaultAuthSettings::Token { .. } => "token",
+        VaultAuthSettings::Kubernetes { .. } => "kubernetes",
+        VaultAuthSettings::Approle { .. } => "approle",
     }
 }
 

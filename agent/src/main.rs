@@ -71,6 +71,11 @@ fn main() -> ExitCode {
 
 /// `validate` also builds the CA, so bad CA files are caught before deployment.
 fn check_ca(config: &sds_agent::config::Config) -> anyhow::Result<()> {
+    // Some backends start a background task; give them a runtime to start it in.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _entered = runtime.enter();
     sds_agent::build_ca(config).map(drop)
 }
 
@@ -80,7 +85,10 @@ fn init_logging(level: Option<&str>) {
             eprintln!("warning: bad --log-level {l:?} ({e}); using info");
             EnvFilter::new("info")
         }),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        // vaultrs and rustify log every failed call at ERROR; the vault backend logs what to
+        // fix itself, so they are quiet unless asked for.
+        None => EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,vaultrs=off,rustify=off")),
     };
     // Colour only on a terminal: a file or a pipe (kubectl logs) gets plain text.
     tracing_subscriber::fmt()

@@ -21,6 +21,8 @@ pub mod identity;
 pub mod pem;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 pub use identity::{IdentityError, KeyType, SpiffeId, TrustDomain, UnknownKeyType};
 
