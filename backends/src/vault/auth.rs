@@ -515,12 +515,12 @@ fn classify_login_error(e: ClientError, what: &str) -> CaError {
         ClientError::APIError { code, errors } if matches!(code, 400 | 401 | 403) => {
             CaError::Denied(format!(
                 "{what}: vault answered {code}: {}",
-                errors.join("; ")
+                super::one_line(&errors.join("\n"))
             ))
         }
         ClientError::APIError { code: 404, errors } => CaError::Misconfigured(format!(
             "{what}: no such auth method or role (404): {}",
-            errors.join("; ")
+            super::one_line(&errors.join("\n"))
         )),
         _ => classify_client_error(e, what),
     }
@@ -530,7 +530,10 @@ fn classify_login_error(e: ClientError, what: &str) -> CaError {
 fn classify_client_error(e: ClientError, what: &str) -> CaError {
     match &e {
         ClientError::APIError { code, errors } => {
-            let text = format!("{what}: vault answered {code}: {}", errors.join("; "));
+            let text = format!(
+                "{what}: vault answered {code}: {}",
+                super::one_line(&errors.join("\n"))
+            );
             match code {
                 429 => CaError::Throttled(text),
                 412 | 500..=599 => CaError::Unavailable(text),

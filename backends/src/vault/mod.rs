@@ -264,7 +264,7 @@ impl Inner {
                 tracing::info!(
                     backend = "vault",
                     path = %path,
-                    "vault refused the token (403); logging in again"
+                    "vault refused the token (403); trying a fresh one"
                 );
                 match self.tokens.relogin(&token).await? {
                     Some(fresh) => {
@@ -402,8 +402,9 @@ impl Inner {
                     id = req.identity
                 )),
                 403 => CaError::Denied(format!(
-                    "vault denied {path} (403) after a fresh login: the token's policy must \
-                     grant [\"update\"] on {path} (vault said: {errors})"
+                    "vault denied {path} (403) with a fresh token: the token's policy must \
+                     grant [\"update\"] on {path}, and role {role} must exist on mount \
+                     {mount} (vault said: {errors})"
                 )),
                 404 => CaError::Misconfigured(format!(
                     "vault has no PKI secrets engine at mount {mount} (404 on {path}): enable \
@@ -445,7 +446,9 @@ impl Inner {
                 }
             )),
             403 => CaError::Denied(format!(
-                "vault denied {path} (403): check the token's policy (vault said: {errors})"
+                "vault denied {path} (403): check the token's policy, and that PKI mount {} \
+                 exists (vault said: {errors})",
+                self.mount
             )),
             _ => CaError::Misconfigured(format!("vault answered {code} on {path}: {errors}")),
         }
@@ -486,7 +489,7 @@ fn vault_errors(body: &[u8]) -> String {
                 .collect::<Vec<_>>()
                 .join("; ")
         });
-    match listed {
+    match listed.map(|text| one_line(&text)) {
         Some(text) if !text.is_empty() => text,
         Some(_) => "(no error message)".into(),
         None => {
@@ -499,6 +502,17 @@ fn vault_errors(body: &[u8]) -> String {
             }
         }
     }
+}
+
+/// Vault's multi-error text (`1 error occurred:\n\t* permission denied\n\n`) as one line.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim().trim_start_matches("* ").trim())
+        .filter(|l| !l.is_empty())
+        .filter(|l| !(l.ends_with("error occurred:") || l.ends_with("errors occurred:")))
+        .collect();
+    lines.join("; ")
 }
 
 /// The chain and warnings of a `sign` answer.
