@@ -1,9 +1,11 @@
-//! One running `sds-agent run` with the embedded CA, and what its admin endpoint reports.
+//! One running `sds-agent run`, with the embedded CA or any other, and what its admin
+//! endpoint reports.
 //!
 //! [`Agent::start`] returns only once `GET /readyz` answers `200`, or fails early if the agent
 //! exits. The agent logs at `info`, with the SDS module at `debug` so that pushes, ACKs and
 //! NACKs appear in the log tail printed when a test fails.
 
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,6 +60,23 @@ impl Agent {
         config: &AgentConfig<'_>,
         ca: &SharedCa,
     ) -> Result<Self, Error> {
+        let args: Vec<OsString> = vec![
+            "--embedded-ca-cert".into(),
+            ca.cert.clone().into(),
+            "--embedded-ca-key".into(),
+            ca.key.clone().into(),
+        ];
+        Self::start_with(bin, dir, config, &args).await
+    }
+
+    /// Like [`Agent::start`], with `ca_args` choosing and configuring the CA backend, e.g.
+    /// `--ca vault --vault-addr ...`.
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        config: &AgentConfig<'_>,
+        ca_args: &[OsString],
+    ) -> Result<Self, Error> {
         let sa = config.service_account;
         let socket = dir.join(format!("{sa}.sock"));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -70,10 +89,7 @@ impl Agent {
             .args(["--namespace", config.namespace])
             .args(["--service-account", sa])
             .args(["--cert-ttl", config.cert_ttl])
-            .arg("--embedded-ca-cert")
-            .arg(&ca.cert)
-            .arg("--embedded-ca-key")
-            .arg(&ca.key)
+            .args(ca_args)
             .args(["--log-level", "info,sds_agent::sds=debug"])
             // Plain text in the log file, without colour escapes.
             .env("NO_COLOR", "1");

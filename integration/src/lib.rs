@@ -10,7 +10,8 @@
 //! - [`agent`]: one running `sds-agent run`, ready, with its admin endpoint;
 //! - [`envoy`]: Envoy bootstraps (JSON) that take their secrets from an agent over SDS, a
 //!   running Envoy, and what its admin endpoint says about certificates and counters;
-//! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server.
+//! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
+//! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check.
 //!
 //! Every wait is bounded and says what it waited for when it gives up. Time comes from
 //! tokio. The harness never panics on what a child process or a socket says: it returns
@@ -21,6 +22,7 @@
 pub mod agent;
 pub mod envoy;
 pub mod http;
+pub mod mesh;
 pub mod pki;
 pub mod process;
 
