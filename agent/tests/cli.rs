@@ -36,7 +36,7 @@ fn agent() -> Command {
     let mut c = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
         let name = k.to_string_lossy();
-        if name.starts_with("SDS_AGENT_") || name == "RUST_LOG" {
+        if name.starts_with("SDS_AGENT_") || name.starts_with("VAULT_") || name == "RUST_LOG" {
             c.env_remove(&k);
         }
     }
@@ -870,8 +870,37 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         ),
         bad(
             "unknown CA backend",
-            &["--ca", "vault"],
-            &["--ca", "vault", "embedded"],
+            &["--ca", "acme"],
+            &["--ca", "acme", "embedded, vault"],
+        ),
+        bad(
+            "vault without an address",
+            &["--ca", "vault", "--vault-role", "sds"],
+            &["--vault-addr", "VAULT_ADDR"],
+        ),
+        bad(
+            "vault address not a URL",
+            &[
+                "--ca",
+                "vault",
+                "--vault-role",
+                "sds",
+                "--vault-addr",
+                "vault:8200",
+            ],
+            &["--vault-addr", "http://"],
+        ),
+        bad(
+            "vault token auth without a token",
+            &[
+                "--ca",
+                "vault",
+                "--vault-role",
+                "sds",
+                "--vault-addr",
+                "http://127.0.0.1:8200",
+            ],
+            &["--vault-token-file", "VAULT_TOKEN"],
         ),
         bad(
             "socket mode not octal",

@@ -520,17 +520,19 @@ impl fmt::Debug for SecretManager {
     }
 }
 
-/// When to renew a certificate: `renew_at` of its actual lifetime after notBefore, less up
+/// When to renew a certificate received at `now`: `renew_at` of its usable lifetime, less up
 /// to 10 % of that as jitter, but never sooner than a second from now (or half the time
 /// left, if that is less), so a CA that hands out near-dead certificates cannot spin us.
+///
+/// The usable lifetime runs from notBefore or `now`, whichever is later, to notAfter. CAs
+/// backdate notBefore to absorb clock skew (Vault by 30 s, the embedded CA by up to a
+/// minute); counting from it would renew a short-lived certificate almost at once.
 pub fn renewal_time(leaf: &LeafInfo, renew_at: RenewAt, now: SystemTime) -> SystemTime {
-    let lifetime = leaf
-        .not_after
-        .duration_since(leaf.not_before)
-        .unwrap_or_default();
+    let start = leaf.not_before.max(now).min(leaf.not_after);
+    let lifetime = leaf.not_after.duration_since(start).unwrap_or_default();
     let planned = lifetime.mul_f64(renew_at.get());
     let jitter = planned.mul_f64(JITTER_FRACTION * rand::rng().random::<f64>());
-    let target = leaf.not_before + planned - jitter;
+    let target = start + planned - jitter;
     let remaining = leaf.not_after.duration_since(now).unwrap_or_default();
     let floor = now + Duration::from_secs(1).min(remaining / 2);
     target.max(floor)
@@ -626,16 +628,33 @@ mod tests {
                 "{after:?}"
             );
         }
-        // A certificate issued long ago, nearly dead: renew soon, but not in a busy loop.
-        let old = LeafInfo {
+        // Backdated (Vault backdates by 30 s): the usable lifetime counts from receipt, so a
+        // 20 s certificate is renewed after about 10 s, not at once.
+        let backdated = LeafInfo {
             serial: "02".into(),
-            not_before: now - Duration::from_secs(990),
-            not_after: now + Duration::from_secs(10),
+            not_before: now - Duration::from_secs(30),
+            not_after: now + Duration::from_secs(20),
         };
-        let t = renewal_time(&old, RenewAt::default(), now);
+        for _ in 0..100 {
+            let after = renewal_time(&backdated, RenewAt::default(), now)
+                .duration_since(now)
+                .unwrap_or_default();
+            assert!(
+                after <= Duration::from_secs(10) && after >= Duration::from_secs(9),
+                "{after:?}"
+            );
+        }
+        // Nearly dead on arrival: renew soon, but not in a busy loop.
+        let dying = LeafInfo {
+            serial: "03".into(),
+            not_before: now - Duration::from_secs(990),
+            not_after: now + Duration::from_millis(1500),
+        };
+        let t = renewal_time(&dying, RenewAt::default(), now);
         assert_eq!(
             t.duration_since(now).unwrap_or_default(),
-            Duration::from_secs(1)
+            Duration::from_millis(750),
+            "half the time left"
         );
     }
 }
