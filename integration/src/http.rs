@@ -1,6 +1,6 @@
 //! Just enough HTTP/1.1 for the tests: a one-shot client and a fixed-answer upstream.
 //!
-//! The client sends `GET` with `Connection: close`, reads to the end of the stream and
+//! The client sends `GET` (or another method, without a body) with `Connection: close`, reads to the end of the stream and
 //! decodes a chunked body (Envoy's admin answers chunked). Every exchange has a time limit.
 //! The upstream answers every request `200` with one body and keeps connections alive unless
 //! asked not to, as a service behind a sidecar would. Neither is a general HTTP implementation.
@@ -81,21 +81,28 @@ impl Drop for Upstream {
 
 /// `GET path` from `addr` with `Connection: close`, within [`REQUEST_TIMEOUT`].
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Response, Error> {
+    request(addr, "GET", path).await
+}
+
+/// `method path` (no body) to `addr` with `Connection: close`, within [`REQUEST_TIMEOUT`].
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Result<Response, Error> {
     let failed = |reason: String| Error::Http {
         addr,
         path: path.to_owned(),
         reason,
     };
-    let raw = tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, path))
+    let raw = tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, method, path))
         .await
         .map_err(|_| failed(format!("no complete answer within {REQUEST_TIMEOUT:?}")))?
         .map_err(|e| failed(e.to_string()))?;
     parse_response(&raw).map_err(failed)
 }
 
-async fn exchange(addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+async fn exchange(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: e2e.test\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: e2e.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

@@ -11,7 +11,9 @@
 //! - [`envoy`]: Envoy bootstraps (JSON) that take their secrets from an agent over SDS, a
 //!   running Envoy, and what its admin endpoint says about certificates and counters;
 //! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
-//! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check.
+//! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
+//! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
+//!   Kubernetes TokenReview stand-in for its Kubernetes auth.
 //!
 //! Every wait is bounded and says what it waited for when it gives up. Time comes from
 //! tokio. The harness never panics on what a child process or a socket says: it returns
@@ -25,6 +27,7 @@ pub mod http;
 pub mod mesh;
 pub mod pki;
 pub mod process;
+pub mod vault;
 
 use std::fmt;
 use std::future::Future;
