@@ -186,6 +186,14 @@ impl Vault {
     /// Enables a PKI mount (max lease ten years) and generates an EC root in it; the root's
     /// PEM.
     pub async fn pki_with_root(&self, mount: &str, common_name: &str) -> Result<String, Error> {
+        // A shared external Vault keeps the previous test's mount: start afresh.
+        self.call(
+            "DELETE",
+            &format!("sys/mounts/{mount}"),
+            Some(&self.root_token),
+            None,
+        )
+        .await?;
         self.root(
             "POST",
             &format!("sys/mounts/{mount}"),
@@ -288,6 +296,8 @@ impl Vault {
         token_ttl: &str,
         token_max_ttl: &str,
     ) -> Result<(String, String), Error> {
+        self.call("DELETE", "sys/auth/approle", Some(&self.root_token), None)
+            .await?;
         self.root("POST", "sys/auth/approle", Some(json!({"type": "approle"})))
             .await?;
         self.root(
@@ -323,6 +333,13 @@ impl Vault {
         policy: &str,
         token_ttl: &str,
     ) -> Result<(), Error> {
+        self.call(
+            "DELETE",
+            "sys/auth/kubernetes",
+            Some(&self.root_token),
+            None,
+        )
+        .await?;
         self.root(
             "POST",
             "sys/auth/kubernetes",

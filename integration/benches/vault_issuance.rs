@@ -1,0 +1,92 @@
+//! Issuance latency through OpenBao on loopback against the embedded CA, in the same run,
+//! interleaved: one CSR signed by each per round, through the `CertificateAuthority` trait
+//! (the CSR is made once per round and shared, so key generation is not in the figures).
+//!
+//! `BAO_BIN=.venv-test/bin/bao cargo bench -p sds-integration --bench vault_issuance`
+//! (`ROUNDS=N` to change the 500 rounds).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// A bench measures wall time on purpose.
+#![allow(clippy::disallowed_types)]
+
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use sds_backends::embedded::EmbeddedCa;
+use sds_backends::vault::{TokenSource, VaultAuth, VaultCa, VaultConfig};
+use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustDomain};
+use sds_integration::vault::Vault;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(500);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(vault) = Vault::start(dir.path()).await.unwrap() else {
+        return;
+    };
+    vault.pki_with_root("pki", "bench root").await.unwrap();
+    vault
+        .role("pki", "sds", "spiffe://cluster.local/*", "1h")
+        .await
+        .unwrap();
+    vault.sign_policy("sds", "pki", "sds").await.unwrap();
+    let token = vault.token("sds", "1h", true).await.unwrap();
+    let vault_ca = VaultCa::new(VaultConfig {
+        addr: vault.addr().parse().unwrap(),
+        namespace: None,
+        ca_cert: None,
+        pki_mount: "pki".into(),
+        role: "sds".into(),
+        issuer: None,
+        sign_verbatim: false,
+        trust_bundle: None,
+        auth: VaultAuth::Token(TokenSource::Literal(token.into())),
+        request_timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    let td: TrustDomain = "cluster.local".parse().unwrap();
+    let embedded = EmbeddedCa::generate(&td).unwrap();
+    let identity = SpiffeId::for_service_account(td, "default", "bench").unwrap();
+
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds + 20 {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().unwrap())];
+        let req = SignRequest {
+            identity: identity.clone(),
+            csr_der: p.serialize_request(&key).unwrap().der().to_vec(),
+            ttl: Duration::from_secs(3600),
+            key_type: KeyType::EcdsaP256,
+        };
+        let cas: [&dyn CertificateAuthority; 2] = [&vault_ca, &embedded];
+        for (i, ca) in cas.iter().enumerate() {
+            let t = Instant::now();
+            ca.sign(&req).await.unwrap();
+            // The first 20 rounds warm up connections and caches.
+            if round >= 20 {
+                times[i].push(t.elapsed());
+            }
+        }
+    }
+    for (name, t) in ["openbao (loopback, HTTP)", "embedded"]
+        .iter()
+        .zip(times.iter_mut())
+    {
+        t.sort();
+        println!(
+            "{name:<26} n={} p50={:>9.1?} p99={:>9.1?} max={:>9.1?}",
+            t.len(),
+            percentile(t, 0.5),
+            percentile(t, 0.99),
+            percentile(t, 1.0),
+        );
+    }
+}
