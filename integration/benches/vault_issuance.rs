@@ -59,6 +59,7 @@ async fn main() {
     for round in 0..rounds + 20 {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().unwrap())];
         let req = SignRequest {
             identity: identity.clone(),
