@@ -136,9 +136,8 @@ impl TokenReviewServer {
             "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
             "iat": now,
             "exp": now + TOKEN_LIFETIME.as_secs(),
-            // Distinct tokens for the same account, as real ones are, and across servers:
-            // another server's token must be unknown here.
-            "jti": format!("{}-{}", self.addr.port(), tokens.len()),
+            // Distinct tokens for the same account, as real ones are.
+            "jti": format!("{}", tokens.len()),
             "kubernetes.io/serviceaccount/namespace": namespace,
             "kubernetes.io/serviceaccount/service-account.name": service_account,
             "kubernetes.io/serviceaccount/service-account.uid": uid,
