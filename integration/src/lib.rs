@@ -161,6 +161,17 @@ impl fmt::Debug for Serial {
     }
 }
 
+/// A directory for one test's files and logs, removed with it unless `SDS_E2E_KEEP_DIR` is
+/// set, in which case it is kept and its path printed.
+pub fn test_dir() -> Result<tempfile::TempDir, Error> {
+    let mut dir = tempfile::tempdir().map_err(io_error("creating a test directory"))?;
+    if std::env::var_os("SDS_E2E_KEEP_DIR").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("SDS_E2E_KEEP_DIR: keeping {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 /// A TCP port free on 127.0.0.1 right now (bound to port 0, then released).
 pub fn free_port() -> Result<u16, Error> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -390,12 +390,23 @@ pub async fn watch_certs(mesh: &Mesh, until: Instant) -> CertWatch {
     watch
 }
 
+/// The client paths [`check_rotation_under_traffic`] drives: `/fresh`, a new connection (so a
+/// new mTLS handshake) per request, and `/pooled` (the catch-all), reused connections; both
+/// to `backend`.
+pub fn rotation_paths() -> Vec<ClientPath> {
+    vec![
+        ClientPath::new("/fresh", "backend-fresh", spiffe_id("backend"), true),
+        ClientPath::new("/", "backend-pooled", spiffe_id("backend"), false),
+    ]
+}
+
 /// Waits for a first request to get through `mesh`, then sends traffic for `traffic` on two
 /// loops (a new mTLS connection per request, and reused connections) while watching the
 /// Envoys' certificates. It passes when not one request failed, every session had the right
 /// peers, both Envoys held and used at least `min_certs` certificates each (so
 /// `min_certs - 1` rotations), and each Envoy ends on its agent's current certificate.
 /// `Ok` is a one-line summary; `Err` is a full report.
+/// `mesh` must have been started with [`rotation_paths`].
 pub async fn check_rotation_under_traffic(
     mesh: &Mesh,
     traffic: Duration,

@@ -151,31 +151,38 @@ pub fn agent_bin() -> Result<PathBuf, Error> {
     }
 }
 
-/// The Envoy binary: `ENVOY_BIN` if set, else `envoy` on `PATH`.
+/// The Envoy binary: `ENVOY_BIN` if set, else `envoy` on `PATH`; see [`find_program`].
+pub fn envoy_bin() -> Result<Option<PathBuf>, Error> {
+    find_program("envoy", "ENVOY_BIN", "SDS_AGENT_REQUIRE_ENVOY")
+}
+
+/// A program the tests need: `$env_var` if set, else `name` on `PATH`.
 ///
 /// When there is none, this is `Ok(None)` and a line on stderr says the test is skipped,
-/// unless `SDS_AGENT_REQUIRE_ENVOY=1`, in which case it is an error: a run that is meant to
-/// exercise Envoy must not pass by skipping.
-pub fn envoy_bin() -> Result<Option<PathBuf>, Error> {
-    let found = match std::env::var_os("ENVOY_BIN") {
+/// unless `$require_var=1`, in which case it is an error: a run that is meant to exercise the
+/// program (scripts/test.sh sets these) must not pass by skipping.
+pub fn find_program(
+    name: &str,
+    env_var: &str,
+    require_var: &str,
+) -> Result<Option<PathBuf>, Error> {
+    let found = match std::env::var_os(env_var) {
         Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
         None => std::env::var_os("PATH").and_then(|paths| {
             std::env::split_paths(&paths)
-                .map(|dir| dir.join("envoy"))
+                .map(|dir| dir.join(name))
                 .find(|p| p.is_file())
         }),
     };
     match found {
         Some(bin) => Ok(Some(bin)),
-        None if std::env::var("SDS_AGENT_REQUIRE_ENVOY").as_deref() == Ok("1") => {
-            Err(Error::Missing(format!(
-                "envoy not found (ENVOY_BIN={:?}, nor `envoy` on PATH), and \
-                 SDS_AGENT_REQUIRE_ENVOY=1 requires it: run scripts/test.sh, which installs it",
-                std::env::var_os("ENVOY_BIN")
-            )))
-        }
+        None if std::env::var(require_var).as_deref() == Ok("1") => Err(Error::Missing(format!(
+            "{name} not found ({env_var}={:?}, nor `{name}` on PATH), and {require_var}=1 \
+             requires it: run scripts/test.sh, which installs it",
+            std::env::var_os(env_var)
+        ))),
         None => {
-            eprintln!("skipping: envoy not found; run scripts/test.sh");
+            eprintln!("skipping: {name} not found; run scripts/test.sh");
             Ok(None)
         }
     }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::process::ChildGuard;
+use crate::process::{ChildGuard, find_program};
 use crate::{Error, free_port};
 
 /// How long a dev server may take to answer `sys/health`.
@@ -40,34 +40,10 @@ pub struct Vault {
     http: reqwest::Client,
 }
 
-/// The OpenBao binary: `BAO_BIN` if set, else `bao` on `PATH`.
-///
-/// When there is none, this is `Ok(None)` and a line on stderr says the test is skipped,
-/// unless `SDS_AGENT_REQUIRE_BAO=1` (set by `scripts/test.sh`): a run meant to exercise
-/// OpenBao must not pass by skipping.
+/// The OpenBao binary: `BAO_BIN` if set, else `bao` on `PATH`; required when
+/// `SDS_AGENT_REQUIRE_BAO=1` (see [`find_program`]).
 pub fn bao_bin() -> Result<Option<PathBuf>, Error> {
-    let found = match std::env::var_os("BAO_BIN") {
-        Some(p) => Some(PathBuf::from(p)).filter(|p| p.is_file()),
-        None => std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("bao"))
-                .find(|p| p.is_file())
-        }),
-    };
-    match found {
-        Some(bin) => Ok(Some(bin)),
-        None if std::env::var("SDS_AGENT_REQUIRE_BAO").as_deref() == Ok("1") => {
-            Err(Error::Missing(format!(
-                "bao not found (BAO_BIN={:?}, nor `bao` on PATH), and SDS_AGENT_REQUIRE_BAO=1 \
-                 requires it: run scripts/test.sh, which installs it",
-                std::env::var_os("BAO_BIN")
-            )))
-        }
-        None => {
-            eprintln!("skipping: bao (OpenBao) not found; run scripts/test.sh");
-            Ok(None)
-        }
-    }
+    find_program("bao", "BAO_BIN", "SDS_AGENT_REQUIRE_BAO")
 }
 
 impl Vault {

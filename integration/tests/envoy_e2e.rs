@@ -16,22 +16,13 @@ use std::time::Duration;
 
 use sds_integration::http;
 use sds_integration::mesh::{
-    BODY, ClientPath, Mesh, MeshCa, TRAFFIC, check_rotation_under_traffic, spiffe_id,
+    BODY, ClientPath, Mesh, MeshCa, TRAFFIC, check_rotation_under_traffic, rotation_paths,
+    spiffe_id,
 };
 use sds_integration::pki::SharedCa;
 use sds_integration::process::envoy_bin;
-use sds_integration::wait_until;
+use sds_integration::{test_dir, wait_until};
 use tokio::time::Instant;
-
-/// A test directory, kept when `SDS_E2E_KEEP_DIR` is set.
-fn test_dir() -> tempfile::TempDir {
-    let mut dir = tempfile::tempdir().unwrap();
-    if std::env::var_os("SDS_E2E_KEEP_DIR").is_some() {
-        dir.disable_cleanup(true);
-        eprintln!("SDS_E2E_KEEP_DIR: keeping {}", dir.path().display());
-    }
-    dir
-}
 
 /// Both agents on the embedded CA with one shared root, as an operator would hand out.
 fn shared_root(dir: &std::path::Path) -> MeshCa {
@@ -58,21 +49,11 @@ async fn mtls_through_rotations_with_zero_failed_requests() {
     let Some(envoy_bin) = envoy_bin().unwrap() else {
         return;
     };
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let ca = shared_root(dir.path());
-    let mesh = Mesh::start(
-        &envoy_bin,
-        dir.path(),
-        "20s",
-        &[
-            ClientPath::new("/fresh", "backend-fresh", spiffe_id("backend"), true),
-            // The catch-all: `/pooled` lands here.
-            ClientPath::new("/", "backend-pooled", spiffe_id("backend"), false),
-        ],
-        &ca,
-    )
-    .await
-    .unwrap();
+    let mesh = Mesh::start(&envoy_bin, dir.path(), "20s", &rotation_paths(), &ca)
+        .await
+        .unwrap();
     match check_rotation_under_traffic(&mesh, TRAFFIC, 3).await {
         Ok(summary) => eprintln!("rotation test: {summary}"),
         Err(report) => panic!("{report}"),
@@ -87,7 +68,7 @@ async fn envoy_rejects_a_peer_with_the_wrong_spiffe_id() {
     let Some(envoy_bin) = envoy_bin().unwrap() else {
         return;
     };
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let ca = shared_root(dir.path());
     let mesh = Mesh::start(
         &envoy_bin,

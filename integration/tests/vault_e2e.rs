@@ -21,13 +21,13 @@ use std::time::Duration;
 
 use sds_integration::agent::{Agent, AgentConfig};
 use sds_integration::mesh::{
-    AgentArgs, ClientPath, Mesh, MeshCa, NAMESPACE, TRUST_DOMAIN, check_rotation_under_traffic,
+    AgentArgs, Mesh, MeshCa, NAMESPACE, TRUST_DOMAIN, check_rotation_under_traffic, rotation_paths,
     spiffe_id,
 };
 use sds_integration::pki::serial_of_pem;
 use sds_integration::process::{ChildGuard, agent_bin, envoy_bin};
 use sds_integration::vault::{TokenReviewServer, Vault};
-use sds_integration::{free_port, http, wait_until};
+use sds_integration::{free_port, http, test_dir, wait_until};
 use serde_json::Value;
 
 const MOUNT: &str = "pki";
@@ -36,16 +36,6 @@ const POLICY: &str = "sds-agent";
 /// With `--cert-ttl 20s` a certificate is renewed about every 10 s: 26 s of traffic sees
 /// the first certificate and at least two rotations.
 const TRAFFIC: Duration = Duration::from_secs(26);
-
-/// A test directory, kept when `SDS_E2E_KEEP_DIR` is set.
-fn test_dir() -> tempfile::TempDir {
-    let mut dir = tempfile::tempdir().unwrap();
-    if std::env::var_os("SDS_E2E_KEEP_DIR").is_some() {
-        dir.disable_cleanup(true);
-        eprintln!("SDS_E2E_KEEP_DIR: keeping {}", dir.path().display());
-    }
-    dir
-}
 
 /// OpenBao with a PKI root, the role (`max_ttl`) and the agent's policy; the root's PEM.
 async fn vault_with_pki(dir: &Path, max_ttl: &str) -> Option<(Vault, String)> {
@@ -93,18 +83,9 @@ async fn mesh_rotation(dir: &Path, root: &str, agent_args: AgentArgs) -> Mesh {
         agent_args,
         roots: vec![serial_of_pem(root).unwrap()],
     };
-    let mesh = Mesh::start(
-        &envoy,
-        dir,
-        "20s",
-        &[
-            ClientPath::new("/fresh", "backend-fresh", spiffe_id("backend"), true),
-            ClientPath::new("/", "backend-pooled", spiffe_id("backend"), false),
-        ],
-        &ca,
-    )
-    .await
-    .unwrap();
+    let mesh = Mesh::start(&envoy, dir, "20s", &rotation_paths(), &ca)
+        .await
+        .unwrap();
     match check_rotation_under_traffic(&mesh, TRAFFIC, 3).await {
         Ok(summary) => eprintln!("vault rotation: {summary}"),
         Err(report) => panic!("{report}"),
@@ -121,7 +102,7 @@ async fn token_auth_mtls_and_rotation_through_openbao() {
     if envoy_bin().unwrap().is_none() {
         return;
     }
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -148,7 +129,7 @@ async fn approle_auth_mtls_rotation_and_token_renewal() {
     if envoy_bin().unwrap().is_none() {
         return;
     }
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -194,7 +175,7 @@ async fn kubernetes_auth_mtls_and_rotation() {
     if envoy_bin().unwrap().is_none() {
         return;
     }
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -303,6 +284,15 @@ impl Solo {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
         self.serial().await.unwrap()
     }
+
+    /// Waits until it serves a certificate other than `first`.
+    async fn wait_replaced(&self, first: &str, what: &str, limit: Duration) {
+        wait_until(what, limit, || async move {
+            self.serial().await.is_some_and(|serial| serial != first)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
 }
 
 fn metric(text: &str, prefix: &str) -> f64 {
@@ -314,7 +304,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_vault_keeps_the_last_certificate_and_the_agent_recovers_alone() {
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, _root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -347,27 +337,19 @@ async fn a_sealed_vault_keeps_the_last_certificate_and_the_agent_recovers_alone(
     assert!(log.contains("retryable=true"), "{log}");
 
     vault.unseal().await.unwrap();
-    let admin = agent.admin;
-    let first_ref = &first;
-    wait_until(
-        "a new certificate after unseal",
-        Duration::from_secs(10),
-        || async move {
-            let body = http::get(admin, "/secrets")
-                .await
-                .map(|r| r.body)
-                .unwrap_or_default();
-            body.contains("\"default\"") && !body.contains(first_ref.as_str())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    agent
+        .wait_replaced(
+            &first,
+            "a new certificate after unseal",
+            Duration::from_secs(10),
+        )
+        .await;
     assert!(agent.ready().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_leads_to_a_fresh_login() {
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, _root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -394,21 +376,13 @@ async fn a_revoked_token_leads_to_a_fresh_login() {
         .unwrap();
     let r = http::request(agent.admin, "POST", "/rotate").await.unwrap();
     assert!(r.status < 300, "POST /rotate: {r:?}");
-    let admin = agent.admin;
-    let first_ref = &first;
-    wait_until(
-        "a certificate after the revocation",
-        Duration::from_secs(10),
-        || async move {
-            let body = http::get(admin, "/secrets")
-                .await
-                .map(|r| r.body)
-                .unwrap_or_default();
-            body.contains("\"default\"") && !body.contains(first_ref.as_str())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    agent
+        .wait_replaced(
+            &first,
+            "a certificate after the revocation",
+            Duration::from_secs(10),
+        )
+        .await;
     let log = agent.log();
     assert!(log.contains("vault refused the token (403)"), "{log}");
     assert_eq!(log.matches("logged in to vault").count(), 2, "{log}");
@@ -416,7 +390,7 @@ async fn a_revoked_token_leads_to_a_fresh_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_that_forbids_the_uri_gives_a_clear_error_and_no_certificate() {
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, _root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };
@@ -454,7 +428,7 @@ async fn a_role_that_forbids_the_uri_gives_a_clear_error_and_no_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ttl_above_max_ttl_is_capped_and_the_real_expiry_drives_rotation() {
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     // The role allows 20 s; the agent asks for an hour.
     let Some((vault, _root)) = vault_with_pki(dir.path(), "20s").await else {
         return;
@@ -469,28 +443,50 @@ async fn a_ttl_above_max_ttl_is_capped_and_the_real_expiry_drives_rotation() {
     assert!(log.contains("vault signed with a warning"), "{log}");
     assert!(log.contains("maxTTL"), "{log}");
     // Renewed from the certificate's 20 s, not the hour asked for.
-    let admin = agent.admin;
-    let first_ref = &first;
-    wait_until(
-        "a rotation of the capped certificate",
-        Duration::from_secs(20),
-        || async move {
-            let body = http::get(admin, "/secrets")
-                .await
-                .map(|r| r.body)
-                .unwrap_or_default();
-            body.contains("\"default\"") && !body.contains(first_ref.as_str())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    agent
+        .wait_replaced(
+            &first,
+            "a rotation of the capped certificate",
+            Duration::from_secs(20),
+        )
+        .await;
+}
+
+/// `--vault-issuer` (`issuer/<ref>/sign/<role>`) and `--vault-sign-verbatim`
+/// (`sign-verbatim/<role>`) each give a certificate that passes the agent's validation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_issuer_and_sign_verbatim_paths_sign() {
+    let dir = test_dir().unwrap();
+    let Some((vault, _root)) = vault_with_pki(dir.path(), "1h").await else {
+        return;
+    };
+    let token = vault.token(POLICY, "1h", true).await.unwrap();
+    let token_file = write(dir.path(), "vault-token", &token);
+    for (i, extra) in [
+        ["--vault-issuer", "root-1"],
+        ["--vault-sign-verbatim", "true"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let sub = dir.path().join(i.to_string());
+        std::fs::create_dir(&sub).unwrap();
+        let mut ca_args = base_args(&vault);
+        ca_args.extend([
+            OsString::from("--vault-token-file"),
+            token_file.clone().into(),
+        ]);
+        ca_args.extend(args(extra));
+        let agent = Solo::start(&sub, "1h", &ca_args);
+        agent.wait_serial(Duration::from_secs(20)).await;
+    }
 }
 
 /// The harness's `Agent` (which waits for `/readyz`) works with a Vault CA: the agent serves
 /// `default` with its identity and `ROOTCA`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_helper_starts_a_vault_agent() {
-    let dir = test_dir();
+    let dir = test_dir().unwrap();
     let Some((vault, _root)) = vault_with_pki(dir.path(), "1h").await else {
         return;
     };

@@ -85,6 +85,7 @@ struct Inner {
     issuer: Option<String>,
     sign_verbatim: bool,
     pinned: Option<TrustBundle>,
+    /// The client's per-request time limit (set on it by vaultrs), for timeout errors.
     timeout: Duration,
     tokens: auth::Tokens,
 }
@@ -361,7 +362,6 @@ impl Inner {
         let mut request = self
             .http
             .request(method, url)
-            .timeout(self.timeout)
             .header("X-Vault-Request", "true");
         if let Some(token) = token.filter(|t| !t.is_empty()) {
             request = request.header("X-Vault-Token", token);
