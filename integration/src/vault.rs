@@ -70,11 +70,21 @@ impl Vault {
         let port = free_port()?;
         let addr = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(bin);
-        cmd.args(["server", "-dev", "-dev-root-token-id=root"])
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .env("BAO_ADDR", &addr)
-            .env_remove("BAO_TOKEN")
-            .env_remove("VAULT_TOKEN");
+        // `-dev-no-store-token`: a dev server otherwise writes its root token
+        // to ~/.vault-token through a shared `.vault-token.tmp`, and two
+        // servers starting at once race on that rename and one exits. HOME
+        // points at the test's own directory for the same reason.
+        cmd.args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            "-dev-no-store-token",
+        ])
+        .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+        .env("HOME", dir)
+        .env("BAO_ADDR", &addr)
+        .env_remove("BAO_TOKEN")
+        .env_remove("VAULT_TOKEN");
         let log = dir.join("openbao.log");
         let mut proc = ChildGuard::spawn("openbao", cmd, &log)?;
         let health = format!("{addr}/v1/sys/health");
