@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 
+#[cfg(feature = "acm-pca")]
+pub mod acm_pca;
+pub mod chain;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod identity;

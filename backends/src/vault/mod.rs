@@ -31,9 +31,9 @@ use reqwest::{Method, StatusCode};
 use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 use url::Url;
-use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
 
+use crate::chain::{roots_of, split_roots};
 use crate::pem::decode_certificates;
 use crate::{CaError, CertificateAuthority, IssuedChain, SignRequest, TrustBundle};
 
@@ -341,7 +341,7 @@ impl Inner {
         } else {
             chains
         };
-        let roots = roots_of(&chains);
+        let roots = roots_of("vault", &chains);
         TrustBundle::new(roots).map_err(|_| {
             CaError::BadResponse(format!(
                 "vault PKI mount {} has no CA certificate: generate or import a root",
@@ -540,19 +540,13 @@ fn parse_sign_response(body: &[u8]) -> Result<(IssuedChain, Vec<String>), String
             .into_iter()
             .collect(),
     };
-    let mut intermediates = Vec::new();
-    let mut roots_hint = Vec::new();
+    let mut chain = Vec::new();
     for pem in chain_pems {
-        for cert in
-            decode_certificates(pem.as_bytes()).map_err(|e| format!("data.ca_chain: {e}"))?
-        {
-            if is_self_issued(&cert) {
-                roots_hint.push(cert);
-            } else {
-                intermediates.push(cert);
-            }
-        }
+        chain.extend(
+            decode_certificates(pem.as_bytes()).map_err(|e| format!("data.ca_chain: {e}"))?,
+        );
     }
+    let (intermediates, roots_hint) = split_roots(chain);
     let warnings = v
         .get("warnings")
         .and_then(Value::as_array)
@@ -603,37 +597,6 @@ fn parse_issuer(body: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
         certs.extend(decode_certificates(pem.as_bytes()).map_err(|e| e.to_string())?);
     }
     Ok(certs)
-}
-
-/// The roots of these chains: their self-issued certificates, or where a chain has none (a
-/// mount holding only an intermediate), its topmost certificate. No duplicates.
-fn roots_of(chains: &[Vec<CertificateDer<'static>>]) -> Vec<CertificateDer<'static>> {
-    let mut roots: Vec<CertificateDer<'static>> = Vec::new();
-    for chain in chains {
-        let mut found: Vec<&CertificateDer<'static>> =
-            chain.iter().filter(|c| is_self_issued(c)).collect();
-        if let Some(top) = chain.last().filter(|_| found.is_empty()) {
-            tracing::warn!(
-                backend = "vault",
-                "a vault issuer's chain does not reach a self-signed root; trusting its \
-                 topmost certificate"
-            );
-            found.push(top);
-        }
-        for cert in found {
-            if !roots.contains(cert) {
-                roots.push(cert.clone());
-            }
-        }
-    }
-    roots
-}
-
-/// Whether the certificate's subject is its issuer.
-fn is_self_issued(cert: &CertificateDer<'_>) -> bool {
-    X509Certificate::from_der(cert.as_ref())
-        .map(|(_, c)| c.subject().as_raw() == c.issuer().as_raw())
-        .unwrap_or(false)
 }
 
 /// A name that becomes one or more URL path segments: no empty segments, no `.`/`..`, and

@@ -111,11 +111,14 @@ fn roots_are_the_self_issued_certificates_without_duplicates() {
         .unwrap()
         .remove(0);
     let int = decode_certificates(p.int_pem.as_bytes()).unwrap().remove(0);
-    let roots = roots_of(&[vec![int.clone(), root.clone()], vec![root.clone()]]);
+    let roots = roots_of(
+        "vault",
+        &[vec![int.clone(), root.clone()], vec![root.clone()]],
+    );
     assert_eq!(roots, vec![root.clone()]);
     // A chain that stops at an intermediate: its top is the anchor.
-    assert_eq!(roots_of(&[vec![int.clone()]]), vec![int]);
-    assert!(roots_of(&[]).is_empty());
+    assert_eq!(roots_of("vault", &[vec![int.clone()]]), vec![int]);
+    assert!(roots_of("vault", &[]).is_empty());
 }
 
 #[test]
