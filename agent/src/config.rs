@@ -166,6 +166,29 @@ pub struct RunArgs {
     /// Vault: time limit of one HTTP request to Vault. [default: 10s]
     #[arg(long, env = "SDS_AGENT_VAULT_TIMEOUT", value_name = "DURATION")]
     pub vault_timeout: Option<String>,
+    /// ACM PCA: ARN of the private CA that signs (required with --ca acm-pca).
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_ARN", value_name = "ARN")]
+    pub acm_pca_arn: Option<String>,
+    /// ACM PCA: signing algorithm, e.g. SHA256WITHECDSA. [default: derived from the CA's key]
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_SIGNING_ALGORITHM", value_name = "ALG")]
+    pub acm_pca_signing_algorithm: Option<String>,
+    /// ACM PCA: certificate template ARN.
+    /// [default: arn:aws:acm-pca:::template/EndEntityCertificate/V1]
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_TEMPLATE_ARN", value_name = "ARN")]
+    pub acm_pca_template_arn: Option<String>,
+    /// ACM PCA: endpoint URL instead of the region's (VPC endpoints, tests). Falls back to
+    /// AWS_ENDPOINT_URL_ACM_PCA.
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_ENDPOINT", value_name = "URL")]
+    pub acm_pca_endpoint: Option<String>,
+    /// ACM PCA: pin the trust bundle to these PEM roots instead of reading the CA's chain.
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_TRUST_BUNDLE", value_name = "PEM")]
+    pub acm_pca_trust_bundle: Option<PathBuf>,
+    /// ACM PCA: time limit of one HTTP request to AWS. [default: 10s]
+    #[arg(long, env = "SDS_AGENT_ACM_PCA_TIMEOUT", value_name = "DURATION")]
+    pub acm_pca_timeout: Option<String>,
+    /// AWS region to call. [default: the region in --acm-pca-arn]
+    #[arg(long, env = "SDS_AGENT_AWS_REGION", value_name = "REGION")]
+    pub aws_region: Option<String>,
 }
 
 /// The config file: the same keys as the flags, all optional, nothing else allowed.
@@ -202,6 +225,13 @@ struct FileConfig {
     vault_role_id: Option<String>,
     vault_secret_id_file: Option<PathBuf>,
     vault_timeout: Option<String>,
+    acm_pca_arn: Option<String>,
+    acm_pca_signing_algorithm: Option<String>,
+    acm_pca_template_arn: Option<String>,
+    acm_pca_endpoint: Option<String>,
+    acm_pca_trust_bundle: Option<PathBuf>,
+    acm_pca_timeout: Option<String>,
+    aws_region: Option<String>,
 }
 
 /// The validated configuration of a running agent.
@@ -244,6 +274,29 @@ pub enum CaConfig {
     },
     /// Vault's (or OpenBao's) PKI secrets engine.
     Vault(Box<VaultSettings>),
+    /// AWS Private CA.
+    AcmPca(Box<AcmPcaSettings>),
+}
+
+/// Settings of the ACM PCA backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AcmPcaSettings {
+    /// The CA's ARN.
+    pub arn: String,
+    /// The region to call.
+    pub region: String,
+    /// Endpoint URL instead of the region's.
+    pub endpoint: Option<String>,
+    /// Signing algorithm; `None` to derive it from the CA's key.
+    pub signing_algorithm: Option<String>,
+    /// Certificate template ARN.
+    pub template_arn: String,
+    /// Pinned roots, PEM file.
+    pub trust_bundle: Option<PathBuf>,
+    /// Time limit of one request.
+    #[serde(serialize_with = "humanized")]
+    pub timeout: Duration,
 }
 
 /// Settings of the Vault backend.
@@ -332,6 +385,7 @@ impl Serialize for Redacted {
 enum CaKind {
     Embedded,
     Vault,
+    AcmPca,
 }
 
 /// Vault auth method names `--vault-auth` accepts.
@@ -435,13 +489,8 @@ impl RunArgs {
         })?;
 
         let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
-        let ca_kind = CaKind::from_str(&ca_raw, false).map_err(|_| {
-            invalid(
-                "ca",
-                &ca_raw,
-                "the backends built into this binary are: embedded, vault",
-            )
-        })?;
+        let ca_kind = CaKind::from_str(&ca_raw, false)
+            .map_err(|_| invalid("ca", &ca_raw, "the backends are: embedded, vault, acm-pca"))?;
         let ca = match ca_kind {
             CaKind::Embedded => {
                 let cert = self.embedded_ca_cert.clone().or(file.embedded_ca_cert);
@@ -454,6 +503,7 @@ impl RunArgs {
                 CaConfig::Embedded { cert, key }
             }
             CaKind::Vault => CaConfig::Vault(Box::new(self.resolve_vault(&file, std_env)?)),
+            CaKind::AcmPca => CaConfig::AcmPca(Box::new(self.resolve_acm_pca(&file, std_env)?)),
         };
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
@@ -611,6 +661,124 @@ impl RunArgs {
             timeout,
         })
     }
+}
+
+impl RunArgs {
+    fn resolve_acm_pca(
+        &self,
+        file: &FileConfig,
+        std_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<AcmPcaSettings, ConfigError> {
+        let pick =
+            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
+        let arn = pick(&self.acm_pca_arn, &file.acm_pca_arn).ok_or_else(|| {
+            ConfigError::Conflict(
+                "--ca acm-pca needs --acm-pca-arn, the ARN of the private CA that signs".into(),
+            )
+        })?;
+        let arn_region = parse_ca_arn(&arn).map_err(|e| invalid("acm-pca-arn", &arn, e))?;
+        let region = match pick(&self.aws_region, &file.aws_region) {
+            Some(r) => {
+                if r.is_empty()
+                    || !r
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                {
+                    return Err(invalid(
+                        "aws-region",
+                        &r,
+                        "expected a region name, e.g. us-east-1",
+                    ));
+                }
+                r
+            }
+            None => arn_region,
+        };
+        let endpoint = pick(&self.acm_pca_endpoint, &file.acm_pca_endpoint)
+            .or_else(|| std_env("AWS_ENDPOINT_URL_ACM_PCA"));
+        if let Some(e) = &endpoint {
+            match url::Url::parse(e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "acm-pca-endpoint",
+                        e,
+                        "expected an http:// or https:// URL",
+                    ));
+                }
+            }
+        }
+        let signing_algorithm = pick(
+            &self.acm_pca_signing_algorithm,
+            &file.acm_pca_signing_algorithm,
+        );
+        if let Some(alg) = &signing_algorithm {
+            check_signing_algorithm(alg)
+                .map_err(|e| invalid("acm-pca-signing-algorithm", alg, e))?;
+        }
+        let template_arn = pick(&self.acm_pca_template_arn, &file.acm_pca_template_arn)
+            .unwrap_or_else(|| DEFAULT_ACM_PCA_TEMPLATE.into());
+        if !template_arn.starts_with("arn:") || !template_arn.contains(":acm-pca:::template/") {
+            return Err(invalid(
+                "acm-pca-template-arn",
+                &template_arn,
+                format!(
+                    "expected arn:<partition>:acm-pca:::template/<name>/V<n>, e.g. {DEFAULT_ACM_PCA_TEMPLATE}"
+                ),
+            ));
+        }
+        let timeout = match pick(&self.acm_pca_timeout, &file.acm_pca_timeout) {
+            Some(v) => humantime::parse_duration(v.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid("acm-pca-timeout", &v, "expected a duration, e.g. 10s"))?,
+            None => DEFAULT_ACM_PCA_TIMEOUT,
+        };
+        Ok(AcmPcaSettings {
+            arn,
+            region,
+            endpoint,
+            signing_algorithm,
+            template_arn,
+            trust_bundle: self
+                .acm_pca_trust_bundle
+                .clone()
+                .or_else(|| file.acm_pca_trust_bundle.clone()),
+            timeout,
+        })
+    }
+}
+
+const DEFAULT_ACM_PCA_TEMPLATE: &str = "arn:aws:acm-pca:::template/EndEntityCertificate/V1";
+const DEFAULT_ACM_PCA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The region of a private CA's ARN, or why it is not one.
+#[cfg(feature = "acm-pca")]
+fn parse_ca_arn(arn: &str) -> Result<String, String> {
+    arn.parse::<sds_backends::acm_pca::CaArn>()
+        .map(|a| a.region().to_owned())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "acm-pca"))]
+fn parse_ca_arn(arn: &str) -> Result<String, String> {
+    arn.split(':')
+        .nth(3)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| "not an ACM PCA certificate authority ARN".to_owned())
+}
+
+#[cfg(feature = "acm-pca")]
+fn check_signing_algorithm(alg: &str) -> Result<(), String> {
+    sds_backends::acm_pca::parse_signing_algorithm(alg)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "acm-pca"))]
+fn check_signing_algorithm(_alg: &str) -> Result<(), String> {
+    Ok(())
 }
 
 impl RenewAt {
@@ -1115,5 +1283,130 @@ mod tests {
         assert!(
             matches!(v.auth, VaultAuthSettings::Kubernetes { ref role, .. } if role == "k8s-role")
         );
+    }
+
+    const PCA_ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/0a1b-2c3d";
+
+    fn pca_of(c: Config) -> AcmPcaSettings {
+        match c.ca {
+            CaConfig::AcmPca(v) => *v,
+            other => panic!("not acm-pca: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acm_pca_defaults_region_from_the_arn_and_endpoint_fallback() {
+        let args = RunArgs {
+            ca: Some("acm-pca".into()),
+            acm_pca_arn: Some(PCA_ARN.into()),
+            ..Default::default()
+        };
+        let v = pca_of(args.resolve_with_env(&no_env).unwrap());
+        assert_eq!(v.region, "eu-west-1");
+        assert_eq!(v.template_arn, DEFAULT_ACM_PCA_TEMPLATE);
+        assert_eq!(v.timeout, Duration::from_secs(10));
+        assert_eq!(v.signing_algorithm, None);
+        assert_eq!(v.endpoint, None);
+
+        let env = |name: &str| {
+            (name == "AWS_ENDPOINT_URL_ACM_PCA").then(|| "http://127.0.0.1:5000".to_owned())
+        };
+        let v = pca_of(args.resolve_with_env(&env).unwrap());
+        assert_eq!(v.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
+
+        let args = RunArgs {
+            aws_region: Some("us-gov-west-1".into()),
+            acm_pca_endpoint: Some("https://vpce-1.acm-pca.eu-west-1.vpce.amazonaws.com".into()),
+            acm_pca_signing_algorithm: Some("SHA384WITHECDSA".into()),
+            acm_pca_timeout: Some("3s".into()),
+            ..args
+        };
+        let v = pca_of(args.resolve_with_env(&env).unwrap());
+        assert_eq!(v.region, "us-gov-west-1");
+        assert!(v.endpoint.unwrap().starts_with("https://vpce-1"));
+        assert_eq!(v.signing_algorithm.as_deref(), Some("SHA384WITHECDSA"));
+        assert_eq!(v.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn acm_pca_settings_that_cannot_work_name_their_flag() {
+        let base = || RunArgs {
+            ca: Some("acm-pca".into()),
+            acm_pca_arn: Some(PCA_ARN.into()),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                RunArgs {
+                    acm_pca_arn: None,
+                    ..base()
+                },
+                "needs --acm-pca-arn",
+            ),
+            (
+                RunArgs {
+                    acm_pca_arn: Some("arn:aws:acm:eu-west-1:123456789012:certificate/x".into()),
+                    ..base()
+                },
+                "--acm-pca-arn",
+            ),
+            (
+                RunArgs {
+                    aws_region: Some("EU West".into()),
+                    ..base()
+                },
+                "--aws-region",
+            ),
+            (
+                RunArgs {
+                    acm_pca_endpoint: Some("vpce.example".into()),
+                    ..base()
+                },
+                "--acm-pca-endpoint",
+            ),
+            (
+                RunArgs {
+                    acm_pca_signing_algorithm: Some("SHA1WITHRSA".into()),
+                    ..base()
+                },
+                "--acm-pca-signing-algorithm",
+            ),
+            (
+                RunArgs {
+                    acm_pca_template_arn: Some("EndEntityCertificate/V1".into()),
+                    ..base()
+                },
+                "--acm-pca-template-arn",
+            ),
+            (
+                RunArgs {
+                    acm_pca_timeout: Some("0s".into()),
+                    ..base()
+                },
+                "--acm-pca-timeout",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn acm_pca_settings_come_from_the_file_too() {
+        let f = file(&format!(
+            "ca = \"acm-pca\"\nacm-pca-arn = \"{PCA_ARN}\"\naws-region = \"eu-central-1\"\n\
+             acm-pca-template-arn = \"arn:aws:acm-pca:::template/EndEntityClientAuthCertificate/V1\"\n"
+        ));
+        let v = pca_of(
+            RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap(),
+        );
+        assert_eq!(v.region, "eu-central-1");
+        assert!(v.template_arn.contains("EndEntityClientAuthCertificate"));
     }
 }

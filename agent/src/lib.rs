@@ -99,7 +99,62 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
             Ok(Arc::new(ca))
         }
         CaConfig::Vault(settings) => build_vault(settings),
+        CaConfig::AcmPca(settings) => build_acm_pca(settings),
     }
+}
+
+/// Reads a PEM bundle of pinned roots named by `flag`.
+#[cfg(any(feature = "vault", feature = "acm-pca"))]
+fn read_pinned_roots(
+    flag: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<sds_backends::TrustBundle> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let roots = sds_backends::pem::decode_certificates(&pem)
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    Ok(sds_backends::TrustBundle::new(roots)?)
+}
+
+/// The ACM PCA backend. Calls nothing at start-up: credentials are resolved and the CA is
+/// described at the first signature, so an AWS outage at start-up is retried like any other.
+#[cfg(feature = "acm-pca")]
+fn build_acm_pca(
+    settings: &crate::config::AcmPcaSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    use sds_backends::acm_pca::{AcmPcaCa, AcmPcaConfig, CaArn};
+
+    let arn: CaArn = settings
+        .arn
+        .parse()
+        .with_context(|| format!("--acm-pca-arn {}", settings.arn))?;
+    let mut config = AcmPcaConfig::new(arn);
+    config.region = Some(settings.region.clone());
+    config.endpoint = settings.endpoint.clone();
+    config.signing_algorithm = settings.signing_algorithm.clone();
+    config.template_arn = settings.template_arn.clone();
+    config.request_timeout = settings.timeout;
+    config.trust_bundle = settings
+        .trust_bundle
+        .as_deref()
+        .map(|p| read_pinned_roots("--acm-pca-trust-bundle", p))
+        .transpose()?;
+    let ca = AcmPcaCa::new(config)?;
+    info!(
+        arn = %settings.arn,
+        region = %settings.region,
+        endpoint = settings.endpoint.as_deref().unwrap_or("(the region's)"),
+        template = %settings.template_arn,
+        "acm-pca CA configured"
+    );
+    Ok(Arc::new(ca))
+}
+
+#[cfg(not(feature = "acm-pca"))]
+fn build_acm_pca(
+    _settings: &crate::config::AcmPcaSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    anyhow::bail!("this sds-agent was built without the acm-pca feature")
 }
 
 /// The Vault backend. Needs a tokio runtime (it starts its token renewer), but not Vault:
@@ -111,16 +166,11 @@ fn build_vault(
     use crate::config::VaultAuthSettings;
     use sds_backends::vault::{TokenSource, VaultAuth, VaultCa, VaultConfig};
 
-    let trust_bundle = match &settings.trust_bundle {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read --vault-trust-bundle {}", path.display()))?;
-            let roots = sds_backends::pem::decode_certificates(&pem)
-                .with_context(|| format!("--vault-trust-bundle {}", path.display()))?;
-            Some(sds_backends::TrustBundle::new(roots)?)
-        }
-        None => None,
-    };
+    let trust_bundle = settings
+        .trust_bundle
+        .as_deref()
+        .map(|p| read_pinned_roots("--vault-trust-bundle", p))
+        .transpose()?;
     let auth = match &settings.auth {
         VaultAuthSettings::Token {
             token: Some(token), ..
