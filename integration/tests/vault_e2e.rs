@@ -80,6 +80,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 async fn mesh_rotation(dir: &Path, root: &str, agent_args: AgentArgs) -> Mesh {
     let envoy = envoy_bin().unwrap().expect("checked by the caller");
     let ca = MeshCa {
+        agent_env: Vec::new(),
         agent_args,
         roots: vec![serial_of_pem(root).unwrap()],
     };
