@@ -289,6 +289,23 @@ impl AcmPcaCa {
         })
     }
 
+    /// Like [`AcmPcaCa::new`], with these credentials instead of the standard AWS chain: for
+    /// programs that embed the backend with their own provider, and for tests.
+    pub async fn with_credentials(
+        config: AcmPcaConfig,
+        credentials: impl aws_sdk_acmpca::config::ProvideCredentials + 'static,
+    ) -> Result<Self, AcmPcaConfigError> {
+        let ca = Self::new(config)?;
+        let sdk = ca
+            .sdk_loader()
+            .credentials_provider(credentials)
+            .load()
+            .await;
+        // A fresh cell: it cannot be set already.
+        let _ = ca.client.set(Client::new(&sdk));
+        Ok(ca)
+    }
+
     /// The SDK configuration: region, endpoint, retries and timeouts set here, credentials
     /// and everything else from the standard AWS chain.
     fn sdk_loader(&self) -> aws_config::ConfigLoader {

@@ -151,14 +151,12 @@ impl Stub {
         config.request_timeout = Duration::from_secs(2);
         config.issue_wait = Duration::from_secs(5);
         tweak(&mut config);
-        let ca = AcmPcaCa::new(config).unwrap();
-        let sdk = ca
-            .sdk_loader()
-            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
-            .load()
-            .await;
-        ca.client.set(Client::new(&sdk)).unwrap();
-        ca
+        AcmPcaCa::with_credentials(
+            config,
+            Credentials::new("AKIDTEST", "secret", None, None, "test"),
+        )
+        .await
+        .unwrap()
     }
 }
 

@@ -1,0 +1,85 @@
+//! Issuance latency through moto's ACM PCA API on loopback against the embedded CA, in the
+//! same run, interleaved: one CSR signed by each per round, through the
+//! `CertificateAuthority` trait (the CSR is made once per round and shared, so key generation
+//! is not in the figures). An ACM PCA signature is two calls: `IssueCertificate`, then
+//! `GetCertificate` through the SDK's waiter.
+//!
+//! `MOTO_SERVER_BIN=.venv-test/bin/moto_server cargo bench -p sds-integration --bench acm_pca_issuance`
+//! (`ROUNDS=N` to change the 300 rounds).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// A bench measures wall time on purpose.
+#![allow(clippy::disallowed_types)]
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_acmpca::config::Credentials;
+use rcgen::{CertificateParams, KeyPair, SanType};
+use sds_backends::acm_pca::{AcmPcaCa, AcmPcaConfig};
+use sds_backends::embedded::EmbeddedCa;
+use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustDomain};
+use sds_integration::moto::Moto;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(300);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(moto) = Moto::start(dir.path()).await.unwrap() else {
+        return;
+    };
+    let pca = moto.root_ca("bench root").await.unwrap();
+    let mut config = AcmPcaConfig::new(pca.arn.parse().unwrap());
+    config.endpoint = Some(moto.endpoint().to_owned());
+    let acm = AcmPcaCa::with_credentials(
+        config,
+        Credentials::new("testing", "testing", None, None, "bench"),
+    )
+    .await
+    .unwrap();
+    let td: TrustDomain = "cluster.local".parse().unwrap();
+    let embedded = EmbeddedCa::generate(&td).unwrap();
+    let identity = SpiffeId::for_service_account(td, "default", "bench").unwrap();
+
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds + 20 {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().unwrap())];
+        let req = SignRequest {
+            identity: identity.clone(),
+            csr_der: p.serialize_request(&key).unwrap().der().to_vec(),
+            ttl: Duration::from_secs(3600),
+            key_type: KeyType::EcdsaP256,
+        };
+        let cas: [&dyn CertificateAuthority; 2] = [&acm, &embedded];
+        for (i, ca) in cas.iter().enumerate() {
+            let t = Instant::now();
+            ca.sign(&req).await.unwrap();
+            // The first 20 rounds warm up connections, the CA description and caches.
+            if round >= 20 {
+                times[i].push(t.elapsed());
+            }
+        }
+    }
+    for (name, t) in ["acm-pca (moto, loopback)", "embedded"]
+        .iter()
+        .zip(times.iter_mut())
+    {
+        t.sort();
+        println!(
+            "{name:<26} n={} p50={:>9.1?} p99={:>9.1?} max={:>9.1?}",
+            t.len(),
+            percentile(t, 0.5),
+            percentile(t, 0.99),
+            percentile(t, 1.0),
+        );
+    }
+}
