@@ -132,15 +132,15 @@ mod tests {
             }
             // With an empty subject, RFC 5280 requires the SAN to be critical, and AWS PCA
             // refuses a CSR where it is not.
-            let san_critical = csr
-                .certification_request_info
-                .iter_attributes()
-                .find_map(|a| match a.parsed_attribute() {
-                    x509_parser::cri_attributes::ParsedCriAttribute::ExtensionRequest(r) => {
-                        Some(r.extensions.iter().all(|e| e.critical))
-                    }
-                    _ => None,
-                });
+            let san_critical =
+                csr.certification_request_info
+                    .iter_attributes()
+                    .find_map(|a| match a.parsed_attribute() {
+                        x509_parser::cri_attributes::ParsedCriAttribute::ExtensionRequest(r) => {
+                            Some(r.extensions.iter().all(|e| e.critical))
+                        }
+                        _ => None,
+                    });
             assert_eq!(san_critical, Some(true), "{kt}: the SAN must be critical");
             assert!(key.pkcs8_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
         }

@@ -823,3 +823,27 @@ async fn futures_join<T>(
     }
     out
 }
+
+#[tokio::test]
+async fn errors_while_collecting_the_certificate_are_sorted_too() {
+    let cases: [(&str, &str, &str); 3] = [
+        ("AccessDeniedException", "denied", "acm-pca:GetCertificate"),
+        ("ThrottlingException", "throttled", "GetCertificate"),
+        ("ResourceNotFoundException", "misconfigured", "--acm-pca-arn"),
+    ];
+    for (code, kind, needle) in cases {
+        let stub = Stub::start(move |op, _| match op {
+            "DescribeCertificateAuthority" => Reply::Ok(active_ec()),
+            "IssueCertificate" => Reply::Ok(json!({"CertificateArn": CERT_ARN})),
+            _ => Reply::Error(400, code, "from the stub"),
+        })
+        .await;
+        let ca = stub.backend(|_| {}).await;
+        let err = ca
+            .sign(&request(Duration::from_secs(3600)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), kind, "{code}: {err}");
+        assert!(err.to_string().contains(needle), "{code}: {err}");
+    }
+}
