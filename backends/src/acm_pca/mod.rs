@@ -34,7 +34,7 @@ use aws_sdk_acmpca::config::http::HttpResponse;
 use aws_sdk_acmpca::config::retry::RetryConfig;
 use aws_sdk_acmpca::config::timeout::TimeoutConfig;
 use aws_sdk_acmpca::config::{BehaviorVersion, Region};
-use aws_sdk_acmpca::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_acmpca::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_acmpca::primitives::Blob;
 use aws_sdk_acmpca::types::{
     CertificateAuthorityStatus, CertificateAuthorityUsageMode, KeyAlgorithm, SigningAlgorithm,
@@ -448,25 +448,30 @@ impl AcmPcaCa {
             SdkError::DispatchFailure(d) if d.is_timeout() => {
                 CaError::Timeout(self.config.request_timeout)
             }
+            _ if is_credentials_error(err) => CaError::Unavailable(format!(
+                "{call}: no usable AWS credentials: {}. Give the agent an AWS identity: IRSA \
+                 or EKS Pod Identity in a cluster, else AWS_* variables or a profile",
+                causes(err)
+            )),
             SdkError::DispatchFailure(d) if d.is_user() => {
-                CaError::Misconfigured(format!("{call}: {}", DisplayErrorContext(err)))
+                CaError::Misconfigured(format!("{call}: {}", causes(err)))
             }
             SdkError::DispatchFailure(_) => CaError::Unavailable(format!(
                 "{call}: cannot reach ACM PCA in {}: {}",
                 self.region,
-                DisplayErrorContext(err)
+                causes(err)
             )),
-            SdkError::ConstructionFailure(_) => CaError::Unavailable(format!(
-                "{call}: request not sent (no AWS credentials or endpoint?): {}",
-                DisplayErrorContext(err)
-            )),
+            SdkError::ConstructionFailure(_) => {
+                CaError::Unavailable(format!("{call}: request not sent: {}", causes(err)))
+            }
             SdkError::ResponseError(r) => {
                 let status = r.raw().status().as_u16();
-                by_status(
-                    call,
-                    status,
-                    &format!("unreadable answer: {}", DisplayErrorContext(err)),
-                )
+                let said = format!(
+                    "HTTP {status} with an answer that is not ACM PCA's ({}): {}",
+                    causes(err),
+                    one_line("", r.raw().body().bytes())
+                );
+                by_status(call, status, &said)
             }
             SdkError::ServiceError(s) => {
                 let status = s.raw().status().as_u16();
@@ -536,7 +541,7 @@ impl AcmPcaCa {
                     _ => by_status(call, status, &said),
                 }
             }
-            _ => CaError::Unavailable(format!("{call}: {}", DisplayErrorContext(err))),
+            _ => CaError::Unavailable(format!("{call}: {}", causes(err))),
         }
     }
 
@@ -565,9 +570,7 @@ impl AcmPcaCa {
                     }
                 }
             },
-            other => {
-                CaError::Misconfigured(format!("GetCertificate: {}", DisplayErrorContext(other)))
-            }
+            other => CaError::Misconfigured(format!("GetCertificate: {}", causes(&other))),
         }
     }
 
@@ -746,6 +749,43 @@ fn parse_ca_certificate(
         );
     }
     Ok(certs)
+}
+
+/// Whether the call failed because no credentials could be had from the chain.
+fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            .is_some()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// An error and its causes as one line: `a: b: c`, without the SDK's `Debug` dumps, each
+/// cause's lines joined, causes already said dropped, at most 600 characters.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = Some(err);
+    while let Some(e) = source {
+        let text = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    let line = parts.join(": ");
+    match line.char_indices().nth(600) {
+        Some((i, _)) => format!("{}...", &line[..i]),
+        None => line,
+    }
 }
 
 /// An HTTP status sorted into retryable or not, for answers without an AWS error code (such

@@ -829,7 +829,11 @@ async fn errors_while_collecting_the_certificate_are_sorted_too() {
     let cases: [(&str, &str, &str); 3] = [
         ("AccessDeniedException", "denied", "acm-pca:GetCertificate"),
         ("ThrottlingException", "throttled", "GetCertificate"),
-        ("ResourceNotFoundException", "misconfigured", "--acm-pca-arn"),
+        (
+            "ResourceNotFoundException",
+            "misconfigured",
+            "--acm-pca-arn",
+        ),
     ];
     for (code, kind, needle) in cases {
         let stub = Stub::start(move |op, _| match op {
@@ -846,4 +850,43 @@ async fn errors_while_collecting_the_certificate_are_sorted_too() {
         assert_eq!(err.kind(), kind, "{code}: {err}");
         assert!(err.to_string().contains(needle), "{code}: {err}");
     }
+}
+
+/// A credentials chain that finds nothing, as on a node without an AWS identity.
+#[derive(Debug)]
+struct NoCredentials;
+
+impl aws_sdk_acmpca::config::ProvideCredentials for NoCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+            aws_credential_types::provider::error::CredentialsError::not_loaded(
+                "no credentials found in chain",
+            ),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn missing_credentials_say_so_on_one_line_and_are_retried() {
+    let stub = Stub::start(|_, _| Reply::Ok(active_ec())).await;
+    let mut config = AcmPcaConfig::new(ARN.parse().unwrap());
+    config.endpoint = Some(format!("http://{}", stub.addr));
+    let ca = AcmPcaCa::with_credentials(config, NoCredentials)
+        .await
+        .unwrap();
+    let err = ca.trust_bundle().await.unwrap_err();
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    let text = err.to_string();
+    assert!(text.contains("no usable AWS credentials"), "{text}");
+    assert!(text.contains("IRSA"), "{text}");
+    assert!(
+        !text.contains('\n') && !text.contains("DispatchFailure {"),
+        "{text}"
+    );
+    assert!(stub.calls.lock().is_empty(), "nothing was sent unsigned");
 }
