@@ -61,6 +61,8 @@ pub const MAX_IN_FLIGHT: usize = 4;
 /// The lifetime limit of a short-lived-certificate-mode CA: seven days, less the hour PCA
 /// backdates `notBefore` by, in case the limit counts from there.
 const SHORT_LIVED_MAX: Duration = Duration::from_secs(7 * 24 * 3600 - 3600);
+/// How old the CA's description may be when its expiry limits a certificate.
+const STALE_FACTS: Duration = Duration::from_secs(300);
 /// Attempts per API call, the first included, by the SDK's standard retry strategy
 /// (exponential backoff with jitter, and its client-side retry quota).
 const SDK_MAX_ATTEMPTS: u32 = 3;
@@ -249,6 +251,7 @@ struct CaFacts {
     signing_algorithm: SigningAlgorithm,
     short_lived: bool,
     not_after: Option<SystemTime>,
+    described_at: tokio::time::Instant,
 }
 
 /// The ACM PCA backend.
@@ -384,6 +387,7 @@ impl AcmPcaCa {
             short_lived: ca.usage_mode()
                 == Some(&CertificateAuthorityUsageMode::ShortLivedCertificate),
             not_after: ca.not_after().and_then(|t| SystemTime::try_from(*t).ok()),
+            described_at: tokio::time::Instant::now(),
         };
         info!(
             ca = %self.config.ca_arn,
@@ -645,7 +649,17 @@ impl CertificateAuthority for AcmPcaCa {
             .acquire()
             .await
             .map_err(|_| CaError::Unavailable("acm-pca backend is shutting down".into()))?;
-        let facts = self.facts().await?;
+        let mut facts = self.facts().await?;
+        // The CA's expiry would shorten this certificate: make sure it is still the CA's
+        // expiry (a CA certificate renewed since it was read moves it), at most once per
+        // STALE_FACTS.
+        let ends_early = facts
+            .not_after
+            .is_some_and(|end| end < SystemTime::now() + req.ttl);
+        if ends_early && facts.described_at.elapsed() > STALE_FACTS {
+            self.forget_facts().await;
+            facts = self.facts().await?;
+        }
         self.issue(req, &facts).await
     }
 

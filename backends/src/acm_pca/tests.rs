@@ -890,3 +890,49 @@ async fn missing_credentials_say_so_on_one_line_and_are_retried() {
     );
     assert!(stub.calls.lock().is_empty(), "nothing was sent unsigned");
 }
+
+#[tokio::test]
+async fn a_renewed_ca_certificate_is_noticed_when_its_old_expiry_would_cap() {
+    let p = pki();
+    let answer = issued(&p);
+    let old_end = SystemTime::now() + Duration::from_secs(3600);
+    let new_end = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+    let stub = Stub::start(move |op, n| match (op, n) {
+        ("DescribeCertificateAuthority", 0) => Reply::Ok(describe(
+            "ACTIVE",
+            "EC_prime256v1",
+            "GENERAL_PURPOSE",
+            Some(old_end),
+        )),
+        ("DescribeCertificateAuthority", _) => Reply::Ok(describe(
+            "ACTIVE",
+            "EC_prime256v1",
+            "GENERAL_PURPOSE",
+            Some(new_end),
+        )),
+        ("IssueCertificate", _) => Reply::Ok(json!({"CertificateArn": CERT_ARN})),
+        _ => Reply::Ok(answer.clone()),
+    })
+    .await;
+    let ca = stub.backend(|_| {}).await;
+    let day = Duration::from_secs(24 * 3600);
+    ca.sign(&request(day)).await.unwrap();
+    // Capped by the CA's expiry, just read: not read again at once.
+    ca.sign(&request(day)).await.unwrap();
+    assert_eq!(stub.calls("DescribeCertificateAuthority").len(), 1);
+    // Later, the cap would still apply: the CA is read again, and it was renewed.
+    if let Some(facts) = ca.facts.lock().await.as_mut() {
+        facts.described_at -= STALE_FACTS * 2;
+    }
+    let before = unix_now();
+    ca.sign(&request(day)).await.unwrap();
+    assert_eq!(stub.calls("DescribeCertificateAuthority").len(), 2);
+    let ends: Vec<i64> = stub
+        .calls("IssueCertificate")
+        .iter()
+        .map(|i| i["Validity"]["Value"].as_i64().unwrap())
+        .collect();
+    let old_end = old_end.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(ends[0] <= old_end && ends[1] <= old_end, "{ends:?}");
+    assert!(ends[2] >= before + day.as_secs() as i64, "{ends:?}");
+}
