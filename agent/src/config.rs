@@ -189,6 +189,41 @@ pub struct RunArgs {
     /// AWS region to call. [default: the region in --acm-pca-arn]
     #[arg(long, env = "SDS_AGENT_AWS_REGION", value_name = "REGION")]
     pub aws_region: Option<String>,
+    /// istiod: address of the Istio CA (istiod or istio-csr), host:port, over TLS.
+    /// [default: istiod.istio-system.svc:15012]
+    #[arg(long, env = "SDS_AGENT_CA_ADDR", value_name = "HOST:PORT")]
+    pub ca_addr: Option<String>,
+    /// istiod: PEM roots that signed the CA's TLS certificate, re-read at every reconnect.
+    /// [default: the system's roots]
+    #[arg(long, env = "SDS_AGENT_CA_ROOT_CERT", value_name = "PEM")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// istiod: name to expect in the CA's TLS certificate, and to send as SNI.
+    /// [default: the host of --ca-addr]
+    #[arg(long, env = "SDS_AGENT_CA_SERVER_NAME", value_name = "NAME")]
+    pub ca_server_name: Option<String>,
+    /// istiod: file holding the service-account token sent as the bearer token, re-read at
+    /// every call. [default: ./var/run/secrets/tokens/istio-token]
+    #[arg(long, env = "SDS_AGENT_CA_TOKEN_FILE", value_name = "FILE")]
+    pub ca_token_file: Option<PathBuf>,
+    /// istiod: cluster ID sent as ClusterID metadata (istiod picks the cluster that checks
+    /// the token by it).
+    #[arg(long, env = "SDS_AGENT_CLUSTER_ID", value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// istiod: extra header sent with every call, KEY=VALUE; repeatable.
+    #[arg(
+        long = "ca-header",
+        env = "SDS_AGENT_CA_HEADER",
+        value_name = "KEY=VALUE",
+        hide_env_values = true
+    )]
+    pub ca_headers: Vec<String>,
+    /// istiod: pin the trust bundle to these PEM roots instead of the root each answer ends
+    /// with.
+    #[arg(long, env = "SDS_AGENT_CA_TRUST_BUNDLE", value_name = "PEM")]
+    pub ca_trust_bundle: Option<PathBuf>,
+    /// istiod: time limit of one call to the CA. [default: 10s]
+    #[arg(long, env = "SDS_AGENT_CA_TIMEOUT", value_name = "DURATION")]
+    pub ca_timeout: Option<String>,
 }
 
 /// The config file: the same keys as the flags, all optional, nothing else allowed.
@@ -232,6 +267,14 @@ struct FileConfig {
     acm_pca_trust_bundle: Option<PathBuf>,
     acm_pca_timeout: Option<String>,
     aws_region: Option<String>,
+    ca_addr: Option<String>,
+    ca_root_cert: Option<PathBuf>,
+    ca_server_name: Option<String>,
+    ca_token_file: Option<PathBuf>,
+    cluster_id: Option<String>,
+    ca_header: Option<Vec<String>>,
+    ca_trust_bundle: Option<PathBuf>,
+    ca_timeout: Option<String>,
 }
 
 /// The validated configuration of a running agent.
@@ -276,6 +319,32 @@ pub enum CaConfig {
     Vault(Box<VaultSettings>),
     /// AWS Private CA.
     AcmPca(Box<AcmPcaSettings>),
+    /// The Istio CA API: istiod or cert-manager istio-csr.
+    Istiod(Box<IstiodSettings>),
+}
+
+/// Settings of the istiod backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IstiodSettings {
+    /// The CA's address, host:port.
+    pub addr: String,
+    /// Roots for the CA's TLS certificate, PEM file; the system's when `None`.
+    pub root_cert: Option<PathBuf>,
+    /// Name expected in the CA's TLS certificate.
+    pub server_name: Option<String>,
+    /// File holding the bearer token.
+    pub token_file: PathBuf,
+    /// Sent as ClusterID metadata.
+    pub cluster_id: Option<String>,
+    /// Extra headers, `KEY=VALUE` (values printed redacted).
+    #[serde(serialize_with = "header_names")]
+    pub headers: Vec<String>,
+    /// Pinned roots, PEM file.
+    pub trust_bundle: Option<PathBuf>,
+    /// Time limit of one call.
+    #[serde(serialize_with = "humanized")]
+    pub timeout: Duration,
 }
 
 /// Settings of the ACM PCA backend.
@@ -386,6 +455,7 @@ enum CaKind {
     Embedded,
     Vault,
     AcmPca,
+    Istiod,
 }
 
 /// Vault auth method names `--vault-auth` accepts.
@@ -489,8 +559,13 @@ impl RunArgs {
         })?;
 
         let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
-        let ca_kind = CaKind::from_str(&ca_raw, false)
-            .map_err(|_| invalid("ca", &ca_raw, "the backends are: embedded, vault, acm-pca"))?;
+        let ca_kind = CaKind::from_str(&ca_raw, false).map_err(|_| {
+            invalid(
+                "ca",
+                &ca_raw,
+                "the backends are: embedded, istiod, vault, acm-pca",
+            )
+        })?;
         let ca = match ca_kind {
             CaKind::Embedded => {
                 let cert = self.embedded_ca_cert.clone().or(file.embedded_ca_cert);
@@ -504,6 +579,7 @@ impl RunArgs {
             }
             CaKind::Vault => CaConfig::Vault(Box::new(self.resolve_vault(&file, std_env)?)),
             CaKind::AcmPca => CaConfig::AcmPca(Box::new(self.resolve_acm_pca(&file, std_env)?)),
+            CaKind::Istiod => CaConfig::Istiod(Box::new(self.resolve_istiod(&file)?)),
         };
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
@@ -749,6 +825,93 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    fn resolve_istiod(&self, file: &FileConfig) -> Result<IstiodSettings, ConfigError> {
+        let pick =
+            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
+        let pick_path =
+            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
+        let addr = pick(&self.ca_addr, &file.ca_addr).unwrap_or_else(|| DEFAULT_ISTIOD_ADDR.into());
+        check_ca_addr(&addr).map_err(|e| invalid("ca-addr", &addr, e))?;
+        let server_name = pick(&self.ca_server_name, &file.ca_server_name);
+        if let Some(name) = &server_name
+            && (name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '/'))
+        {
+            return Err(invalid(
+                "ca-server-name",
+                name,
+                "expected a DNS name or IP address, e.g. istiod.istio-system.svc",
+            ));
+        }
+        let cluster_id = pick(&self.cluster_id, &file.cluster_id);
+        if let Some(id) = &cluster_id
+            && (id.is_empty() || !id.bytes().all(|b| (0x21..0x7f).contains(&b)))
+        {
+            return Err(invalid(
+                "cluster-id",
+                id,
+                "expected visible ASCII without spaces, e.g. Kubernetes",
+            ));
+        }
+        let headers = if self.ca_headers.is_empty() {
+            file.ca_header.clone().unwrap_or_default()
+        } else {
+            self.ca_headers.clone()
+        };
+        for h in &headers {
+            let name = h.split_once('=').map_or(h.as_str(), |(k, _)| k);
+            check_ca_header(h).map_err(|e| invalid("ca-header", &format!("{name}=..."), e))?;
+        }
+        let timeout = match pick(&self.ca_timeout, &file.ca_timeout) {
+            Some(v) => humantime::parse_duration(v.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid("ca-timeout", &v, "expected a duration, e.g. 10s"))?,
+            None => DEFAULT_ISTIOD_TIMEOUT,
+        };
+        Ok(IstiodSettings {
+            addr,
+            root_cert: pick_path(&self.ca_root_cert, &file.ca_root_cert),
+            server_name,
+            token_file: pick_path(&self.ca_token_file, &file.ca_token_file)
+                .unwrap_or_else(|| DEFAULT_ISTIOD_TOKEN_FILE.into()),
+            cluster_id,
+            headers,
+            trust_bundle: pick_path(&self.ca_trust_bundle, &file.ca_trust_bundle),
+            timeout,
+        })
+    }
+}
+
+const DEFAULT_ISTIOD_ADDR: &str = "istiod.istio-system.svc:15012";
+const DEFAULT_ISTIOD_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
+const DEFAULT_ISTIOD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(feature = "istiod")]
+fn check_ca_addr(addr: &str) -> Result<(), String> {
+    addr.parse::<sds_backends::istiod::CaAddr>()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "istiod"))]
+fn check_ca_addr(_addr: &str) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(feature = "istiod")]
+fn check_ca_header(header: &str) -> Result<(), String> {
+    header
+        .parse::<sds_backends::istiod::ExtraHeader>()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "istiod"))]
+fn check_ca_header(_header: &str) -> Result<(), String> {
+    Ok(())
+}
+
 const DEFAULT_ACM_PCA_TEMPLATE: &str = "arn:aws:acm-pca:::template/EndEntityCertificate/V1";
 const DEFAULT_ACM_PCA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -865,6 +1028,16 @@ fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
 
 fn humanized<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
+}
+
+/// Extra headers as `name=<redacted>`: their values may be credentials.
+fn header_names<S: serde::Serializer>(headers: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(headers.iter().map(|h| {
+        format!(
+            "{}=<redacted>",
+            h.split_once('=').map_or(h.as_str(), |(k, _)| k)
+        )
+    }))
 }
 
 fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -1408,5 +1581,131 @@ mod tests {
         );
         assert_eq!(v.region, "eu-central-1");
         assert!(v.template_arn.contains("EndEntityClientAuthCertificate"));
+    }
+
+    fn istiod_of(c: Config) -> IstiodSettings {
+        match c.ca {
+            CaConfig::Istiod(v) => *v,
+            other => panic!("not istiod: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn istiod_defaults_are_istio_agents() {
+        let args = RunArgs {
+            ca: Some("istiod".into()),
+            ..Default::default()
+        };
+        let v = istiod_of(args.resolve_with_env(&no_env).unwrap());
+        assert_eq!(v.addr, "istiod.istio-system.svc:15012");
+        assert_eq!(
+            v.token_file,
+            PathBuf::from("./var/run/secrets/tokens/istio-token")
+        );
+        assert_eq!(v.timeout, Duration::from_secs(10));
+        assert_eq!(
+            (v.root_cert, v.server_name, v.cluster_id, v.trust_bundle),
+            (None, None, None, None)
+        );
+        assert!(v.headers.is_empty());
+    }
+
+    #[test]
+    fn istiod_settings_from_flags_and_file_and_header_values_never_printed() {
+        let f = file(
+            "ca = \"istiod\"\nca-addr = \"cert-manager-istio-csr.cert-manager.svc:443\"\n\
+             cluster-id = \"file-cluster\"\nca-header = [\"x-tenant=blue\", \"x-api-key=s3cret\"]\n\
+             ca-root-cert = \"/etc/istio-csr/ca.pem\"\nca-timeout = \"3s\"\n",
+        );
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let v = istiod_of(from_file.resolve_with_env(&no_env).unwrap());
+        assert_eq!(v.addr, "cert-manager-istio-csr.cert-manager.svc:443");
+        assert_eq!(v.cluster_id.as_deref(), Some("file-cluster"));
+        assert_eq!(v.headers, ["x-tenant=blue", "x-api-key=s3cret"]);
+        assert_eq!(v.root_cert, Some(PathBuf::from("/etc/istio-csr/ca.pem")));
+        assert_eq!(v.timeout, Duration::from_secs(3));
+
+        // Flags win, the repeated header flag replaces the file's list.
+        let args = RunArgs {
+            cluster_id: Some("Kubernetes".into()),
+            ca_headers: vec!["x-tenant=red".into()],
+            ca_server_name: Some("istiod.istio-system.svc".into()),
+            ..from_file
+        };
+        let config = args.resolve_with_env(&no_env).unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("x-tenant=<redacted>"), "{json}");
+        assert!(!json.contains("red\""), "{json}");
+        let v = istiod_of(config);
+        assert_eq!(v.cluster_id.as_deref(), Some("Kubernetes"));
+        assert_eq!(v.headers, ["x-tenant=red"]);
+        assert_eq!(v.server_name.as_deref(), Some("istiod.istio-system.svc"));
+    }
+
+    #[test]
+    fn istiod_settings_that_cannot_work_name_their_flag() {
+        let base = || RunArgs {
+            ca: Some("istiod".into()),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                RunArgs {
+                    ca_addr: Some("http://istiod.istio-system.svc:15010".into()),
+                    ..base()
+                },
+                "TLS only",
+            ),
+            (
+                RunArgs {
+                    ca_addr: Some("istiod.istio-system.svc".into()),
+                    ..base()
+                },
+                "--ca-addr",
+            ),
+            (
+                RunArgs {
+                    ca_headers: vec!["authorization=Bearer abc".into()],
+                    ..base()
+                },
+                "--ca-header",
+            ),
+            (
+                RunArgs {
+                    ca_headers: vec!["x-tenant".into()],
+                    ..base()
+                },
+                "KEY=VALUE",
+            ),
+            (
+                RunArgs {
+                    cluster_id: Some("two words".into()),
+                    ..base()
+                },
+                "--cluster-id",
+            ),
+            (
+                RunArgs {
+                    ca_server_name: Some("".into()),
+                    ..base()
+                },
+                "--ca-server-name",
+            ),
+            (
+                RunArgs {
+                    ca_timeout: Some("soon".into()),
+                    ..base()
+                },
+                "--ca-timeout",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+            assert!(!err.contains("abc"), "a header value was printed: {err}");
+        }
     }
 }

@@ -100,11 +100,12 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
         }
         CaConfig::Vault(settings) => build_vault(settings),
         CaConfig::AcmPca(settings) => build_acm_pca(settings),
+        CaConfig::Istiod(settings) => build_istiod(settings),
     }
 }
 
 /// Reads a PEM bundle of pinned roots named by `flag`.
-#[cfg(any(feature = "vault", feature = "acm-pca"))]
+#[cfg(any(feature = "vault", feature = "acm-pca", feature = "istiod"))]
 fn read_pinned_roots(
     flag: &str,
     path: &std::path::Path,
@@ -148,6 +149,58 @@ fn build_acm_pca(
         "acm-pca CA configured"
     );
     Ok(Arc::new(ca))
+}
+
+/// The istiod backend. Connects to nothing and reads no token at start-up: a CA that is not
+/// up yet is retried like any outage, and the agent is ready once it answers.
+#[cfg(feature = "istiod")]
+fn build_istiod(
+    settings: &crate::config::IstiodSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    use sds_backends::istiod::{CaAddr, ExtraHeader, IstiodCa, IstiodConfig};
+
+    let addr: CaAddr = settings
+        .addr
+        .parse()
+        .with_context(|| format!("--ca-addr {}", settings.addr))?;
+    let mut config = IstiodConfig::new(addr);
+    config.root_cert = settings.root_cert.clone();
+    config.server_name = settings.server_name.clone();
+    config.token_file = settings.token_file.clone();
+    config.cluster_id = settings.cluster_id.clone();
+    config.headers = settings
+        .headers
+        .iter()
+        .map(|h| h.parse::<ExtraHeader>())
+        .collect::<Result<_, _>>()
+        .context("--ca-header")?;
+    config.request_timeout = settings.timeout;
+    config.trust_bundle = settings
+        .trust_bundle
+        .as_deref()
+        .map(|p| read_pinned_roots("--ca-trust-bundle", p))
+        .transpose()?;
+    let pinned = config.trust_bundle.is_some();
+    let ca = IstiodCa::new(config)?;
+    info!(
+        addr = %settings.addr,
+        tls_roots = settings
+            .root_cert
+            .as_deref()
+            .map_or_else(|| "(the system's)".to_owned(), |p| p.display().to_string()),
+        token_file = %settings.token_file.display(),
+        cluster_id = settings.cluster_id.as_deref().unwrap_or("(none)"),
+        trust_bundle = if pinned { "pinned" } else { "the root each answer ends with" },
+        "istiod CA configured"
+    );
+    Ok(Arc::new(ca))
+}
+
+#[cfg(not(feature = "istiod"))]
+fn build_istiod(
+    _settings: &crate::config::IstiodSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    anyhow::bail!("this sds-agent was built without the istiod feature")
 }
 
 #[cfg(not(feature = "acm-pca"))]

@@ -304,3 +304,53 @@ async fn first_issuance_retries_until_the_ca_answers() {
         calls as u64
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ca_that_sends_its_roots_only_with_a_certificate_is_served_at_its_first_answer() {
+    // istiod's shape: no bundle can be read before a certificate has been signed.
+    let ca = ScriptedCa::new();
+    ca.set_bundle_needs_a_certificate(true);
+    let mut h = Harness::start(ca, policy());
+    h.next_cert(None, Duration::from_secs(5)).await;
+    assert_eq!(h.ca.sign_calls(), 1);
+    assert_eq!(h.ca.bundle_calls(), 1);
+    assert!(h.manager.is_ready());
+    assert_eq!(h.metric("sds_agent_renewals_total{result=\"failure\"}"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_root_the_ca_names_reaches_the_bundle_with_the_next_certificate() {
+    let mut h = Harness::start(ScriptedCa::new(), policy());
+    let first = h.next_cert(None, Duration::from_secs(5)).await;
+    let bundles = h.manager.subscribe_bundle();
+    let bundle = |b: &watch::Receiver<Option<Arc<sds_agent::secrets::ServedBundle>>>| {
+        let b = b.borrow();
+        let b = b.as_ref().unwrap();
+        (b.version, b.root_info.len())
+    };
+    assert_eq!(bundle(&bundles), (1, 1));
+    let calls = h.ca.bundle_calls();
+
+    // The CA announces a second root in its chains while it still signs under the first: the
+    // bundle is re-read at once, not at the hourly refresh, and serves both roots.
+    h.ca.start_root_rotation();
+    h.manager.rotate_now();
+    let second = h
+        .next_cert(Some(&first.leaf.serial), Duration::from_secs(5))
+        .await;
+    assert_eq!(bundle(&bundles), (2, 2));
+    assert_eq!(h.ca.bundle_calls(), calls + 1);
+
+    // Then it signs under the new root, which the bundle already holds: no re-read, nothing
+    // rejected.
+    h.ca.sign_with_new_root();
+    h.manager.rotate_now();
+    h.next_cert(Some(&second.leaf.serial), Duration::from_secs(5))
+        .await;
+    assert_eq!(bundle(&bundles), (2, 2));
+    assert_eq!(h.ca.bundle_calls(), calls + 1);
+    assert_eq!(
+        h.metric("sds_agent_ca_responses_rejected_total{reason=\"chain\"}"),
+        0
+    );
+}

@@ -159,6 +159,12 @@ impl EmbeddedCa {
         self.not_after
     }
 
+    /// The roots this CA's chains end in.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
     /// Signs a leaf for `public_key` exactly as `spec` says. The public entry point,
     /// [`crate::CertificateAuthority::sign`], fills `spec` from the request.
     pub(crate) fn issue(

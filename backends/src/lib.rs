@@ -21,6 +21,8 @@ pub mod chain;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod identity;
+#[cfg(feature = "istiod")]
+pub mod istiod;
 pub mod pem;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -186,6 +188,31 @@ impl CaError {
             CaError::BadResponse(_) => "bad_response",
             CaError::Other { .. } => "other",
         }
+    }
+}
+
+/// An error and its sources on one line, each said once, cut at 600 characters: for CA
+/// errors whose libraries nest the cause (a TLS failure inside a connect error inside a
+/// transport error).
+#[cfg(any(feature = "acm-pca", feature = "istiod"))]
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = Some(err);
+    while let Some(e) = source {
+        let text = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    let line = parts.join(": ");
+    match line.char_indices().nth(600) {
+        Some((i, _)) => format!("{}...", &line[..i]),
+        None => line,
     }
 }
 

@@ -4,8 +4,8 @@
 //! Compiled only for tests and with the `testing` feature; never part of a release build.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
@@ -42,6 +42,14 @@ pub struct ScriptedCa {
     outage: Mutex<Option<CaError>>,
     lifetime: Mutex<Option<Duration>>,
     calls: AtomicUsize,
+    /// The root being rotated in, once a rotation started.
+    next: OnceLock<EmbeddedCa>,
+    /// Whether certificates are signed under `next` already.
+    signing_next: AtomicBool,
+    /// Whether the bundle is unknown until a certificate was signed (as istiod's).
+    bundle_needs_a_certificate: AtomicBool,
+    signed: AtomicBool,
+    bundle_calls: AtomicUsize,
 }
 
 impl ScriptedCa {
@@ -58,7 +66,56 @@ impl ScriptedCa {
             outage: Mutex::new(None),
             lifetime: Mutex::new(None),
             calls: AtomicUsize::new(0),
+            next: OnceLock::new(),
+            signing_next: AtomicBool::new(false),
+            bundle_needs_a_certificate: AtomicBool::new(false),
+            signed: AtomicBool::new(false),
+            bundle_calls: AtomicUsize::new(0),
         })
+    }
+
+    /// Starts a root rotation: a new root joins the bundle and is named in every chain's
+    /// roots hint, while certificates are still signed under the old one.
+    pub fn start_root_rotation(&self) {
+        let td = "example.org"
+            .parse()
+            .unwrap_or_else(|_| unreachable!("valid literal"));
+        let _ = self
+            .next
+            .set(EmbeddedCa::generate(&td).unwrap_or_else(|e| panic!("test CA: {e}")));
+    }
+
+    /// Signs under the new root from now on (after [`ScriptedCa::start_root_rotation`]).
+    pub fn sign_with_new_root(&self) {
+        self.signing_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes `trust_bundle` fail until a certificate has been signed, as a CA that sends its
+    /// roots only with certificates (istiod) does.
+    pub fn set_bundle_needs_a_certificate(&self, on: bool) {
+        self.bundle_needs_a_certificate.store(on, Ordering::SeqCst);
+    }
+
+    /// How many times `trust_bundle` was called.
+    pub fn bundle_calls(&self) -> usize {
+        self.bundle_calls.load(Ordering::SeqCst)
+    }
+
+    /// The CA that signs now.
+    fn signer(&self) -> &EmbeddedCa {
+        match self.next.get() {
+            Some(next) if self.signing_next.load(Ordering::SeqCst) => next,
+            _ => &self.ca,
+        }
+    }
+
+    /// The roots now: the old one, and the new one once a rotation started.
+    fn roots(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        let mut roots = self.ca.bundle().roots().to_vec();
+        if let Some(next) = self.next.get() {
+            roots.extend(next.bundle().roots().iter().cloned());
+        }
+        roots
     }
 
     /// Queues a fault for a future call; faults run in order, one per call.
@@ -95,37 +152,49 @@ impl CertificateAuthority for ScriptedCa {
             return Err(error);
         }
         let fault = self.faults.lock().pop_front();
-        let (csr, mut spec) = self.ca.check_request(req)?;
+        let signer = self.signer();
+        let (csr, mut spec) = signer.check_request(req)?;
         if let Some(lifetime) = *self.lifetime.lock() {
             spec.not_before = SystemTime::now();
             spec.not_after = spec.not_before + lifetime;
         }
-        match fault {
-            None => self.ca.issue(&csr.public_key, &spec),
+        let mut chain = match fault {
+            None => signer.issue(&csr.public_key, &spec),
             Some(Fault::Fail(e)) => Err(e),
             Some(Fault::WrongKey) => {
                 let other = KeyPair::generate().map_err(|e| CaError::BadResponse(e.to_string()))?;
-                self.ca.issue(&other, &spec)
+                signer.issue(&other, &spec)
             }
             Some(Fault::WrongSan(id)) => {
                 spec.identity = id;
-                self.ca.issue(&csr.public_key, &spec)
+                signer.issue(&csr.public_key, &spec)
             }
             Some(Fault::Expired) => {
                 let now = SystemTime::now();
                 spec.not_before = now - Duration::from_secs(3600);
                 spec.not_after = now - Duration::from_secs(60);
-                self.ca.issue(&csr.public_key, &spec)
+                signer.issue(&csr.public_key, &spec)
             }
-            Some(Fault::UnrelatedChain) => self.stranger.issue(&csr.public_key, &spec),
+            Some(Fault::UnrelatedChain) => return self.stranger.issue(&csr.public_key, &spec),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                self.ca.issue(&csr.public_key, &spec)
+                signer.issue(&csr.public_key, &spec)
             }
-        }
+        }?;
+        chain.roots_hint = self.roots();
+        self.signed.store(true, Ordering::SeqCst);
+        Ok(chain)
     }
 
     async fn trust_bundle(&self) -> Result<TrustBundle, CaError> {
-        self.ca.trust_bundle().await
+        self.bundle_calls.fetch_add(1, Ordering::SeqCst);
+        if self.bundle_needs_a_certificate.load(Ordering::SeqCst)
+            && !self.signed.load(Ordering::SeqCst)
+        {
+            return Err(CaError::Unavailable(
+                "no roots before the first certificate".into(),
+            ));
+        }
+        TrustBundle::new(self.roots()).map_err(|e| CaError::BadResponse(e.to_string()))
     }
 }

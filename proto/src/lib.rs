@@ -1,12 +1,25 @@
 //! Generated protobuf code for the APIs sds-agent speaks that no published crate ships.
 //!
 //! Envoy's SDS messages and service come from the `envoy-types` crate and are not repeated
-//! here. The Istio CA API (`istio.v1.auth.IstioCertificateService`) lands here with the
-//! istiod backend: its `.proto` files under `proto/`, compiled by `build.rs` with a protoc
-//! that needs nothing from the machine, re-exported through `pub mod pb`. Until then this
-//! crate holds only that plumbing's place in the workspace.
+//! here. This crate holds the Istio CA API (`istio.v1.auth.IstioCertificateService`), which
+//! istiod and cert-manager istio-csr serve: its `.proto` file lives under `proto/`, written
+//! from Istio's public API definition, and `build.rs` compiles it with protox, so no
+//! `protoc` is needed on the machine. The client is used by the `istiod` backend, the server
+//! by the test CA in `integration/`.
 
 #![forbid(unsafe_code)]
 
-/// Generated modules, re-exported. Empty until the first vendored API lands.
-pub mod pb {}
+/// Generated modules, by protobuf package.
+pub mod pb {
+    /// `istio.v1.auth`: the Istio CA API.
+    pub mod istio_v1_auth {
+        #![allow(
+            missing_docs,
+            missing_debug_implementations,
+            unreachable_pub,
+            clippy::all,
+            clippy::pedantic
+        )]
+        tonic::include_proto!("istio.v1.auth");
+    }
+}

@@ -391,13 +391,8 @@ impl SecretManager {
         }
     }
 
-    /// One issuance: bundle, key, CSR, sign, validate. Publishes nothing.
+    /// One issuance: key, CSR, sign, bundle, validate. Publishes nothing.
     async fn issue_once(&self) -> Result<ServedCert, IssueError> {
-        let cached = self.bundle.borrow().clone();
-        let bundle = match cached {
-            Some(b) => b,
-            None => self.refresh_bundle().await?,
-        };
         let key_type = self.policy.key_type;
         let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
             .await
@@ -412,6 +407,19 @@ impl SecretManager {
         let chain = tokio::time::timeout(self.policy.ca_timeout, self.ca.sign(&req))
             .await
             .map_err(|_| CaError::Timeout(self.policy.ca_timeout))??;
+        // The bundle is read after signing: some CAs (istiod) only send their roots with a
+        // certificate. A chain naming a root the bundle lacks means the CA has a new root,
+        // so the bundle is re-read before the chain is checked against it.
+        let cached = self.bundle.borrow().clone();
+        let (bundle, refreshed) = match cached {
+            Some(b) if chain.roots_hint.iter().all(|hint| b.roots.contains(hint)) => (b, false),
+            cached => {
+                if cached.is_some() {
+                    debug!("the CA's chain names a root not in the bundle; re-reading it");
+                }
+                (self.refresh_bundle().await?, true)
+            }
+        };
         let now = SystemTime::now();
         let leaf = match validate::validate(
             &chain,
@@ -420,7 +428,7 @@ impl SecretManager {
             &bundle.roots,
             now,
         ) {
-            Err(Rejection::Chain { .. }) => {
+            Err(Rejection::Chain { .. }) if !refreshed => {
                 // The CA may have moved to a new root: re-read the bundle once and re-check.
                 debug!("chain does not verify to the cached bundle; re-reading it");
                 let fresh = self.refresh_bundle().await?;

@@ -455,24 +455,25 @@ impl AcmPcaCa {
             _ if is_credentials_error(err) => CaError::Unavailable(format!(
                 "{call}: no usable AWS credentials: {}. Give the agent an AWS identity: IRSA \
                  or EKS Pod Identity in a cluster, else AWS_* variables or a profile",
-                causes(err)
+                crate::error_chain(err)
             )),
             SdkError::DispatchFailure(d) if d.is_user() => {
-                CaError::Misconfigured(format!("{call}: {}", causes(err)))
+                CaError::Misconfigured(format!("{call}: {}", crate::error_chain(err)))
             }
             SdkError::DispatchFailure(_) => CaError::Unavailable(format!(
                 "{call}: cannot reach ACM PCA in {}: {}",
                 self.region,
-                causes(err)
+                crate::error_chain(err)
             )),
-            SdkError::ConstructionFailure(_) => {
-                CaError::Unavailable(format!("{call}: request not sent: {}", causes(err)))
-            }
+            SdkError::ConstructionFailure(_) => CaError::Unavailable(format!(
+                "{call}: request not sent: {}",
+                crate::error_chain(err)
+            )),
             SdkError::ResponseError(r) => {
                 let status = r.raw().status().as_u16();
                 let said = format!(
                     "HTTP {status} with an answer that is not ACM PCA's ({}): {}",
-                    causes(err),
+                    crate::error_chain(err),
                     one_line("", r.raw().body().bytes())
                 );
                 by_status(call, status, &said)
@@ -545,7 +546,7 @@ impl AcmPcaCa {
                     _ => by_status(call, status, &said),
                 }
             }
-            _ => CaError::Unavailable(format!("{call}: {}", causes(err))),
+            _ => CaError::Unavailable(format!("{call}: {}", crate::error_chain(err))),
         }
     }
 
@@ -574,7 +575,9 @@ impl AcmPcaCa {
                     }
                 }
             },
-            other => CaError::Misconfigured(format!("GetCertificate: {}", causes(&other))),
+            other => {
+                CaError::Misconfigured(format!("GetCertificate: {}", crate::error_chain(&other)))
+            }
         }
     }
 
@@ -777,29 +780,6 @@ fn is_credentials_error(err: &(dyn std::error::Error + 'static)) -> bool {
         source = e.source();
     }
     false
-}
-
-/// An error and its causes as one line: `a: b: c`, without the SDK's `Debug` dumps, each
-/// cause's lines joined, causes already said dropped, at most 600 characters.
-fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut source = Some(err);
-    while let Some(e) = source {
-        let text = e
-            .to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = e.source();
-    }
-    let line = parts.join(": ");
-    match line.char_indices().nth(600) {
-        Some((i, _)) => format!("{}...", &line[..i]),
-        None => line,
-    }
 }
 
 /// An HTTP status sorted into retryable or not, for answers without an AWS error code (such
