@@ -11,6 +11,8 @@
 //! - [`envoy`]: Envoy bootstraps (JSON) that take their secrets from an agent over SDS, a
 //!   running Envoy, and what its admin endpoint says about certificates and counters;
 //! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
+//! - [`istio_ca`]: a test Istio CA (the gRPC CA API of istiod and istio-csr) over TLS,
+//!   with tokens mapped to identities and root rotation;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
 //! - [`moto`]: a real AWS ACM PCA API (moto's server) with a root CA set up as on AWS;
 //! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
@@ -25,6 +27,7 @@
 pub mod agent;
 pub mod envoy;
 pub mod http;
+pub mod istio_ca;
 pub mod mesh;
 pub mod moto;
 pub mod pki;

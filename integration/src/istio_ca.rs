@@ -1,0 +1,477 @@
+//! A test Istio CA: a tonic server of `istio.v1.auth.IstioCertificateService` over TLS,
+//! around a local CA, standing in for istiod (and cert-manager istio-csr), which cannot run
+//! here.
+//!
+//! What it reproduces of istiod's CA server (`security/pkg/server/ca`):
+//! - TLS on its gRPC port, with a serving certificate for `istiod.istio-system.svc`;
+//! - authentication by the bearer token in `authorization`: an unknown or missing token is
+//!   `Unauthenticated`; the token maps to the caller's identity (in istiod, through a
+//!   TokenReview of the service-account JWT; here, through a fixture table);
+//! - the `clusterid` metadata: a request naming a cluster other than the CA's is
+//!   `Unauthenticated`, as istiod fails it when no authenticator knows that cluster;
+//! - the identity comes from the caller, not the CSR: a CSR whose SAN is not the caller's
+//!   identity is `Unauthenticated` (istiod: "the requested identity does not match the
+//!   caller");
+//! - `validity_duration` in seconds; zero or less means the default (24 h); more than the
+//!   maximum workload TTL is `InvalidArgument` ("requested TTL ... is greater than the max
+//!   allowed TTL"), as istiod does with its default `MAX_WORKLOAD_CERT_TTL` of 90 days;
+//! - the answer `[leaf, intermediate chain, root bundle]`, leaf first and root last, the
+//!   last element holding every current root: both during a root rotation (istiod's
+//!   combined `root-cert.pem`);
+//! - a plugged-in CA (`cacerts`): an intermediate signs, a root above it.
+//!
+//! What it does not reproduce: mTLS client authentication with an existing workload
+//! certificate, `ImpersonatedIdentity` metadata (node agents), JWT validation itself
+//! (audience, expiry: a test removes a token to play an expired one), the multicluster
+//! authenticators, istiod's own rate limits, and any signing but this module's (SANs,
+//! key usages and validity as the embedded CA of sds-backends issues them).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::pem::PemObject;
+use sds_backends::embedded::EmbeddedCa;
+use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId};
+use sds_proto::pb::istio_v1_auth::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use sds_proto::pb::istio_v1_auth::{IstioCertificateRequest, IstioCertificateResponse};
+use tokio::sync::{Mutex, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use x509_parser::prelude::{FromDer, X509CertificationRequest};
+
+use crate::pki::serial_of_pem;
+use crate::{Error, Serial, free_port, io_error};
+
+/// The name on the CA's serving certificate, as istiod's.
+pub const SERVER_NAME: &str = "istiod.istio-system.svc";
+/// The cluster the CA belongs to.
+pub const CLUSTER_ID: &str = "Kubernetes";
+/// istiod's default lifetime for a request without one.
+const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// istiod's default `MAX_WORKLOAD_CERT_TTL`.
+const MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// One call the CA answered, as it saw it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The bearer token, if any.
+    pub token: Option<String>,
+    /// The `clusterid` metadata, if any.
+    pub cluster_id: Option<String>,
+    /// `validity_duration`.
+    pub validity: i64,
+    /// `Ok` with the leaf's serial, or the status code and message.
+    pub outcome: Result<Serial, String>,
+    /// Which root the leaf chains to: 1 for the first, 2 for the one rotated in.
+    pub root: Option<u8>,
+}
+
+/// A root with an intermediate under it, as a plugged-in CA holds them.
+struct Generation {
+    number: u8,
+    ca: EmbeddedCa,
+    intermediate_pem: String,
+    root_pem: String,
+}
+
+/// What the CA is doing with its roots.
+struct Roots {
+    current: Arc<Generation>,
+    /// A root being rotated in: served alongside `current`.
+    next: Option<Arc<Generation>>,
+    /// Whether `next` signs already.
+    signing_next: bool,
+}
+
+struct State {
+    tokens: Mutex<HashMap<String, SpiffeId>>,
+    roots: Mutex<Roots>,
+    calls: Mutex<Vec<Call>>,
+}
+
+/// The test CA: its TLS material on disk, its fixture of tokens, and its roots. It serves
+/// only between [`IstioTestCa::serve`] and [`IstioTestCa::stop`], always on the same port.
+pub struct IstioTestCa {
+    addr: SocketAddr,
+    tls_root: PathBuf,
+    tls_cert_pem: String,
+    tls_key_pem: String,
+    state: Arc<State>,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for IstioTestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IstioTestCa")
+            .field("addr", &self.addr)
+            .field("serving", &self.running.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IstioTestCa {
+    /// Generates the CA's TLS material (its root written to `dir/istiod-tls-root.pem`) and a
+    /// first workload root with an intermediate, on a free loopback port. Not serving yet.
+    pub fn new(dir: &Path) -> Result<Self, Error> {
+        let (tls_root_pem, tls_cert_pem, tls_key_pem) = serving_pki()?;
+        let tls_root = dir.join("istiod-tls-root.pem");
+        std::fs::write(&tls_root, tls_root_pem)
+            .map_err(io_error(format!("writing {}", tls_root.display())))?;
+        Ok(Self {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            tls_root,
+            tls_cert_pem,
+            tls_key_pem,
+            state: Arc::new(State {
+                tokens: Mutex::new(HashMap::new()),
+                roots: Mutex::new(Roots {
+                    current: Arc::new(Generation::new(1)?),
+                    next: None,
+                    signing_next: false,
+                }),
+                calls: Mutex::new(Vec::new()),
+            }),
+            running: None,
+        })
+    }
+
+    /// [`IstioTestCa::new`], serving.
+    pub async fn start(dir: &Path) -> Result<Self, Error> {
+        let mut ca = Self::new(dir)?;
+        ca.serve().await?;
+        Ok(ca)
+    }
+
+    /// Starts serving on its port (again, after [`IstioTestCa::stop`]).
+    pub async fn serve(&mut self) -> Result<(), Error> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .map_err(io_error(format!(
+                "binding the test Istio CA on {}",
+                self.addr
+            )))?;
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.tls_cert_pem, &self.tls_key_pem));
+        let router = Server::builder()
+            .tls_config(tls)
+            .map_err(|e| Error::Api {
+                call: "test Istio CA TLS".into(),
+                detail: e.to_string(),
+            })?
+            .add_service(IstioCertificateServiceServer::new(Service {
+                state: self.state.clone(),
+            }));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        self.running = Some((stop, task));
+        Ok(())
+    }
+
+    /// Stops serving: open connections are closed, the port refuses new ones.
+    pub async fn stop(&mut self) {
+        if let Some((stop, mut task)) = self.running.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+
+    /// Its address, for `--ca-addr`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The root of its TLS certificate, for `--ca-root-cert`.
+    pub fn tls_root(&self) -> &Path {
+        &self.tls_root
+    }
+
+    /// Lets `token` in as the service account `sa` of namespace `ns` of `trust_domain`.
+    pub async fn allow(&self, token: &str, trust_domain: &str, ns: &str, sa: &str) {
+        let id = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
+        let id = id
+            .parse()
+            .unwrap_or_else(|e| panic!("test identity {id}: {e}"));
+        self.state.tokens.lock().await.insert(token.to_owned(), id);
+    }
+
+    /// Stops accepting `token` (an expired or revoked one).
+    pub async fn revoke(&self, token: &str) {
+        self.state.tokens.lock().await.remove(token);
+    }
+
+    /// Every call so far.
+    pub async fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().await.clone()
+    }
+
+    /// Serials of the roots it serves now, current first.
+    pub async fn root_serials(&self) -> Result<Vec<Serial>, Error> {
+        let roots = self.state.roots.lock().await;
+        let mut serials = vec![serial_of_pem(&roots.current.root_pem)?];
+        if let Some(next) = &roots.next {
+            serials.push(serial_of_pem(&next.root_pem)?);
+        }
+        Ok(serials)
+    }
+
+    /// Root rotation, step 1: a new root joins the root bundle of every answer, while the
+    /// old intermediate still signs.
+    pub async fn add_next_root(&self) -> Result<(), Error> {
+        let next = Arc::new(Generation::new(2)?);
+        self.state.roots.lock().await.next = Some(next);
+        Ok(())
+    }
+
+    /// Root rotation, step 2: the new root's intermediate signs; both roots are still sent.
+    pub async fn sign_with_next_root(&self) {
+        self.state.roots.lock().await.signing_next = true;
+    }
+}
+
+impl Drop for IstioTestCa {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.running.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Generation {
+    fn new(number: u8) -> Result<Self, Error> {
+        let root_key = KeyPair::generate().map_err(Error::Ca)?;
+        let mut root = ca_params(&format!("test istio root {number}"), None);
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root.self_signed(&root_key).map_err(Error::Ca)?;
+        let root_issuer = Issuer::new(root, root_key);
+        let int_key = KeyPair::generate().map_err(Error::Ca)?;
+        let int = ca_params(
+            &format!("test istio intermediate {number}"),
+            Some(BasicConstraints::Constrained(0)),
+        );
+        let int_cert = int.signed_by(&int_key, &root_issuer).map_err(Error::Ca)?;
+        let chain = format!("{}{}", int_cert.pem(), root_cert.pem());
+        let ca = EmbeddedCa::from_pem(chain.as_bytes(), &int_key.serialize_pem()).map_err(|e| {
+            Error::Api {
+                call: "loading the test Istio CA".into(),
+                detail: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            number,
+            ca,
+            intermediate_pem: int_cert.pem(),
+            root_pem: root_cert.pem(),
+        })
+    }
+}
+
+fn ca_params(common_name: &str, constraint: Option<BasicConstraints>) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "sds-agent istiod test");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraint.unwrap_or(BasicConstraints::Unconstrained));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// A TLS root, and a serving certificate it signed for [`SERVER_NAME`] and 127.0.0.1.
+fn serving_pki() -> Result<(String, String, String), Error> {
+    let root_key = KeyPair::generate().map_err(Error::Ca)?;
+    let root = ca_params("test istiod TLS root", None);
+    let root_cert = root.self_signed(&root_key).map_err(Error::Ca)?;
+    let issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate().map_err(Error::Ca)?;
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(Error::Ca)?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+    let cert = params.signed_by(&key, &issuer).map_err(Error::Ca)?;
+    Ok((root_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+struct Service {
+    state: Arc<State>,
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for Service {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let header = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let token = header("authorization").and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .map(str::to_owned)
+                .filter(|t| !t.is_empty())
+        });
+        let cluster_id = header("clusterid");
+        let validity = request.get_ref().validity_duration;
+        let outcome = self
+            .sign(token.as_deref(), cluster_id.as_deref(), request.get_ref())
+            .await;
+        self.state.calls.lock().await.push(Call {
+            token,
+            cluster_id,
+            validity,
+            outcome: match &outcome {
+                Ok((_, serial, _)) => Ok(serial.clone()),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            },
+            root: outcome.as_ref().ok().map(|(_, _, root)| *root),
+        });
+        outcome.map(|(response, _, _)| Response::new(response))
+    }
+}
+
+impl Service {
+    async fn sign(
+        &self,
+        token: Option<&str>,
+        cluster_id: Option<&str>,
+        req: &IstioCertificateRequest,
+    ) -> Result<(IstioCertificateResponse, Serial, u8), Status> {
+        // Authenticate.
+        let token = token.ok_or_else(|| {
+            Status::unauthenticated("authenticate failure: no bearer token in the request")
+        })?;
+        if let Some(id) = cluster_id.filter(|id| *id != CLUSTER_ID) {
+            return Err(Status::unauthenticated(format!(
+                "authenticate failure: client claims to be in cluster {id:?}, but the CA \
+                 knows only {CLUSTER_ID:?}"
+            )));
+        }
+        let caller = self
+            .state
+            .tokens
+            .lock()
+            .await
+            .get(token)
+            .cloned()
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "authenticate failure: the token was not accepted (unknown, expired or \
+                     wrong audience)",
+                )
+            })?;
+
+        // The CSR, and the identity it asks for.
+        let csr = CertificateSigningRequestDer::from_pem_slice(req.csr.as_bytes())
+            .map_err(|e| Status::invalid_argument(format!("CSR is not PEM: {e}")))?;
+        let (_, parsed) = X509CertificationRequest::from_der(csr.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("CSR cannot be parsed: {e}")))?;
+        let key_type = if parsed
+            .certification_request_info
+            .subject_pki
+            .algorithm
+            .algorithm
+            == x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
+        {
+            KeyType::Rsa2048
+        } else {
+            KeyType::default()
+        };
+        let wanted = caller.to_string();
+        let asked: Vec<String> = parsed
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|ext| match ext {
+                x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) => {
+                    Some(san.general_names.iter().map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(uri) => format!("URI:{uri}"),
+                        other => other.to_string(),
+                    }))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if asked != [format!("URI:{wanted}")] {
+            return Err(Status::unauthenticated(format!(
+                "the requested identity {asked:?} does not match the caller {wanted}"
+            )));
+        }
+
+        // The lifetime.
+        let ttl = match u64::try_from(req.validity_duration) {
+            Ok(0) | Err(_) => DEFAULT_TTL,
+            Ok(s) => Duration::from_secs(s),
+        };
+        if ttl > MAX_TTL {
+            return Err(Status::invalid_argument(format!(
+                "requested TTL {}s is greater than the max allowed TTL {}s",
+                ttl.as_secs(),
+                MAX_TTL.as_secs()
+            )));
+        }
+
+        let (signer, root_bundle) = {
+            let roots = self.state.roots.lock().await;
+            let signer = match &roots.next {
+                Some(next) if roots.signing_next => next.clone(),
+                _ => roots.current.clone(),
+            };
+            let mut bundle = roots.current.root_pem.clone();
+            if let Some(next) = &roots.next {
+                bundle.push_str(&next.root_pem);
+            }
+            (signer, bundle)
+        };
+        let issued = signer
+            .ca
+            .sign(&SignRequest {
+                identity: caller,
+                csr_der: csr.as_ref().to_vec(),
+                ttl,
+                key_type,
+            })
+            .await
+            .map_err(|e| Status::internal(format!("signing failed: {e}")))?;
+        let serial = x509_parser::parse_x509_certificate(issued.leaf.as_ref())
+            .map(|(_, c)| Serial::from_bytes(c.raw_serial()))
+            .map_err(|e| Status::internal(format!("reading the new certificate: {e}")))?;
+        let leaf_pem = sds_backends::pem::encode_certificates([&issued.leaf]);
+        Ok((
+            IstioCertificateResponse {
+                cert_chain: vec![leaf_pem, signer.intermediate_pem.clone(), root_bundle],
+            },
+            serial,
+            signer.number,
+        ))
+    }
+}

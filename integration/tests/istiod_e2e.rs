@@ -1,0 +1,480 @@
+//! The istiod backend end to end: `sds-agent --ca istiod` against the test Istio CA of
+//! `integration/src/istio_ca.rs` (a tonic server over TLS that authenticates by bearer token
+//! and takes the identity from the caller, as istiod does), with real Envoys.
+//!
+//! - Two agents, two Envoys, mTLS, and rotation under traffic with zero failed requests.
+//! - Faults: the CA down at start-up (ready as soon as it comes up), down during a rotation
+//!   (the last good certificate stays, recovery on its own), the token file rotated between
+//!   calls, wrong tokens and a wrong cluster ID (clear errors, counted, not ready), and a root
+//!   rotated by the CA (Envoy receives the new `ROOTCA`, and traffic between a workload
+//!   under the new root and one under the old keeps flowing while both are trusted).
+//!
+//! Without Envoy the mTLS tests print a line and pass, unless `SDS_AGENT_REQUIRE_ENVOY=1`
+//! (set by `scripts/test.sh`). The test CA is in-process and always runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sds_integration::agent::{Agent, AgentConfig};
+use sds_integration::http;
+use sds_integration::istio_ca::{CLUSTER_ID, IstioTestCa, SERVER_NAME};
+use sds_integration::mesh::{
+    BODY, Mesh, MeshCa, NAMESPACE, TRUST_DOMAIN, check_rotation_under_traffic, drive,
+    rotation_paths,
+};
+use sds_integration::process::{agent_bin, envoy_bin};
+use sds_integration::{Serial, test_dir, wait_until};
+use tokio::time::Instant;
+
+fn token_file(dir: &Path, service_account: &str) -> PathBuf {
+    dir.join(format!("token-{service_account}"))
+}
+
+/// Writes the token as kubelet does: a new file renamed over the old one.
+fn write_token(path: &Path, token: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, token).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn istiod_args(ca: &IstioTestCa, token_file: &Path, cluster_id: &str) -> Vec<OsString> {
+    vec![
+        "--ca".into(),
+        "istiod".into(),
+        "--ca-addr".into(),
+        ca.addr().to_string().into(),
+        "--ca-root-cert".into(),
+        ca.tls_root().into(),
+        "--ca-server-name".into(),
+        SERVER_NAME.into(),
+        "--ca-token-file".into(),
+        token_file.into(),
+        "--cluster-id".into(),
+        cluster_id.into(),
+    ]
+}
+
+fn config<'a>(service_account: &'a str, cert_ttl: &'static str) -> AgentConfig<'a> {
+    AgentConfig {
+        trust_domain: TRUST_DOMAIN,
+        namespace: NAMESPACE,
+        service_account,
+        cert_ttl,
+    }
+}
+
+/// A token for the service account, known to the CA and written where its agent reads it.
+async fn token_for(ca: &IstioTestCa, dir: &Path, service_account: &str) -> PathBuf {
+    let token = format!("projected-token-{service_account}-1");
+    ca.allow(&token, TRUST_DOMAIN, NAMESPACE, service_account)
+        .await;
+    let path = token_file(dir, service_account);
+    write_token(&path, &token);
+    path
+}
+
+async fn start_agent(ca: &IstioTestCa, dir: &Path, sa: &str, ttl: &'static str) -> Agent {
+    let token = token_for(ca, dir, sa).await;
+    Agent::start_with(
+        &agent_bin().unwrap(),
+        dir,
+        &config(sa, ttl),
+        &istiod_args(ca, &token, CLUSTER_ID),
+    )
+    .await
+    .unwrap()
+}
+
+async fn rotate(agent: &Agent) {
+    let r = http::request(agent.admin(), "POST", "/rotate")
+        .await
+        .unwrap();
+    assert!((200..300).contains(&r.status), "POST /rotate: {r:?}");
+}
+
+/// Waits until the agent serves a certificate other than `previous`, and returns it.
+async fn next_serial(agent: &Agent, previous: &Serial) -> Serial {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(now) = agent.current_serial().await.ok().flatten()
+            && &now != previous
+        {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new certificate in 20 s\n{}",
+            agent.process().tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn log_shows(agent: &Agent, needle: &str) {
+    let path = agent.process().log_path().to_owned();
+    let found = wait_until(
+        &format!("{needle:?} in the agent's log"),
+        Duration::from_secs(20),
+        || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) }
+        },
+    )
+    .await;
+    if let Err(e) = found {
+        panic!("{e}\n{}", agent.process().tail(40));
+    }
+}
+
+async fn metric(agent: &Agent, prefix: &str) -> u64 {
+    agent
+        .metric_lines(prefix)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn ready(agent: &Agent) -> bool {
+    http::get(agent.admin(), "/readyz")
+        .await
+        .is_ok_and(|r| r.status == 200)
+}
+
+#[tokio::test]
+async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
+    let Some(envoy) = envoy_bin().unwrap() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    let ca = IstioTestCa::start(dir.path()).await.unwrap();
+    let mut tokens = Vec::new();
+    for sa in ["frontend", "backend"] {
+        tokens.push(token_for(&ca, dir.path(), sa).await);
+    }
+    let (addr, tls_root) = (ca.addr(), ca.tls_root().to_owned());
+    let token_dir = dir.path().to_owned();
+    let mesh_ca = MeshCa {
+        agent_args: Box::new(move |sa| {
+            let mut args = vec![
+                "--ca".into(),
+                "istiod".into(),
+                "--ca-addr".into(),
+                addr.to_string().into(),
+                "--ca-root-cert".into(),
+                tls_root.clone().into(),
+                "--ca-server-name".into(),
+                SERVER_NAME.into(),
+                "--cluster-id".into(),
+                CLUSTER_ID.into(),
+            ];
+            args.extend(["--ca-token-file".into(), token_file(&token_dir, sa).into()]);
+            args
+        }),
+        roots: ca.root_serials().await.unwrap(),
+        agent_env: Vec::new(),
+    };
+    // 10 s certificates renew about every 5 s: over 16 s of traffic, at least three each.
+    let mesh = Mesh::start(&envoy, dir.path(), "10s", &rotation_paths(), &mesh_ca)
+        .await
+        .unwrap();
+    match check_rotation_under_traffic(&mesh, Duration::from_secs(16), 3).await {
+        Ok(summary) => eprintln!("{summary}"),
+        Err(report) => panic!("{report}"),
+    }
+    // What the CA saw: every call authenticated, with the cluster ID and the TTL asked for.
+    let calls = ca.calls().await;
+    assert!(calls.len() >= 6, "{calls:?}");
+    for call in &calls {
+        assert!(call.outcome.is_ok(), "{call:?}");
+        assert_eq!(call.cluster_id.as_deref(), Some(CLUSTER_ID));
+        assert_eq!(call.validity, 10);
+        assert_eq!(call.root, Some(1));
+    }
+}
+
+#[tokio::test]
+async fn the_agent_is_ready_as_soon_as_the_ca_comes_up() {
+    let dir = test_dir().unwrap();
+    let mut ca = IstioTestCa::new(dir.path()).unwrap();
+    let token = token_for(&ca, dir.path(), "late").await;
+    let mut agent = Agent::spawn(
+        &agent_bin().unwrap(),
+        dir.path(),
+        &config("late", "1h"),
+        &istiod_args(&ca, &token, CLUSTER_ID),
+        &[],
+    )
+    .unwrap();
+    log_shows(&agent, "certificate renewal failed; will retry").await;
+    assert!(!ready(&agent).await);
+    assert!(
+        metric(
+            &agent,
+            "sds_agent_ca_errors_total{backend=\"istiod\",kind=\"unavailable\",retryable=\"true\"}"
+        )
+        .await
+            >= 1
+    );
+
+    // The CA comes up after the first failure: the next retry (1 to 2 s later) succeeds.
+    ca.serve().await.unwrap();
+    let up = Instant::now();
+    agent.wait_ready(Duration::from_secs(15)).await.unwrap();
+    eprintln!("ready {:?} after the CA came up", up.elapsed());
+    assert!(agent.current_serial().await.unwrap().is_some());
+    assert_eq!(ca.calls().await.len(), 1, "one call, and it succeeded");
+}
+
+#[tokio::test]
+async fn the_last_good_certificate_stays_while_the_ca_is_down_and_renewal_resumes_alone() {
+    let dir = test_dir().unwrap();
+    let mut ca = IstioTestCa::start(dir.path()).await.unwrap();
+    let agent = start_agent(&ca, dir.path(), "steady", "1h").await;
+    let first = agent.current_serial().await.unwrap().unwrap();
+
+    ca.stop().await;
+    rotate(&agent).await;
+    log_shows(&agent, "certificate renewal failed; will retry").await;
+    assert!(metric(&agent, "sds_agent_renewals_total{result=\"failure\"}").await >= 1);
+    assert_eq!(agent.current_serial().await.unwrap(), Some(first.clone()));
+    assert!(
+        ready(&agent).await,
+        "the last good certificate is still served"
+    );
+
+    // Back: the agent's own retry renews, no rotation asked.
+    ca.serve().await.unwrap();
+    let renewed = next_serial(&agent, &first).await;
+    assert_ne!(renewed, first);
+}
+
+#[tokio::test]
+async fn a_token_rotated_in_its_file_is_used_at_the_next_call() {
+    let dir = test_dir().unwrap();
+    let ca = IstioTestCa::start(dir.path()).await.unwrap();
+    let agent = start_agent(&ca, dir.path(), "rotating", "1h").await;
+    let first = agent.current_serial().await.unwrap().unwrap();
+
+    // kubelet refreshes the projected token; the CA no longer accepts the old one.
+    ca.allow(
+        "projected-token-rotating-2",
+        TRUST_DOMAIN,
+        NAMESPACE,
+        "rotating",
+    )
+    .await;
+    ca.revoke("projected-token-rotating-1").await;
+    write_token(
+        &token_file(dir.path(), "rotating"),
+        "projected-token-rotating-2\n",
+    );
+    rotate(&agent).await;
+    next_serial(&agent, &first).await;
+    let tokens: Vec<Option<String>> = ca.calls().await.into_iter().map(|c| c.token).collect();
+    assert_eq!(
+        tokens,
+        [
+            Some("projected-token-rotating-1".into()),
+            Some("projected-token-rotating-2".into())
+        ]
+    );
+    assert_eq!(
+        metric(&agent, "sds_agent_ca_errors_total").await,
+        0,
+        "not one call with a stale token"
+    );
+}
+
+#[tokio::test]
+async fn wrong_tokens_and_a_wrong_cluster_id_are_clear_counted_errors() {
+    let dir = test_dir().unwrap();
+    let ca = IstioTestCa::start(dir.path()).await.unwrap();
+    let bin = agent_bin().unwrap();
+    // A token the CA never issued; another workload's token; the right token, wrong cluster.
+    let unknown = token_file(dir.path(), "unknown");
+    write_token(&unknown, "not-a-token-the-ca-knows");
+    let other = token_for(&ca, dir.path(), "someone-else").await;
+    let right = token_for(&ca, dir.path(), "elsewhere").await;
+    let cases = [
+        (
+            "unknown",
+            istiod_args(&ca, &unknown, CLUSTER_ID),
+            "audience",
+        ),
+        (
+            "impostor",
+            istiod_args(&ca, &other, CLUSTER_ID),
+            "does not match the caller",
+        ),
+        (
+            "elsewhere",
+            istiod_args(&ca, &right, "other-cluster"),
+            "--cluster-id (other-cluster)",
+        ),
+    ];
+    for (sa, args, needle) in cases {
+        let agent = Agent::spawn(&bin, dir.path(), &config(sa, "1h"), &args, &[]).unwrap();
+        log_shows(&agent, "Unauthenticated from the CA").await;
+        log_shows(&agent, needle).await;
+        assert!(!ready(&agent).await, "{sa}");
+        assert!(
+            metric(
+                &agent,
+                "sds_agent_ca_errors_total{backend=\"istiod\",kind=\"denied\",retryable=\"false\"}"
+            )
+            .await
+                >= 1,
+            "{sa}"
+        );
+        assert!(agent.current_serial().await.unwrap().is_none(), "{sa}");
+    }
+    let calls = ca.calls().await;
+    assert!(calls.iter().all(|c| c.outcome.is_err()), "{calls:?}");
+}
+
+/// The roots each Envoy trusts and the serial of the certificate it presents.
+async fn envoy_view(envoy: &sds_integration::envoy::Envoy) -> Option<(Vec<Serial>, Serial)> {
+    let certs = envoy.certs().await.ok()?;
+    let ctx = certs.first()?;
+    let roots = ctx.ca.iter().map(|c| c.serial.clone()).collect();
+    Some((roots, ctx.chain.first()?.serial.clone()))
+}
+
+#[tokio::test]
+async fn a_root_rotated_by_the_ca_reaches_envoy_and_traffic_flows_across_both_roots() {
+    let Some(envoy) = envoy_bin().unwrap() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    let ca = IstioTestCa::start(dir.path()).await.unwrap();
+    for sa in ["frontend", "backend"] {
+        token_for(&ca, dir.path(), sa).await;
+    }
+    let (addr, tls_root) = (ca.addr(), ca.tls_root().to_owned());
+    let token_dir = dir.path().to_owned();
+    let old_root = ca.root_serials().await.unwrap();
+    let mesh_ca = MeshCa {
+        agent_args: Box::new(move |sa| {
+            vec![
+                "--ca".into(),
+                "istiod".into(),
+                "--ca-addr".into(),
+                addr.to_string().into(),
+                "--ca-root-cert".into(),
+                tls_root.clone().into(),
+                "--ca-server-name".into(),
+                SERVER_NAME.into(),
+                "--ca-token-file".into(),
+                token_file(&token_dir, sa).into(),
+            ]
+        }),
+        roots: old_root.clone(),
+        agent_env: Vec::new(),
+    };
+    // Long-lived certificates: every rotation here is one the test asks for.
+    let mesh = Mesh::start(&envoy, dir.path(), "1h", &rotation_paths(), &mesh_ca)
+        .await
+        .unwrap();
+    let entry = mesh.entry;
+    wait_until("a first request", Duration::from_secs(20), || async move {
+        http::get(entry, "/fresh")
+            .await
+            .is_ok_and(|r| r.status == 200 && r.body == BODY)
+    })
+    .await
+    .unwrap();
+
+    let until = Instant::now() + Duration::from_secs(20);
+    let steps = async {
+        // 1. The CA adds a new root to what it sends; both agents renew and push both roots.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ca.add_next_root().await.unwrap();
+        let both = ca.root_serials().await.unwrap();
+        rotate(&mesh.frontend).await;
+        rotate(&mesh.backend).await;
+        for side in [&mesh.client, &mesh.server] {
+            let both = both.clone();
+            wait_until("Envoy to trust both roots", Duration::from_secs(10), || {
+                let both = both.clone();
+                async move {
+                    envoy_view(side)
+                        .await
+                        .is_some_and(|(roots, _)| roots == both)
+                }
+            })
+            .await
+            .unwrap();
+        }
+        // 2. The CA signs under the new root. The frontend renews first, so for a while the
+        //    client presents a certificate of the new root to a server of the old one.
+        ca.sign_with_next_root().await;
+        let before = mesh.frontend.current_serial().await.unwrap().unwrap();
+        rotate(&mesh.frontend).await;
+        let new_client = next_serial(&mesh.frontend, &before).await;
+        let client = &mesh.client;
+        wait_until(
+            "the client Envoy to present its new certificate",
+            Duration::from_secs(10),
+            || {
+                let new_client = new_client.clone();
+                async move {
+                    envoy_view(client)
+                        .await
+                        .is_some_and(|(_, leaf)| leaf == new_client)
+                }
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        // 3. The backend moves too.
+        let before = mesh.backend.current_serial().await.unwrap().unwrap();
+        rotate(&mesh.backend).await;
+        let new_server = next_serial(&mesh.backend, &before).await;
+        (both, new_client, new_server)
+    };
+    let (fresh, pooled, (both, new_client, new_server)) = tokio::join!(
+        drive(entry, "/fresh", until),
+        drive(entry, "/pooled", until),
+        steps,
+    );
+    let report = format!(
+        "fresh: {} ok, {} failed {:?}; pooled: {} ok, {} failed {:?}\n{}",
+        fresh.ok,
+        fresh.failed,
+        fresh.failures,
+        pooled.ok,
+        pooled.failed,
+        pooled.failures,
+        mesh.diagnostics().await
+    );
+    assert_eq!(fresh.failed + pooled.failed, 0, "{report}");
+    assert!(fresh.ok > 100 && pooled.ok > 100, "{report}");
+    assert!(both.len() == 2 && both[0] == old_root[0], "{both:?}");
+    // The handshakes used the new-root client certificate against the old-root server one.
+    assert!(fresh.client_certs_used.contains(&new_client), "{report}");
+    assert!(fresh.server_certs_used.contains(&new_server), "{report}");
+    for side in [&mesh.client, &mesh.server] {
+        let (roots, _) = envoy_view(side).await.unwrap();
+        assert_eq!(roots, both, "{report}");
+    }
+    eprintln!(
+        "root rotation: fresh connections {} ok, reused {} ok, 0 failed; client certificates \
+         used {}, server certificates used {}; both Envoys trust {both:?}",
+        fresh.ok,
+        pooled.ok,
+        fresh.client_certs_used.len(),
+        fresh.server_certs_used.len()
+    );
+    let roots_used: Vec<Option<u8>> = ca.calls().await.iter().map(|c| c.root).collect();
+    assert_eq!(
+        roots_used,
+        [Some(1), Some(1), Some(1), Some(1), Some(2), Some(2)],
+        "first certificates, renewals after the new root was added, then under it"
+    );
+}
