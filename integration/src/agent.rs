@@ -191,6 +191,28 @@ impl Agent {
         parse_secrets(&body)
     }
 
+    /// Waits until the agent's log holds `needle`; the error carries the log's tail.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> Result<(), Error> {
+        let path = self.proc.log_path().to_owned();
+        crate::wait_until(&format!("{needle:?} in the agent's log"), limit, || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) }
+        })
+        .await
+        .map_err(|e| Error::NotReady {
+            name: self.proc.name().to_owned(),
+            reason: e.to_string(),
+            log_tail: self.proc.tail(40),
+        })
+    }
+
+    /// Whether `GET /readyz` answers `200` now.
+    pub async fn is_ready(&self) -> bool {
+        http::get(self.admin, "/readyz")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    }
+
     /// The serial of the workload certificate (`default`) it serves now, if any.
     pub async fn current_serial(&self) -> Result<Option<Serial>, Error> {
         Ok(self

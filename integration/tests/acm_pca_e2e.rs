@@ -29,7 +29,7 @@ use sds_integration::mesh::{
 use sds_integration::moto::{Moto, agent_env};
 use sds_integration::pki::serial_of_pem;
 use sds_integration::process::{agent_bin, envoy_bin};
-use sds_integration::{test_dir, wait_until};
+use sds_integration::test_dir;
 use serde_json::Value;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -62,19 +62,10 @@ fn rfc3339(v: &Value) -> SystemTime {
 
 /// Waits until the agent's log holds `needle`.
 async fn log_shows(agent: &Agent, needle: &str) {
-    let path = agent.process().log_path().to_owned();
-    let found = wait_until(
-        &format!("{needle:?} in the agent's log"),
-        Duration::from_secs(20),
-        || {
-            let path = path.clone();
-            async move { std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) }
-        },
-    )
-    .await;
-    if let Err(e) = found {
-        panic!("{e}\n{}", agent.process().tail(40));
-    }
+    agent
+        .wait_for_log(needle, Duration::from_secs(20))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -242,8 +233,5 @@ async fn an_arn_moto_does_not_know_is_a_clear_misconfiguration() {
 }
 
 async fn assert_not_ready(agent: &Agent) {
-    let r = sds_integration::http::get(agent.admin(), "/readyz")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(!agent.is_ready().await, "the agent is ready");
 }

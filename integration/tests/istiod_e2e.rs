@@ -15,6 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,20 +42,49 @@ fn write_token(path: &Path, token: &str) {
 }
 
 fn istiod_args(ca: &IstioTestCa, token_file: &Path, cluster_id: &str) -> Vec<OsString> {
-    vec![
+    args_for(ca.addr(), ca.tls_root(), token_file, Some(cluster_id))
+}
+
+/// The `run` flags for the test CA at `addr` whose TLS root is `tls_root`.
+fn args_for(
+    addr: SocketAddr,
+    tls_root: &Path,
+    token_file: &Path,
+    cluster_id: Option<&str>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
         "--ca".into(),
         "istiod".into(),
         "--ca-addr".into(),
-        ca.addr().to_string().into(),
+        addr.to_string().into(),
         "--ca-root-cert".into(),
-        ca.tls_root().into(),
+        tls_root.into(),
         "--ca-server-name".into(),
         SERVER_NAME.into(),
         "--ca-token-file".into(),
         token_file.into(),
-        "--cluster-id".into(),
-        cluster_id.into(),
-    ]
+    ];
+    if let Some(id) = cluster_id {
+        args.extend(["--cluster-id".into(), id.into()]);
+    }
+    args
+}
+
+/// The mesh's agents on the test CA, each with the token file of its service account.
+fn mesh_ca(
+    ca: &IstioTestCa,
+    dir: &Path,
+    cluster_id: Option<&'static str>,
+    roots: Vec<Serial>,
+) -> MeshCa {
+    let (addr, tls_root, dir) = (ca.addr(), ca.tls_root().to_owned(), dir.to_owned());
+    MeshCa {
+        agent_args: Box::new(move |sa| {
+            args_for(addr, &tls_root, &token_file(&dir, sa), cluster_id)
+        }),
+        roots,
+        agent_env: Vec::new(),
+    }
 }
 
 fn config<'a>(service_account: &'a str, cert_ttl: &'static str) -> AgentConfig<'a> {
@@ -113,20 +143,12 @@ async fn next_serial(agent: &Agent, previous: &Serial) -> Serial {
     }
 }
 
+/// Waits until the agent's log holds `needle`.
 async fn log_shows(agent: &Agent, needle: &str) {
-    let path = agent.process().log_path().to_owned();
-    let found = wait_until(
-        &format!("{needle:?} in the agent's log"),
-        Duration::from_secs(20),
-        || {
-            let path = path.clone();
-            async move { std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) }
-        },
-    )
-    .await;
-    if let Err(e) = found {
-        panic!("{e}\n{}", agent.process().tail(40));
-    }
+    agent
+        .wait_for_log(needle, Duration::from_secs(20))
+        .await
+        .unwrap();
 }
 
 async fn metric(agent: &Agent, prefix: &str) -> u64 {
@@ -139,12 +161,6 @@ async fn metric(agent: &Agent, prefix: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-async fn ready(agent: &Agent) -> bool {
-    http::get(agent.admin(), "/readyz")
-        .await
-        .is_ok_and(|r| r.status == 200)
-}
-
 #[tokio::test]
 async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
     let Some(envoy) = envoy_bin().unwrap() else {
@@ -152,32 +168,15 @@ async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
     };
     let dir = test_dir().unwrap();
     let ca = IstioTestCa::start(dir.path()).await.unwrap();
-    let mut tokens = Vec::new();
     for sa in ["frontend", "backend"] {
-        tokens.push(token_for(&ca, dir.path(), sa).await);
+        token_for(&ca, dir.path(), sa).await;
     }
-    let (addr, tls_root) = (ca.addr(), ca.tls_root().to_owned());
-    let token_dir = dir.path().to_owned();
-    let mesh_ca = MeshCa {
-        agent_args: Box::new(move |sa| {
-            let mut args = vec![
-                "--ca".into(),
-                "istiod".into(),
-                "--ca-addr".into(),
-                addr.to_string().into(),
-                "--ca-root-cert".into(),
-                tls_root.clone().into(),
-                "--ca-server-name".into(),
-                SERVER_NAME.into(),
-                "--cluster-id".into(),
-                CLUSTER_ID.into(),
-            ];
-            args.extend(["--ca-token-file".into(), token_file(&token_dir, sa).into()]);
-            args
-        }),
-        roots: ca.root_serials().await.unwrap(),
-        agent_env: Vec::new(),
-    };
+    let mesh_ca = mesh_ca(
+        &ca,
+        dir.path(),
+        Some(CLUSTER_ID),
+        ca.root_serials().await.unwrap(),
+    );
     // 10 s certificates renew about every 5 s: over 16 s of traffic, at least three each.
     let mesh = Mesh::start(&envoy, dir.path(), "10s", &rotation_paths(), &mesh_ca)
         .await
@@ -211,7 +210,7 @@ async fn the_agent_is_ready_as_soon_as_the_ca_comes_up() {
     )
     .unwrap();
     log_shows(&agent, "certificate renewal failed; will retry").await;
-    assert!(!ready(&agent).await);
+    assert!(!agent.is_ready().await);
     assert!(
         metric(
             &agent,
@@ -243,7 +242,7 @@ async fn the_last_good_certificate_stays_while_the_ca_is_down_and_renewal_resume
     assert!(metric(&agent, "sds_agent_renewals_total{result=\"failure\"}").await >= 1);
     assert_eq!(agent.current_serial().await.unwrap(), Some(first.clone()));
     assert!(
-        ready(&agent).await,
+        agent.is_ready().await,
         "the last good certificate is still served"
     );
 
@@ -321,7 +320,7 @@ async fn wrong_tokens_and_a_wrong_cluster_id_are_clear_counted_errors() {
         let agent = Agent::spawn(&bin, dir.path(), &config(sa, "1h"), &args, &[]).unwrap();
         log_shows(&agent, "Unauthenticated from the CA").await;
         log_shows(&agent, needle).await;
-        assert!(!ready(&agent).await, "{sa}");
+        assert!(!agent.is_ready().await, "{sa}");
         assert!(
             metric(
                 &agent,
@@ -355,27 +354,8 @@ async fn a_root_rotated_by_the_ca_reaches_envoy_and_traffic_flows_across_both_ro
     for sa in ["frontend", "backend"] {
         token_for(&ca, dir.path(), sa).await;
     }
-    let (addr, tls_root) = (ca.addr(), ca.tls_root().to_owned());
-    let token_dir = dir.path().to_owned();
     let old_root = ca.root_serials().await.unwrap();
-    let mesh_ca = MeshCa {
-        agent_args: Box::new(move |sa| {
-            vec![
-                "--ca".into(),
-                "istiod".into(),
-                "--ca-addr".into(),
-                addr.to_string().into(),
-                "--ca-root-cert".into(),
-                tls_root.clone().into(),
-                "--ca-server-name".into(),
-                SERVER_NAME.into(),
-                "--ca-token-file".into(),
-                token_file(&token_dir, sa).into(),
-            ]
-        }),
-        roots: old_root.clone(),
-        agent_env: Vec::new(),
-    };
+    let mesh_ca = mesh_ca(&ca, dir.path(), None, old_root.clone());
     // Long-lived certificates: every rotation here is one the test asks for.
     let mesh = Mesh::start(&envoy, dir.path(), "1h", &rotation_paths(), &mesh_ca)
         .await

@@ -78,6 +78,17 @@ impl IstioCertificateService for StubService {
     }
 }
 
+/// The parameters of a CA certificate named `common_name`.
+fn ca_params(common_name: &str, constraint: BasicConstraints) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraint);
+    params
+}
+
 /// A TLS root and a server certificate it signed, for `ca.test` and 127.0.0.1.
 struct TlsPki {
     root_pem: String,
@@ -88,11 +99,7 @@ struct TlsPki {
 impl TlsPki {
     fn new() -> Self {
         let root_key = KeyPair::generate().unwrap();
-        let mut root = CertificateParams::default();
-        root.distinguished_name = DistinguishedName::new();
-        root.distinguished_name
-            .push(DnType::CommonName, "stub CA TLS root");
-        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = ca_params("stub CA TLS root", BasicConstraints::Unconstrained);
         let root_cert = root.self_signed(&root_key).unwrap();
         let issuer = rcgen::Issuer::new(root, root_key);
         let key = KeyPair::generate().unwrap();
@@ -187,19 +194,11 @@ struct Signer {
 impl Signer {
     fn new() -> Self {
         let root_key = KeyPair::generate().unwrap();
-        let mut root = CertificateParams::default();
-        root.distinguished_name = DistinguishedName::new();
-        root.distinguished_name
-            .push(DnType::CommonName, "workload root");
-        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = ca_params("workload root", BasicConstraints::Unconstrained);
         let root_cert = root.self_signed(&root_key).unwrap();
         let root_issuer = rcgen::Issuer::new(root, root_key);
         let int_key = KeyPair::generate().unwrap();
-        let mut int = CertificateParams::default();
-        int.distinguished_name = DistinguishedName::new();
-        int.distinguished_name
-            .push(DnType::CommonName, "workload intermediate");
-        int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let int = ca_params("workload intermediate", BasicConstraints::Constrained(0));
         let int_cert = int.signed_by(&int_key, &root_issuer).unwrap();
         let chain = format!("{}{}", int_cert.pem(), root_cert.pem());
         let ca = EmbeddedCa::from_pem(chain.as_bytes(), &int_key.serialize_pem()).unwrap();
