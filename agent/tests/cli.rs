@@ -871,7 +871,7 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         bad(
             "unknown CA backend",
             &["--ca", "acme"],
-            &["--ca", "acme", "embedded, vault"],
+            &["--ca", "acme", "embedded, istiod, vault"],
         ),
         bad(
             "vault without an address",

@@ -16,11 +16,11 @@
 //!   certificate, so the bundle is known from the first certificate on, and every later
 //!   answer updates it. The channel to the CA is authenticated by TLS (`root_cert`), so
 //!   these roots are as trustworthy as the CA itself; pin them for a stricter check.
-//! - **Errors.** `Unavailable`, `DeadlineExceeded`, `ResourceExhausted`, `Aborted`,
-//!   `Internal` (and `Unknown`, what some transport failures surface as, and `Cancelled`,
-//!   what tonic's own deadline gives) are retried by
-//!   the secret manager, and each one drops the channel so the next call connects anew:
-//!   a moved endpoint or a new TLS root file is picked up. `Unauthenticated` and
+//! - **Errors.** `Unavailable`, `DeadlineExceeded`, `ResourceExhausted`, `Aborted` and
+//!   `Internal` are retried by the secret manager, and so are `Unknown` (what some transport
+//!   failures surface as) and `Cancelled` (what tonic's own deadline gives). Each of them
+//!   drops the channel, so the next call connects anew: a moved endpoint or a new TLS root
+//!   file is picked up. `Unauthenticated` and
 //!   `PermissionDenied` are not retryable, and say what to check (token audience, expiry,
 //!   cluster ID, service account). `InvalidArgument` (a TTL above the CA's maximum, a CSR
 //!   it refuses) and `Unimplemented` (not an Istio CA) are configuration errors.
