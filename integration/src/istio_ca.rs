@@ -175,7 +175,17 @@ impl IstioTestCa {
             .add_service(IstioCertificateServiceServer::new(Service {
                 state: self.state.clone(),
             }));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Answers go out at once, as from istiod's Go server (Go sets TCP_NODELAY), not after
+        // Nagle's wait for the client's delayed ACK.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |conn| {
+                if let Ok(c) = &conn {
+                    let _ = c.set_nodelay(true);
+                }
+                conn
+            },
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = router
