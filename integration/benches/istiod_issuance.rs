@@ -14,22 +14,15 @@
 
 use std::time::{Duration, Instant};
 
-use rcgen::{CertificateParams, KeyPair, SanType};
 use sds_backends::embedded::EmbeddedCa;
 use sds_backends::istiod::{IstiodCa, IstiodConfig};
-use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustDomain};
+use sds_backends::{CertificateAuthority, SpiffeId, TrustDomain};
+use sds_integration::bench;
 use sds_integration::istio_ca::{IstioTestCa, SERVER_NAME};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::var("ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(500);
+    let rounds = bench::rounds(500);
     let dir = tempfile::tempdir().unwrap();
     let ca = IstioTestCa::start(dir.path()).await.unwrap();
     ca.allow("bench-token", "cluster.local", "default", "bench")
@@ -46,38 +39,19 @@ async fn main() {
     let identity = SpiffeId::for_service_account(td, "default", "bench").unwrap();
 
     let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..rounds + 20 {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into().unwrap())];
-        let req = SignRequest {
-            identity: identity.clone(),
-            csr_der: p.serialize_request(&key).unwrap().der().to_vec(),
-            ttl: Duration::from_secs(3600),
-            key_type: KeyType::EcdsaP256,
-        };
+    for round in 0..rounds + bench::WARMUP {
+        let req = bench::sign_request(&identity).unwrap();
         let cas: [&dyn CertificateAuthority; 2] = [&istiod, &embedded];
         for (i, ca) in cas.iter().enumerate() {
             let t = Instant::now();
             ca.sign(&req).await.unwrap();
             // The first 20 rounds warm up the connection and caches.
-            if round >= 20 {
+            if round >= bench::WARMUP {
                 times[i].push(t.elapsed());
             }
         }
     }
-    for (name, t) in ["istiod API (loopback, TLS)", "embedded"]
-        .iter()
-        .zip(times.iter_mut())
-    {
-        t.sort();
-        println!(
-            "{name:<28} n={} p50={:>9.1?} p99={:>9.1?} max={:>9.1?}",
-            t.len(),
-            percentile(t, 0.5),
-            percentile(t, 0.99),
-            percentile(t, 1.0),
-        );
-    }
+    let [signer, embedded_times] = &mut times;
+    bench::report("istiod API (loopback, TLS)", signer);
+    bench::report("embedded", embedded_times);
 }

