@@ -17,6 +17,8 @@ use rustls_pki_types::CertificateDer;
 
 #[cfg(feature = "acm-pca")]
 pub mod acm_pca;
+#[cfg(feature = "cert-manager")]
+pub mod cert_manager;
 pub mod chain;
 #[cfg(feature = "embedded")]
 pub mod embedded;
@@ -194,7 +196,7 @@ impl CaError {
 /// An error and its sources on one line, each said once, cut at 600 characters: for CA
 /// errors whose libraries nest the cause (a TLS failure inside a connect error inside a
 /// transport error).
-#[cfg(any(feature = "acm-pca", feature = "istiod"))]
+#[cfg(any(feature = "acm-pca", feature = "istiod", feature = "cert-manager"))]
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut source = Some(err);

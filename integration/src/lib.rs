@@ -30,6 +30,7 @@ pub mod bench;
 pub mod envoy;
 pub mod http;
 pub mod istio_ca;
+pub mod kube_api;
 pub mod mesh;
 pub mod moto;
 pub mod pki;
