@@ -224,6 +224,54 @@ pub struct RunArgs {
     /// istiod: time limit of one call to the CA. [default: 10s]
     #[arg(long, env = "SDS_AGENT_CA_TIMEOUT", value_name = "DURATION")]
     pub ca_timeout: Option<String>,
+    /// cert-manager: namespace the CertificateRequests are created in.
+    /// [default: --namespace, the pod's]
+    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_NAMESPACE", value_name = "NS")]
+    pub cert_manager_namespace: Option<String>,
+    /// cert-manager: name of the Issuer or ClusterIssuer that signs (required with
+    /// --ca cert-manager).
+    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_ISSUER_NAME", value_name = "NAME")]
+    pub cert_manager_issuer_name: Option<String>,
+    /// cert-manager: kind of the issuer: Issuer or ClusterIssuer (any kind for an external
+    /// issuer's group). [default: Issuer]
+    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_ISSUER_KIND", value_name = "KIND")]
+    pub cert_manager_issuer_kind: Option<String>,
+    /// cert-manager: API group of the issuer. [default: cert-manager.io]
+    #[arg(
+        long,
+        env = "SDS_AGENT_CERT_MANAGER_ISSUER_GROUP",
+        value_name = "GROUP"
+    )]
+    pub cert_manager_issuer_group: Option<String>,
+    /// cert-manager: longest wait for a CertificateRequest to be approved and issued.
+    /// [default: 60s]
+    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_TIMEOUT", value_name = "DURATION")]
+    pub cert_manager_timeout: Option<String>,
+    /// cert-manager: keep the last CertificateRequest instead of deleting it once read.
+    /// [default: false]
+    #[arg(
+        long,
+        env = "SDS_AGENT_CERT_MANAGER_KEEP_REQUESTS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub cert_manager_keep_requests: Option<bool>,
+    /// cert-manager: pin the trust bundle to these PEM roots, for issuers that leave
+    /// status.ca empty (ACME, some external issuers).
+    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_TRUST_BUNDLE", value_name = "PEM")]
+    pub cert_manager_trust_bundle: Option<PathBuf>,
+    /// cert-manager: kubeconfig to use instead of the pod's service account.
+    #[arg(long, env = "SDS_AGENT_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Name of the pod served (Downward API metadata.name): with --pod-uid, requests are
+    /// owned by the pod, so Kubernetes deletes them with it.
+    #[arg(long, env = "SDS_AGENT_POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
+    /// UID of the pod served (Downward API metadata.uid).
+    #[arg(long, env = "SDS_AGENT_POD_UID", value_name = "UID")]
+    pub pod_uid: Option<String>,
 }
 
 /// The config file: the same keys as the flags, all optional, nothing else allowed.
@@ -275,6 +323,16 @@ struct FileConfig {
     ca_header: Option<Vec<String>>,
     ca_trust_bundle: Option<PathBuf>,
     ca_timeout: Option<String>,
+    cert_manager_namespace: Option<String>,
+    cert_manager_issuer_name: Option<String>,
+    cert_manager_issuer_kind: Option<String>,
+    cert_manager_issuer_group: Option<String>,
+    cert_manager_timeout: Option<String>,
+    cert_manager_keep_requests: Option<bool>,
+    cert_manager_trust_bundle: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    pod_name: Option<String>,
+    pod_uid: Option<String>,
 }
 
 /// The validated configuration of a running agent.
@@ -321,6 +379,35 @@ pub enum CaConfig {
     AcmPca(Box<AcmPcaSettings>),
     /// The Istio CA API: istiod or cert-manager istio-csr.
     Istiod(Box<IstiodSettings>),
+    /// cert-manager CertificateRequests.
+    CertManager(Box<CertManagerSettings>),
+}
+
+/// Settings of the cert-manager backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CertManagerSettings {
+    /// Namespace of the requests.
+    pub namespace: String,
+    /// Issuer name.
+    pub issuer_name: String,
+    /// Issuer kind.
+    pub issuer_kind: String,
+    /// Issuer group.
+    pub issuer_group: String,
+    /// Longest wait for a verdict.
+    #[serde(serialize_with = "humanized")]
+    pub timeout: Duration,
+    /// Keep the last request.
+    pub keep_requests: bool,
+    /// Pinned roots, PEM file.
+    pub trust_bundle: Option<PathBuf>,
+    /// Kubeconfig instead of in-cluster credentials.
+    pub kubeconfig: Option<PathBuf>,
+    /// The pod's name, for the ownerReference.
+    pub pod_name: Option<String>,
+    /// The pod's UID.
+    pub pod_uid: Option<String>,
 }
 
 /// Settings of the istiod backend.
@@ -456,6 +543,7 @@ enum CaKind {
     Vault,
     AcmPca,
     Istiod,
+    CertManager,
 }
 
 /// Vault auth method names `--vault-auth` accepts.
@@ -563,7 +651,7 @@ impl RunArgs {
             invalid(
                 "ca",
                 &ca_raw,
-                "the backends are: embedded, istiod, vault, acm-pca",
+                "the backends are: embedded, istiod, vault, acm-pca, cert-manager",
             )
         })?;
         let ca = match ca_kind {
@@ -580,6 +668,9 @@ impl RunArgs {
             CaKind::Vault => CaConfig::Vault(Box::new(self.resolve_vault(&file, std_env)?)),
             CaKind::AcmPca => CaConfig::AcmPca(Box::new(self.resolve_acm_pca(&file, std_env)?)),
             CaKind::Istiod => CaConfig::Istiod(Box::new(self.resolve_istiod(&file)?)),
+            CaKind::CertManager => {
+                CaConfig::CertManager(Box::new(self.resolve_cert_manager(&file, &ns)?))
+            }
         };
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
@@ -881,6 +972,145 @@ impl RunArgs {
             timeout,
         })
     }
+}
+
+impl RunArgs {
+    fn resolve_cert_manager(
+        &self,
+        file: &FileConfig,
+        pod_namespace: &str,
+    ) -> Result<CertManagerSettings, ConfigError> {
+        let pick =
+            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
+        let pick_path =
+            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
+        let namespace = pick(&self.cert_manager_namespace, &file.cert_manager_namespace)
+            .unwrap_or_else(|| pod_namespace.to_owned());
+        if !is_dns_label(&namespace) {
+            return Err(invalid(
+                "cert-manager-namespace",
+                &namespace,
+                "expected a Kubernetes namespace name (lowercase letters, digits and '-')",
+            ));
+        }
+        let issuer_name = pick(&self.cert_manager_issuer_name, &file.cert_manager_issuer_name)
+            .ok_or_else(|| {
+                ConfigError::Conflict(
+                    "--ca cert-manager needs --cert-manager-issuer-name                      (SDS_AGENT_CERT_MANAGER_ISSUER_NAME, file key cert-manager-issuer-name): the                      Issuer or ClusterIssuer that signs"
+                        .into(),
+                )
+            })?;
+        if !is_dns_subdomain(&issuer_name) {
+            return Err(invalid(
+                "cert-manager-issuer-name",
+                &issuer_name,
+                "expected a Kubernetes object name (lowercase letters, digits, '-' and '.')",
+            ));
+        }
+        let issuer_group = pick(
+            &self.cert_manager_issuer_group,
+            &file.cert_manager_issuer_group,
+        )
+        .unwrap_or_else(|| DEFAULT_CERT_MANAGER_GROUP.into());
+        if !is_dns_subdomain(&issuer_group) {
+            return Err(invalid(
+                "cert-manager-issuer-group",
+                &issuer_group,
+                "expected an API group, e.g. cert-manager.io or awspca.cert-manager.io",
+            ));
+        }
+        let issuer_kind = pick(
+            &self.cert_manager_issuer_kind,
+            &file.cert_manager_issuer_kind,
+        )
+        .unwrap_or_else(|| "Issuer".into());
+        let kind_ok = if issuer_group == DEFAULT_CERT_MANAGER_GROUP {
+            matches!(issuer_kind.as_str(), "Issuer" | "ClusterIssuer")
+        } else {
+            issuer_kind.starts_with(|c: char| c.is_ascii_uppercase())
+                && issuer_kind.chars().all(|c| c.is_ascii_alphanumeric())
+        };
+        if !kind_ok {
+            return Err(invalid(
+                "cert-manager-issuer-kind",
+                &issuer_kind,
+                "expected Issuer or ClusterIssuer (an external issuer's own kind, e.g.                  AWSPCAClusterIssuer, goes with its --cert-manager-issuer-group)",
+            ));
+        }
+        let timeout = match pick(&self.cert_manager_timeout, &file.cert_manager_timeout) {
+            Some(v) => humantime::parse_duration(v.trim())
+                .ok()
+                .filter(|d| *d >= Duration::from_secs(1))
+                .ok_or_else(|| {
+                    invalid(
+                        "cert-manager-timeout",
+                        &v,
+                        "expected a duration of at least 1s, e.g. 60s",
+                    )
+                })?,
+            None => DEFAULT_CERT_MANAGER_TIMEOUT,
+        };
+        let pod_name = pick(&self.pod_name, &file.pod_name);
+        let pod_uid = pick(&self.pod_uid, &file.pod_uid);
+        if pod_name.is_some() != pod_uid.is_some() {
+            return Err(ConfigError::Conflict(
+                "--pod-name and --pod-uid go together (both from the Downward API:                  metadata.name and metadata.uid): give both or neither"
+                    .into(),
+            ));
+        }
+        if let Some(uid) = &pod_uid
+            && (uid.is_empty()
+                || uid.len() > 63
+                || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(invalid(
+                "pod-uid",
+                uid,
+                "expected a UID, e.g. 0d3c2b1a-...-6666",
+            ));
+        }
+        if let Some(name) = &pod_name
+            && !is_dns_subdomain(name)
+        {
+            return Err(invalid("pod-name", name, "expected a pod name"));
+        }
+        Ok(CertManagerSettings {
+            namespace,
+            issuer_name,
+            issuer_kind,
+            issuer_group,
+            timeout,
+            keep_requests: self
+                .cert_manager_keep_requests
+                .or(file.cert_manager_keep_requests)
+                .unwrap_or(false),
+            trust_bundle: pick_path(
+                &self.cert_manager_trust_bundle,
+                &file.cert_manager_trust_bundle,
+            ),
+            kubeconfig: pick_path(&self.kubeconfig, &file.kubeconfig),
+            pod_name,
+            pod_uid,
+        })
+    }
+}
+
+const DEFAULT_CERT_MANAGER_GROUP: &str = "cert-manager.io";
+const DEFAULT_CERT_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An RFC 1123 label: what a namespace name must be.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain: what most object names and API groups must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 const DEFAULT_ISTIOD_ADDR: &str = "istiod.istio-system.svc:15012";
@@ -1706,6 +1936,139 @@ mod tests {
             let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
             assert!(!err.contains("abc"), "a header value was printed: {err}");
+        }
+    }
+
+    fn cert_manager_of(c: Config) -> CertManagerSettings {
+        match c.ca {
+            CaConfig::CertManager(v) => *v,
+            other => panic!("not cert-manager: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cert_manager_defaults_follow_the_pod() {
+        let args = RunArgs {
+            ca: Some("cert-manager".into()),
+            namespace: Some("shop".into()),
+            cert_manager_issuer_name: Some("mesh-ca".into()),
+            ..Default::default()
+        };
+        let config = args.resolve_with_env(&no_env).unwrap();
+        let v = cert_manager_of(config);
+        assert_eq!(v.namespace, "shop", "the pod's namespace");
+        assert_eq!(
+            (v.issuer_kind.as_str(), v.issuer_group.as_str()),
+            ("Issuer", "cert-manager.io")
+        );
+        assert_eq!(v.timeout, Duration::from_secs(60));
+        assert!(!v.keep_requests);
+        assert_eq!(
+            (v.kubeconfig, v.pod_name, v.trust_bundle),
+            (None, None, None)
+        );
+        let config = args.resolve_with_env(&no_env).unwrap();
+        assert_eq!(
+            crate::Policy::from_config(&config).ca_timeout,
+            Duration::from_secs(75),
+            "the manager waits longer than the backend"
+        );
+    }
+
+    #[test]
+    fn cert_manager_settings_from_file_and_flags() {
+        let f = file(
+            "ca = \"cert-manager\"\ncert-manager-issuer-name = \"pca\"\n\
+             cert-manager-issuer-kind = \"AWSPCAClusterIssuer\"\n\
+             cert-manager-issuer-group = \"awspca.cert-manager.io\"\n\
+             cert-manager-namespace = \"istio-system\"\ncert-manager-timeout = \"2m\"\n\
+             cert-manager-keep-requests = true\nkubeconfig = \"/etc/kube/config\"\n\
+             pod-name = \"web-0\"\npod-uid = \"0d3c2b1a-1111-4222-8333-444455556666\"\n",
+        );
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let v = cert_manager_of(from_file.resolve_with_env(&no_env).unwrap());
+        assert_eq!(v.issuer_kind, "AWSPCAClusterIssuer");
+        assert_eq!(v.issuer_group, "awspca.cert-manager.io");
+        assert_eq!(v.namespace, "istio-system");
+        assert_eq!(v.timeout, Duration::from_secs(120));
+        assert!(v.keep_requests);
+        assert_eq!(v.kubeconfig, Some(PathBuf::from("/etc/kube/config")));
+        assert_eq!(v.pod_name.as_deref(), Some("web-0"));
+        let args = RunArgs {
+            cert_manager_keep_requests: Some(false),
+            cert_manager_issuer_name: Some("other".into()),
+            ..from_file
+        };
+        let v = cert_manager_of(args.resolve_with_env(&no_env).unwrap());
+        assert!(!v.keep_requests, "the flag wins");
+        assert_eq!(v.issuer_name, "other");
+    }
+
+    #[test]
+    fn cert_manager_settings_that_cannot_work_name_their_flag() {
+        let base = || RunArgs {
+            ca: Some("cert-manager".into()),
+            cert_manager_issuer_name: Some("mesh-ca".into()),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                RunArgs {
+                    cert_manager_issuer_name: None,
+                    ..base()
+                },
+                "needs --cert-manager-issuer-name",
+            ),
+            (
+                RunArgs {
+                    cert_manager_issuer_kind: Some("AWSPCAIssuer".into()),
+                    ..base()
+                },
+                "--cert-manager-issuer-kind",
+            ),
+            (
+                RunArgs {
+                    cert_manager_issuer_name: Some("Mesh CA".into()),
+                    ..base()
+                },
+                "--cert-manager-issuer-name",
+            ),
+            (
+                RunArgs {
+                    cert_manager_namespace: Some("Team_A".into()),
+                    ..base()
+                },
+                "--cert-manager-namespace",
+            ),
+            (
+                RunArgs {
+                    cert_manager_timeout: Some("0s".into()),
+                    ..base()
+                },
+                "--cert-manager-timeout",
+            ),
+            (
+                RunArgs {
+                    pod_name: Some("web-0".into()),
+                    ..base()
+                },
+                "--pod-name and --pod-uid go together",
+            ),
+            (
+                RunArgs {
+                    pod_name: Some("web-0".into()),
+                    pod_uid: Some("not a uid".into()),
+                    ..base()
+                },
+                "--pod-uid",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
     }
 }

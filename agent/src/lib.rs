@@ -58,11 +58,21 @@ impl Policy {
             ttl: config.cert_ttl,
             renew_at: config.renew_at,
             key_type: config.key_type,
-            ca_timeout: Duration::from_secs(30),
+            ca_timeout: ca_timeout(&config.ca),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             bundle_refresh: Duration::from_secs(300),
         }
+    }
+}
+
+/// The secret manager's limit on one CA call: 30 s, or longer for a backend whose own
+/// limit is longer (cert-manager waits for an approver and an issuer).
+fn ca_timeout(ca: &CaConfig) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(30);
+    match ca {
+        CaConfig::CertManager(settings) => DEFAULT.max(settings.timeout + Duration::from_secs(15)),
+        _ => DEFAULT,
     }
 }
 
@@ -101,11 +111,17 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
         CaConfig::Vault(settings) => build_vault(settings),
         CaConfig::AcmPca(settings) => build_acm_pca(settings),
         CaConfig::Istiod(settings) => build_istiod(settings),
+        CaConfig::CertManager(settings) => build_cert_manager(settings),
     }
 }
 
 /// Reads a PEM bundle of pinned roots named by `flag`.
-#[cfg(any(feature = "vault", feature = "acm-pca", feature = "istiod"))]
+#[cfg(any(
+    feature = "vault",
+    feature = "acm-pca",
+    feature = "istiod",
+    feature = "cert-manager"
+))]
 fn read_pinned_roots(
     flag: &str,
     path: &std::path::Path,
@@ -194,6 +210,72 @@ fn build_istiod(
         "istiod CA configured"
     );
     Ok(Arc::new(ca))
+}
+
+/// The cert-manager backend. Reads the kubeconfig (or checks for in-cluster credentials)
+/// now, so a missing file stops the agent at start-up; the API server is first called at
+/// the first signature, and an API server that is down is retried like any outage.
+#[cfg(feature = "cert-manager")]
+fn build_cert_manager(
+    settings: &crate::config::CertManagerSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    use sds_backends::cert_manager::{
+        CertManagerCa, CertManagerConfig, Credentials, IssuerRef, PodRef,
+    };
+
+    let issuer = IssuerRef {
+        name: settings.issuer_name.clone(),
+        kind: settings.issuer_kind.clone(),
+        group: settings.issuer_group.clone(),
+    };
+    let mut config = CertManagerConfig::new(settings.namespace.clone(), issuer);
+    config.credentials = match &settings.kubeconfig {
+        Some(path) => Credentials::Kubeconfig(path.clone()),
+        None => Credentials::InCluster,
+    };
+    config.timeout = settings.timeout;
+    config.keep_requests = settings.keep_requests;
+    config.pod = match (&settings.pod_name, &settings.pod_uid) {
+        (Some(name), Some(uid)) => Some(PodRef {
+            name: name.clone(),
+            uid: uid.clone(),
+        }),
+        _ => None,
+    };
+    config.trust_bundle = settings
+        .trust_bundle
+        .as_deref()
+        .map(|p| read_pinned_roots("--cert-manager-trust-bundle", p))
+        .transpose()?;
+    let pinned = config.trust_bundle.is_some();
+    let owned = config.pod.is_some();
+    let ca = CertManagerCa::new(config)?;
+    info!(
+        namespace = %settings.namespace,
+        issuer = %format!("{}/{} ({})", settings.issuer_kind, settings.issuer_name, settings.issuer_group),
+        credentials = settings
+            .kubeconfig
+            .as_deref()
+            .map_or_else(|| "in-cluster".to_owned(), |p| p.display().to_string()),
+        timeout = ?settings.timeout,
+        owned_by_pod = owned,
+        trust_bundle = if pinned { "pinned" } else { "status.ca" },
+        "cert-manager CA configured"
+    );
+    if !owned {
+        warn!(
+            "cert-manager: --pod-name/--pod-uid not given: CertificateRequests are not owned \
+             by the pod, so requests left by a pod that dies mid-issuance are not garbage-collected"
+        );
+    }
+    Ok(Arc::new(ca))
+}
+
+#[cfg(not(feature = "cert-manager"))]
+fn build_cert_manager(
+    _settings: &crate::config::CertManagerSettings,
+) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
+    anyhow::bail!("this sds-agent was built without the cert-manager feature")
 }
 
 #[cfg(not(feature = "istiod"))]

@@ -355,7 +355,7 @@ impl KubeApi {
             .to_owned();
         let created = create(&self.state, &ns, &mut object, USER).map_err(|s| Error::Api {
             call: "inserting a CertificateRequest".into(),
-            detail: format!("answered {}", s.status()),
+            detail: format!("answered {}: {}", s.code, s.body),
         })?;
         Ok(created["metadata"]["name"]
             .as_str()
@@ -381,7 +381,7 @@ impl Drop for KubeApi {
     }
 }
 
-type Answer = Result<Response, Response>;
+type Answer = Result<Response, ApiStatus>;
 
 fn router(state: Arc<State>) -> Router {
     Router::new()
@@ -423,7 +423,25 @@ async fn record(
 }
 
 /// A `Status` failure as the API server sends it.
-fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Response {
+#[derive(Debug)]
+struct ApiStatus {
+    code: u16,
+    body: Value,
+}
+
+impl IntoResponse for ApiStatus {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            self.body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> ApiStatus {
     let mut body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code,
@@ -431,13 +449,7 @@ fn status(code: u16, reason: &str, message: &str, details: Option<Value>) -> Res
     if let Some(details) = details {
         body["details"] = details;
     }
-    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    ApiStatus { code, body }
 }
 
 fn ok_json(code: StatusCode, body: &Value) -> Response {
@@ -456,7 +468,7 @@ fn admit(
     verb: &'static str,
     ns: &str,
     name: Option<&str>,
-) -> Result<String, Response> {
+) -> Result<String, ApiStatus> {
     let b = state.behaviour.lock();
     let token = headers
         .get(header::AUTHORIZATION)
@@ -515,7 +527,7 @@ async fn create_handler(
 }
 
 /// Creation, shared by the handler and [`KubeApi::insert`].
-fn create(state: &State, ns: &str, object: &mut Value, user: &str) -> Result<Value, Response> {
+fn create(state: &State, ns: &str, object: &mut Value, user: &str) -> Result<Value, ApiStatus> {
     if !state.behaviour.lock().namespaces.contains(ns) {
         return Err(status(
             404,
@@ -591,7 +603,7 @@ fn create(state: &State, ns: &str, object: &mut Value, user: &str) -> Result<Val
 }
 
 /// cert-manager's validating webhook, the parts a client can get wrong.
-fn webhook(object: &Value) -> Result<(), Response> {
+fn webhook(object: &Value) -> Result<(), ApiStatus> {
     let deny = |why: String| {
         status(
             403,
@@ -684,7 +696,7 @@ async fn get_handler(
     }
 }
 
-fn not_found(name: &str) -> Response {
+fn not_found(name: &str) -> ApiStatus {
     status(
         404,
         "NotFound",
@@ -715,7 +727,7 @@ struct Selector {
 }
 
 impl Selector {
-    fn parse(query: &HashMap<String, String>) -> Result<Self, Response> {
+    fn parse(query: &HashMap<String, String>) -> Result<Self, ApiStatus> {
         let mut selector = Selector::default();
         if let Some(fields) = query.get("fieldSelector").filter(|f| !f.is_empty()) {
             for term in fields.split(',') {
