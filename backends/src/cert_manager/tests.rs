@@ -1,1 +1,192 @@
+//! What a request's status means, and the shape of what is created. The calls themselves
+//! are tested against the fake Kubernetes API in `integration/tests/cert_manager.rs`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+
+const ID: &str = "spiffe://example.org/ns/mesh/sa/web";
+
+fn ca() -> (CertManagerCa, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
+         https://127.0.0.1:1\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  \
+         context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let mut config = CertManagerConfig::new(
+        "mesh",
+        IssuerRef {
+            name: "mesh-ca".into(),
+            kind: "ClusterIssuer".into(),
+            group: DEFAULT_ISSUER_GROUP.into(),
+        },
+    );
+    config.credentials = Credentials::Kubeconfig(path);
+    (CertManagerCa::new(config).unwrap(), dir)
+}
+
+fn with_conditions(conditions: &[(&str, &str, &str, &str)]) -> CertificateRequest {
+    CertificateRequest {
+        api_version: "cert-manager.io/v1".into(),
+        kind: "CertificateRequest".into(),
+        metadata: ObjectMeta {
+            name: Some("sds-agent-web-x7k2p".into()),
+            ..ObjectMeta::default()
+        },
+        spec: CertificateRequestSpec::default(),
+        status: Some(CertificateRequestStatus {
+            conditions: conditions
+                .iter()
+                .map(|(t, s, r, m)| Condition {
+                    type_: (*t).into(),
+                    status: (*s).into(),
+                    reason: Some((*r).into()),
+                    message: Some((*m).into()),
+                    last_transition_time: None,
+                })
+                .collect(),
+            ..CertificateRequestStatus::default()
+        }),
+    }
+}
+
+#[test]
+fn undecided_requests_say_what_they_wait_for() {
+    let (ca, _dir) = ca();
+    let cases = [
+        (with_conditions(&[]), "not approved yet"),
+        (
+            with_conditions(&[("Approved", "True", "cert-manager.io", "ok")]),
+            "approved, not issued yet",
+        ),
+        (
+            with_conditions(&[
+                ("Approved", "True", "cert-manager.io", "ok"),
+                (
+                    "Ready",
+                    "False",
+                    "Pending",
+                    "Waiting on certificate issuance",
+                ),
+            ]),
+            "Ready=False (Pending)",
+        ),
+    ];
+    for (cr, needle) in cases {
+        match ca.verdict(&cr) {
+            Ok(Verdict::Waiting(what)) => assert!(what.contains(needle), "{what}"),
+            Ok(Verdict::Issued(_)) => panic!("issued"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn cert_managers_verdicts_become_errors_with_its_message() {
+    let (ca, _dir) = ca();
+    let denied = with_conditions(&[(
+        "Denied",
+        "True",
+        "policy.cert-manager.io",
+        "No policy approved this request",
+    )]);
+    let err = ca.verdict(&denied).err().unwrap();
+    assert!(matches!(err, CaError::Denied(_)), "{err}");
+    assert!(err.to_string().contains("No policy approved"), "{err}");
+
+    let failed = with_conditions(&[
+        ("Approved", "True", "cert-manager.io", "ok"),
+        (
+            "Ready",
+            "False",
+            "Failed",
+            "Failed to sign certificate: boom",
+        ),
+    ]);
+    let err = ca.verdict(&failed).err().unwrap();
+    assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
+    assert!(err.to_string().contains("ClusterIssuer/mesh-ca"), "{err}");
+    assert!(err.to_string().contains("boom"), "{err}");
+
+    let invalid = with_conditions(&[
+        ("Approved", "True", "cert-manager.io", "ok"),
+        ("InvalidRequest", "True", "BadConfig", "isCA is not allowed"),
+    ]);
+    assert!(matches!(
+        ca.verdict(&invalid).err().unwrap(),
+        CaError::Misconfigured(_)
+    ));
+}
+
+#[test]
+fn an_issued_request_must_be_approved_and_hold_a_certificate() {
+    let (ca, _dir) = ca();
+    let unapproved = with_conditions(&[("Ready", "True", "Issued", "ok")]);
+    let err = ca.verdict(&unapproved).err().unwrap();
+    assert!(matches!(err, CaError::BadResponse(_)), "{err}");
+    assert!(err.to_string().contains("never approved"), "{err}");
+
+    let empty = with_conditions(&[
+        ("Approved", "True", "cert-manager.io", "ok"),
+        ("Ready", "True", "Issued", "ok"),
+    ]);
+    let err = ca.verdict(&empty).err().unwrap();
+    assert!(
+        err.to_string().contains("status.certificate is empty"),
+        "{err}"
+    );
+
+    let mut garbage = empty.clone();
+    if let Some(status) = garbage.status.as_mut() {
+        status.certificate = Some(ByteString(b"-----BEGIN CERTIFICATE-----\nnope\n".to_vec()));
+    }
+    assert!(matches!(
+        ca.verdict(&garbage).err().unwrap(),
+        CaError::BadResponse(_)
+    ));
+}
+
+#[test]
+fn names_and_labels_fit_kubernetes_limits() {
+    let id: SpiffeId = ID.parse().unwrap();
+    assert_eq!(generate_name(&id), "sds-agent-web-");
+    let long: SpiffeId = format!("spiffe://example.org/ns/mesh/sa/{}", "a".repeat(200))
+        .parse()
+        .unwrap();
+    assert!(generate_name(&long).len() <= 253 - 5);
+    let hash = identity_hash(&id);
+    assert_eq!(hash.len(), 32);
+    assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(hash, identity_hash(&id), "stable");
+    assert_ne!(hash, identity_hash(&long));
+}
+
+#[test]
+fn the_request_is_serialized_with_cert_managers_field_names() {
+    let (ca, _dir) = ca();
+    let req = SignRequest {
+        identity: ID.parse().unwrap(),
+        csr_der: vec![0x30, 0x03, 0x02, 0x01, 0x00],
+        ttl: Duration::from_secs(86400),
+        key_type: crate::KeyType::EcdsaP256,
+    };
+    let json = serde_json::to_value(ca.request_object(&req)).unwrap();
+    assert_eq!(json["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(json["kind"], "CertificateRequest");
+    assert_eq!(json["metadata"]["generateName"], "sds-agent-web-");
+    assert_eq!(json["spec"]["isCA"], false);
+    assert_eq!(json["spec"]["duration"], "86400s");
+    assert_eq!(json["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert!(
+        json["metadata"].get("ownerReferences").is_none(),
+        "no pod given"
+    );
+    assert!(json.get("status").is_none());
+    // `request` is Go's []byte: base64 of the PEM.
+    let request = json["spec"]["request"].as_str().unwrap();
+    assert!(request.starts_with("LS0tLS1CRUdJTi"), "{request}");
+}
