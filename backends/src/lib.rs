@@ -218,6 +218,17 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// A server's message on one line, quoted, cut after `max` characters: for errors that
+/// repeat what a CA said.
+#[cfg(any(feature = "istiod", feature = "cert-manager"))]
+pub(crate) fn quote(message: &str, max: usize) -> String {
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(max) {
+        Some((i, _)) => format!("{:?}...", &line[..i]),
+        None => format!("{line:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -160,6 +160,16 @@ impl Agent {
             .collect())
     }
 
+    /// The sum of the values of the metric lines that start with `prefix` (0 when none).
+    pub async fn metric_total(&self, prefix: &str) -> Result<u64, Error> {
+        Ok(self
+            .metric_lines(prefix)
+            .await?
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
     /// The SDS Unix socket.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -32,10 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
 use sds_backends::embedded::EmbeddedCa;
@@ -302,14 +299,7 @@ impl Generation {
 }
 
 fn ca_params(common_name: &str, constraint: Option<BasicConstraints>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "sds-agent istiod test");
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(constraint.unwrap_or(BasicConstraints::Unconstrained));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
+    crate::pki::ca_params("sds-agent istiod test", common_name, constraint)
 }
 
 /// A TLS root, and a serving certificate it signed for [`SERVER_NAME`] and 127.0.0.1.

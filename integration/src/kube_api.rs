@@ -58,10 +58,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, Issuer, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 use sds_backends::embedded::EmbeddedCa;
@@ -1246,14 +1243,7 @@ fn issuer_ca() -> Result<(EmbeddedCa, String, String), Error> {
 }
 
 fn ca_params(common_name: &str, constraint: Option<BasicConstraints>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "sds-agent cert-manager test");
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(constraint.unwrap_or(BasicConstraints::Unconstrained));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
+    crate::pki::ca_params("sds-agent cert-manager test", common_name, constraint)
 }
 
 #[cfg(test)]

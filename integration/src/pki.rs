@@ -51,6 +51,24 @@ impl SharedCa {
     }
 }
 
+/// Parameters of a test CA certificate: `organization` and `common_name` as its subject,
+/// CA:TRUE (path length limited by `constraint`, unconstrained by default), keyCertSign and
+/// cRLSign.
+pub fn ca_params(
+    organization: &str,
+    common_name: &str,
+    constraint: Option<BasicConstraints>,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, organization);
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraint.unwrap_or(BasicConstraints::Unconstrained));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
 /// The serial number of the first certificate in `pem`.
 pub fn serial_of_pem(pem: &str) -> Result<Serial, Error> {
     let malformed = |detail: String| Error::Malformed {

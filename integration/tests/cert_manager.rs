@@ -58,6 +58,18 @@ async fn setup() -> Setup {
     }
 }
 
+/// One signature for [`ID`] with a fresh key, which must fail.
+async fn fail(ca: &CertManagerCa) -> CaError {
+    ca.sign(&sign_request(&identity()).unwrap())
+        .await
+        .unwrap_err()
+}
+
+/// One signature for [`ID`] with a fresh key, which must succeed.
+async fn issue(ca: &CertManagerCa) -> sds_backends::IssuedChain {
+    ca.sign(&sign_request(&identity()).unwrap()).await.unwrap()
+}
+
 /// Verifies `leaf` (with `intermediates`) to `bundle` now, as the secret manager does.
 fn verifies(bundle: &TrustBundle, leaf: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) {
     let anchors: Vec<_> = bundle
@@ -190,10 +202,7 @@ async fn a_denied_request_fails_with_the_approvers_message_and_is_deleted() {
         "No policy approved this request: [mesh-workloads: spec.uris.0: Invalid value]".into(),
     ));
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Denied(_)), "{err}");
     assert!(!err.is_retryable());
     let text = err.to_string();
@@ -213,10 +222,7 @@ async fn a_failed_or_invalid_request_ends_the_attempt_with_cert_managers_message
     s.api.set_issuance(Issuance::Fail(
         "Failed to sign certificate: the CA key pair is not valid".into(),
     ));
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
     assert!(
         err.to_string().contains("the CA key pair is not valid"),
@@ -227,10 +233,7 @@ async fn a_failed_or_invalid_request_ends_the_attempt_with_cert_managers_message
     s.api.set_issuance(Issuance::Invalid(
         "isCA is not allowed for this issuer".into(),
     ));
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
     assert!(
         err.to_string()
@@ -249,10 +252,7 @@ async fn a_request_never_approved_times_out_and_is_deleted() {
     config.timeout = Duration::from_secs(2);
     let ca = CertManagerCa::new(config).unwrap();
     let started = tokio::time::Instant::now();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     let took = started.elapsed();
     assert!(
         matches!(err, CaError::Timeout(d) if d == Duration::from_secs(2)),
@@ -284,10 +284,7 @@ async fn an_issuer_that_does_not_exist_waits_then_times_out() {
     config.timeout = Duration::from_secs(2);
     config.issuer.name = "no-such-issuer".into();
     let ca = CertManagerCa::new(config).unwrap();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Timeout(_)), "{err}");
 }
 
@@ -296,14 +293,11 @@ async fn the_api_server_down_is_retryable_and_the_next_call_after_it_returns_suc
     let mut s = setup().await;
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
     s.api.stop();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Unavailable(_)), "{err}");
     assert!(err.is_retryable());
     s.api.serve().await.unwrap();
-    let chain = ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+    let chain = issue(&ca).await;
     verifies(
         &ca.trust_bundle().await.unwrap(),
         &chain.leaf,
@@ -361,10 +355,7 @@ async fn rbac_refusals_name_the_missing_verb_and_are_not_retryable() {
     let s = setup().await;
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
     s.api.set_allowed("create", false);
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Denied(_)), "{err}");
     assert!(!err.is_retryable());
     let text = err.to_string();
@@ -375,10 +366,7 @@ async fn rbac_refusals_name_the_missing_verb_and_are_not_retryable() {
 
     s.api.set_allowed("create", true);
     s.api.set_allowed("watch", false);
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(err.to_string().contains("verbs [\"watch\"]"), "{err}");
     // The request it could create but not watch is deleted, not left behind.
     assert!(s.api.requests().is_empty());
@@ -389,7 +377,7 @@ async fn without_list_leftovers_are_left_to_the_garbage_collector_and_signing_wo
     let s = setup().await;
     s.api.set_allowed("list", false);
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
-    ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+    issue(&ca).await;
     assert!(s.api.requests().is_empty());
 }
 
@@ -398,10 +386,7 @@ async fn a_missing_crd_says_cert_manager_is_not_installed() {
     let s = setup().await;
     s.api.set_crd_installed(false);
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
     assert!(!err.is_retryable());
     assert!(
@@ -415,11 +400,7 @@ async fn a_missing_namespace_and_a_rejected_token_are_named() {
     let s = setup().await;
     let mut config = s.config.clone();
     config.namespace = "nowhere".into();
-    let err = CertManagerCa::new(config)
-        .unwrap()
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&CertManagerCa::new(config).unwrap()).await;
     assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
     assert!(
         err.to_string().contains("namespace nowhere does not exist"),
@@ -430,11 +411,7 @@ async fn a_missing_namespace_and_a_rejected_token_are_named() {
     let mut config = s.config.clone();
     config.credentials =
         Credentials::Kubeconfig(s.api.write_kubeconfig(dir.path(), "revoked").unwrap());
-    let err = CertManagerCa::new(config)
-        .unwrap()
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&CertManagerCa::new(config).unwrap()).await;
     assert!(matches!(err, CaError::Denied(_)), "{err}");
     assert!(err.to_string().contains("401"), "{err}");
 }
@@ -463,7 +440,7 @@ async fn ten_rotations_leave_no_request_behind_or_only_the_last_one_when_kept() 
     let s = setup().await;
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
     for _ in 0..10 {
-        ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+        issue(&ca).await;
     }
     assert_eq!(s.api.created(), 10);
     assert!(s.api.requests().is_empty(), "{:#?}", s.api.requests());
@@ -473,7 +450,7 @@ async fn ten_rotations_leave_no_request_behind_or_only_the_last_one_when_kept() 
     let ca = CertManagerCa::new(config).unwrap();
     let mut last = String::new();
     for _ in 0..10 {
-        ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+        issue(&ca).await;
         let kept = s.api.requests();
         assert_eq!(kept.len(), 1, "{kept:#?}");
         let name = kept[0]["metadata"]["name"].as_str().unwrap().to_owned();
@@ -511,7 +488,7 @@ async fn requests_left_by_a_crashed_run_of_this_pod_are_deleted_and_others_kept(
     s.api.set_approval(Approval::Approve);
 
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
-    ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+    issue(&ca).await;
     let left: Vec<String> = s
         .api
         .requests()
@@ -542,10 +519,7 @@ async fn an_issuer_without_status_ca_needs_pinned_roots() {
     let s = setup().await;
     s.api.set_send_ca(false);
     let ca = CertManagerCa::new(s.config.clone()).unwrap();
-    let err = ca
-        .sign(&sign_request(&identity()).unwrap())
-        .await
-        .unwrap_err();
+    let err = fail(&ca).await;
     assert!(matches!(err, CaError::BadResponse(_)), "{err}");
     assert!(
         err.to_string().contains("--cert-manager-trust-bundle"),
@@ -557,7 +531,7 @@ async fn an_issuer_without_status_ca_needs_pinned_roots() {
     let mut config = s.config.clone();
     config.trust_bundle = Some(pinned.clone());
     let ca = CertManagerCa::new(config).unwrap();
-    let chain = ca.sign(&sign_request(&identity()).unwrap()).await.unwrap();
+    let chain = issue(&ca).await;
     assert_eq!(ca.trust_bundle().await.unwrap(), pinned);
     verifies(&pinned, &chain.leaf, &chain.intermediates);
 }

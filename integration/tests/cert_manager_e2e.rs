@@ -55,13 +55,7 @@ fn config<'a>(service_account: &'a str, cert_ttl: &'static str) -> AgentConfig<'
 }
 
 async fn metric(agent: &Agent, prefix: &str) -> u64 {
-    agent
-        .metric_lines(prefix)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    agent.metric_total(prefix).await.unwrap()
 }
 
 #[tokio::test]

@@ -457,13 +457,8 @@ fn ascii_value(s: &str) -> Option<AsciiMetadataValue> {
     }
 }
 
-/// A server's message on one line, cut to a readable length.
 fn quote(message: &str) -> String {
-    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(MAX_QUOTED) {
-        Some((i, _)) => format!("{:?}...", &line[..i]),
-        None => format!("{line:?}"),
-    }
+    crate::quote(message, MAX_QUOTED)
 }
 
 #[async_trait::async_trait]
