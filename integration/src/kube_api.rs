@@ -133,6 +133,8 @@ struct Behaviour {
     issuance: Issuance,
     send_ca: bool,
     crd_installed: bool,
+    /// Longest life of a watch stream, whatever `timeoutSeconds` asks.
+    watch_lifetime: Option<Duration>,
     allowed_verbs: HashSet<&'static str>,
     namespaces: HashSet<String>,
     tokens: HashMap<String, String>,
@@ -195,6 +197,7 @@ impl KubeApi {
                 issuance: Issuance::Sign,
                 send_ca: true,
                 crd_installed: true,
+                watch_lifetime: None,
                 allowed_verbs: ["create", "get", "list", "watch", "delete"].into(),
                 namespaces: [NAMESPACE.to_owned(), "default".to_owned()].into(),
                 tokens: [(TOKEN.to_owned(), USER.to_owned())].into(),
@@ -317,6 +320,12 @@ impl KubeApi {
     /// Installs or removes cert-manager's CRD.
     pub fn set_crd_installed(&self, installed: bool) {
         self.state.behaviour.lock().crd_installed = installed;
+    }
+
+    /// Ends every watch stream after `lifetime` (cleanly, as at a server-side timeout), as a
+    /// proxy with a short idle timeout does; `None` for the API server's own behaviour.
+    pub fn set_watch_lifetime(&self, lifetime: Option<Duration>) {
+        self.state.behaviour.lock().watch_lifetime = lifetime;
     }
 
     /// Grants or revokes one RBAC verb on certificaterequests to every user.
@@ -819,6 +828,10 @@ async fn list_or_watch(
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let timeout = match state.behaviour.lock().watch_lifetime {
+        Some(lifetime) => timeout.min(lifetime),
+        None => timeout,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     let mut wake = state.changed.subscribe();
     let line = |kind: &str, object: &Value| {

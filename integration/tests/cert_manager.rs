@@ -278,6 +278,26 @@ async fn a_request_never_approved_times_out_and_is_deleted() {
 }
 
 #[tokio::test]
+async fn watches_that_end_at_once_are_resumed_at_a_paced_rate() {
+    let s = setup().await;
+    s.api.set_approval(Approval::Ignore);
+    s.api.set_watch_lifetime(Some(Duration::ZERO));
+    let mut config = s.config.clone();
+    config.timeout = Duration::from_secs(3);
+    let ca = CertManagerCa::new(config).unwrap();
+    let err = fail(&ca).await;
+    assert!(matches!(err, CaError::Timeout(_)), "{err}");
+    // Paced from 100 ms doubling to 2 s: a handful of watches in 3 s, not thousands.
+    let watches = s
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.uri.contains("watch=true"))
+        .count();
+    assert!((3..=10).contains(&watches), "{watches} watches");
+}
+
+#[tokio::test]
 async fn an_issuer_that_does_not_exist_waits_then_times_out() {
     let s = setup().await;
     let mut config = s.config.clone();

@@ -456,6 +456,7 @@ impl CertManagerCa {
             .unwrap_or_default();
         let mut pause = RESUME_FIRST;
         let mut last_break: Option<CaError> = None;
+        let mut ended_early = false;
         loop {
             // Watch from `version`: events after the object as last seen.
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -475,6 +476,7 @@ impl CertManagerCa {
                     last_break = Some(error);
                 }
                 Ok(Ok(stream)) => {
+                    let started = Instant::now();
                     let mut stream = stream.boxed();
                     loop {
                         let event = match tokio::time::timeout_at(deadline, stream.try_next()).await
@@ -515,8 +517,15 @@ impl CertManagerCa {
                                 }
                                 break;
                             }
-                            // The server ended the watch (its timeout): resume it.
-                            Ok(None) => break,
+                            // The server ended the watch (its timeout): resume it. One
+                            // that ends soon and empty is paced like a failure, so a proxy
+                            // that closes every watch at once is not hammered.
+                            Ok(None) => {
+                                if started.elapsed() < RESUME_MAX {
+                                    ended_early = true;
+                                }
+                                break;
+                            }
                             Err(e) => {
                                 let error = self.classify(&e, Verb::Watch);
                                 debug!(%name, error = %error, "cert-manager: watch broke");
@@ -531,6 +540,12 @@ impl CertManagerCa {
                 // Something broke: pause a little, then catch up with a get.
                 if Instant::now() + pause >= deadline {
                     return Err(error.clone());
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RESUME_MAX);
+            } else if std::mem::take(&mut ended_early) {
+                if Instant::now() + pause >= deadline {
+                    return Err(self.timed_out(&name, &waiting));
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(RESUME_MAX);
