@@ -4,6 +4,9 @@
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+#[cfg(any(feature = "istiod", feature = "cert-manager"))]
+use crate::{CaError, TrustBundle};
+
 /// Whether the certificate's subject is its issuer.
 pub fn is_self_issued(cert: &CertificateDer<'_>) -> bool {
     X509Certificate::from_der(cert.as_ref())
@@ -45,4 +48,33 @@ pub fn roots_of(
         }
     }
     roots
+}
+
+/// The roots a CA sent with its last certificate, for backends whose CA has no call of its
+/// own for them (istiod, cert-manager): the trust bundle is known from the first answer on.
+#[cfg(any(feature = "istiod", feature = "cert-manager"))]
+#[derive(Debug, Default)]
+pub(crate) struct LearnedRoots(parking_lot::Mutex<Option<TrustBundle>>);
+
+#[cfg(any(feature = "istiod", feature = "cert-manager"))]
+impl LearnedRoots {
+    /// Keeps `roots` (ignored when empty). True when they replace different roots kept
+    /// before, for the caller to say so; false the first time and when unchanged.
+    pub(crate) fn learn(&self, roots: &[CertificateDer<'static>]) -> bool {
+        let Ok(bundle) = TrustBundle::new(roots.to_vec()) else {
+            return false;
+        };
+        let mut current = self.0.lock();
+        let changed = current.as_ref().is_some_and(|c| c != &bundle);
+        *current = Some(bundle);
+        changed
+    }
+
+    /// The roots kept, or `Unavailable` with `not_yet` before the first answer.
+    pub(crate) fn get(&self, not_yet: &str) -> Result<TrustBundle, CaError> {
+        self.0
+            .lock()
+            .clone()
+            .ok_or_else(|| CaError::Unavailable(not_yet.to_owned()))
+    }
 }

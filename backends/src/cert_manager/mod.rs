@@ -50,7 +50,7 @@ pub use resource::{
     IssuerRef, KIND, PLURAL, VERSION,
 };
 
-use crate::chain::split_roots;
+use crate::chain::{LearnedRoots, split_roots};
 use crate::pem::decode_certificates;
 use crate::{
     CaError, CertificateAuthority, IssuedChain, SignRequest, SpiffeId, TrustBundle, error_chain,
@@ -149,7 +149,7 @@ pub struct CertManagerCa {
     kubeconfig: Option<Kubeconfig>,
     client: tokio::sync::OnceCell<kube::Client>,
     /// The roots of the last `status.ca` seen.
-    roots: Mutex<Option<TrustBundle>>,
+    roots: LearnedRoots,
     /// Requests to delete at the next chance: ones whose delete failed, and the kept one.
     to_delete: Mutex<Vec<String>>,
     /// The request kept with `keep_requests`, per identity.
@@ -230,7 +230,7 @@ impl CertManagerCa {
             config,
             kubeconfig,
             client: tokio::sync::OnceCell::new(),
-            roots: Mutex::new(None),
+            roots: LearnedRoots::default(),
             to_delete: Mutex::new(Vec::new()),
             kept: Mutex::new(HashMap::new()),
             swept: Mutex::new(HashSet::new()),
@@ -420,20 +420,14 @@ impl CertManagerCa {
         })
     }
 
+    /// Keeps the roots of an answer, saying so when they change.
     fn remember_roots(&self, roots: &[CertificateDer<'static>]) {
-        let Ok(bundle) = TrustBundle::new(roots.to_vec()) else {
-            return;
-        };
-        let mut current = self.roots.lock();
-        if current.as_ref() != Some(&bundle) {
-            if current.is_some() {
-                info!(
-                    roots = roots.len(),
-                    issuer = %self.issuer_text(),
-                    "cert-manager: the issuer's CA changed"
-                );
-            }
-            *current = Some(bundle);
+        if self.roots.learn(roots) {
+            info!(
+                roots = roots.len(),
+                issuer = %self.issuer_text(),
+                "cert-manager: the issuer's CA changed"
+            );
         }
     }
 
@@ -895,13 +889,9 @@ impl CertificateAuthority for CertManagerCa {
         if let Some(pinned) = &self.config.trust_bundle {
             return Ok(pinned.clone());
         }
-        self.roots.lock().clone().ok_or_else(|| {
-            CaError::Unavailable(
-                "the issuer's CA is not known yet: it comes in status.ca with the first \
-                 certificate"
-                    .into(),
-            )
-        })
+        self.roots.get(
+            "the issuer's CA is not known yet: it comes in status.ca with the first certificate",
+        )
     }
 }
 

@@ -40,7 +40,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info};
 use zeroize::Zeroizing;
 
-use crate::chain::split_roots;
+use crate::chain::{LearnedRoots, split_roots};
 use crate::pem::decode_certificates;
 use crate::{CaError, CertificateAuthority, IssuedChain, SignRequest, TrustBundle, error_chain};
 
@@ -241,7 +241,7 @@ pub struct IstiodCa {
     /// The channel in use; `None` after a retryable failure, so the next call connects anew.
     channel: Mutex<Option<Channel>>,
     /// The roots of the last chain the CA sent.
-    roots: Mutex<Option<TrustBundle>>,
+    roots: LearnedRoots,
 }
 
 impl IstiodCa {
@@ -268,7 +268,7 @@ impl IstiodCa {
             config,
             cluster_id,
             channel: Mutex::new(None),
-            roots: Mutex::new(None),
+            roots: LearnedRoots::default(),
         })
     }
 
@@ -391,23 +391,6 @@ impl IstiodCa {
             },
         }
     }
-
-    /// Keeps the roots of an answer, saying so when they change.
-    fn remember_roots(&self, roots: &[CertificateDer<'static>]) {
-        let Ok(bundle) = TrustBundle::new(roots.to_vec()) else {
-            return;
-        };
-        let mut current = self.roots.lock();
-        if current.as_ref() != Some(&bundle) {
-            if current.is_some() {
-                info!(
-                    roots = roots.len(),
-                    "istiod: the CA sent a different set of roots"
-                );
-            }
-            *current = Some(bundle);
-        }
-    }
 }
 
 /// Sorts the `cert_chain` of an answer into leaf, intermediates and roots. Each element may
@@ -513,8 +496,12 @@ impl CertificateAuthority for IstiodCa {
                 self.config.addr
             )));
         }
-        if !chain.roots_hint.is_empty() {
-            self.remember_roots(&chain.roots_hint);
+        // An empty hint leaves the roots kept as they are.
+        if self.roots.learn(&chain.roots_hint) {
+            info!(
+                roots = chain.roots_hint.len(),
+                "istiod: the CA sent a different set of roots"
+            );
         }
         Ok(chain)
     }
@@ -523,13 +510,8 @@ impl CertificateAuthority for IstiodCa {
         if let Some(pinned) = &self.config.trust_bundle {
             return Ok(pinned.clone());
         }
-        self.roots.lock().clone().ok_or_else(|| {
-            CaError::Unavailable(
-                "the CA's roots are not known yet: istiod sends them with the first \
-                 certificate"
-                    .into(),
-            )
-        })
+        self.roots
+            .get("the CA's roots are not known yet: istiod sends them with the first certificate")
     }
 }
 
