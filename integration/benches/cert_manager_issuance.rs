@@ -11,14 +11,8 @@
 //! 300 rounds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// A bench measures wall time on purpose.
-#![allow(clippy::disallowed_types)]
-
-use std::time::{Duration, Instant};
 
 use sds_backends::cert_manager::{CertManagerCa, CertManagerConfig, Credentials, IssuerRef};
-use sds_backends::embedded::EmbeddedCa;
-use sds_backends::{CertificateAuthority, SpiffeId, TrustDomain};
 use sds_integration::bench;
 use sds_integration::kube_api::{ISSUER, KubeApi, NAMESPACE, TOKEN};
 
@@ -37,24 +31,8 @@ async fn main() {
     );
     config.credentials = Credentials::Kubeconfig(api.write_kubeconfig(dir.path(), TOKEN).unwrap());
     let cert_manager = CertManagerCa::new(config).unwrap();
-    let td: TrustDomain = "cluster.local".parse().unwrap();
-    let embedded = EmbeddedCa::generate(&td).unwrap();
-    let identity = SpiffeId::for_service_account(td, NAMESPACE, "bench").unwrap();
-
-    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..rounds + bench::WARMUP {
-        let req = bench::sign_request(&identity).unwrap();
-        let cas: [&dyn CertificateAuthority; 2] = [&cert_manager, &embedded];
-        for (i, ca) in cas.iter().enumerate() {
-            let t = Instant::now();
-            ca.sign(&req).await.unwrap();
-            if round >= bench::WARMUP {
-                times[i].push(t.elapsed());
-            }
-        }
-    }
-    let [signer, embedded_times] = &mut times;
-    bench::report("cert-manager (fake API)", signer);
-    bench::report("embedded", embedded_times);
+    bench::against_embedded("cert-manager (fake API)", &cert_manager, rounds)
+        .await
+        .unwrap();
     assert!(api.requests().is_empty(), "every request deleted");
 }

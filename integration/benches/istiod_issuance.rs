@@ -9,14 +9,8 @@
 //! rounds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// A bench measures wall time on purpose.
-#![allow(clippy::disallowed_types)]
 
-use std::time::{Duration, Instant};
-
-use sds_backends::embedded::EmbeddedCa;
 use sds_backends::istiod::{IstiodCa, IstiodConfig};
-use sds_backends::{CertificateAuthority, SpiffeId, TrustDomain};
 use sds_integration::bench;
 use sds_integration::istio_ca::{IstioTestCa, SERVER_NAME};
 
@@ -34,24 +28,7 @@ async fn main() {
     config.server_name = Some(SERVER_NAME.into());
     config.token_file = token_file;
     let istiod = IstiodCa::new(config).unwrap();
-    let td: TrustDomain = "cluster.local".parse().unwrap();
-    let embedded = EmbeddedCa::generate(&td).unwrap();
-    let identity = SpiffeId::for_service_account(td, "default", "bench").unwrap();
-
-    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..rounds + bench::WARMUP {
-        let req = bench::sign_request(&identity).unwrap();
-        let cas: [&dyn CertificateAuthority; 2] = [&istiod, &embedded];
-        for (i, ca) in cas.iter().enumerate() {
-            let t = Instant::now();
-            ca.sign(&req).await.unwrap();
-            // The first 20 rounds warm up the connection and caches.
-            if round >= bench::WARMUP {
-                times[i].push(t.elapsed());
-            }
-        }
-    }
-    let [signer, embedded_times] = &mut times;
-    bench::report("istiod API (loopback, TLS)", signer);
-    bench::report("embedded", embedded_times);
+    bench::against_embedded("istiod API (loopback, TLS)", &istiod, rounds)
+        .await
+        .unwrap();
 }

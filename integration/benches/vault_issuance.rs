@@ -6,14 +6,10 @@
 //! (`ROUNDS=N` to change the 500 rounds).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// A bench measures wall time on purpose.
-#![allow(clippy::disallowed_types)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sds_backends::embedded::EmbeddedCa;
 use sds_backends::vault::{TokenSource, VaultAuth, VaultCa, VaultConfig};
-use sds_backends::{CertificateAuthority, SpiffeId, TrustDomain};
 use sds_integration::bench;
 use sds_integration::vault::Vault;
 
@@ -44,24 +40,7 @@ async fn main() {
         request_timeout: Duration::from_secs(10),
     })
     .unwrap();
-    let td: TrustDomain = "cluster.local".parse().unwrap();
-    let embedded = EmbeddedCa::generate(&td).unwrap();
-    let identity = SpiffeId::for_service_account(td, "default", "bench").unwrap();
-
-    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..rounds + bench::WARMUP {
-        let req = bench::sign_request(&identity).unwrap();
-        let cas: [&dyn CertificateAuthority; 2] = [&vault_ca, &embedded];
-        for (i, ca) in cas.iter().enumerate() {
-            let t = Instant::now();
-            ca.sign(&req).await.unwrap();
-            // The first 20 rounds warm up connections and caches.
-            if round >= bench::WARMUP {
-                times[i].push(t.elapsed());
-            }
-        }
-    }
-    let [signer, embedded_times] = &mut times;
-    bench::report("openbao (loopback, HTTP)", signer);
-    bench::report("embedded", embedded_times);
+    bench::against_embedded("openbao (loopback, HTTP)", &vault_ca, rounds)
+        .await
+        .unwrap();
 }

@@ -1,10 +1,12 @@
-//! What the issuance benches share: the round count, one fresh CSR per round, and the
-//! percentile line each prints.
+//! What the issuance benches share: the round count, one fresh CSR per round, the
+//! interleaved comparison with the embedded CA, and the percentile line each prints.
 
 use std::time::Duration;
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
-use sds_backends::{KeyType, SignRequest, SpiffeId};
+use sds_backends::embedded::EmbeddedCa;
+use sds_backends::{CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustDomain};
+use tokio::time::Instant;
 
 /// Rounds run before any time is kept: they warm up connections and caches.
 pub const WARMUP: usize = 20;
@@ -48,4 +50,34 @@ pub fn report(name: &str, samples: &mut [Duration]) {
         at(0.99),
         at(1.0),
     );
+}
+
+/// Signs `rounds` fresh CSRs (after [`WARMUP`] rounds not kept) with `ca` and with an
+/// embedded CA, interleaved, each CSR given to both; then prints `name`'s line and the
+/// embedded CA's.
+pub async fn against_embedded(
+    name: &str,
+    ca: &dyn CertificateAuthority,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let td: TrustDomain = "cluster.local".parse()?;
+    let embedded = EmbeddedCa::generate(&td)?;
+    let identity = SpiffeId::for_service_account(td, "default", "bench")?;
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds + WARMUP {
+        let req = sign_request(&identity)?;
+        let cas: [&dyn CertificateAuthority; 2] = [ca, &embedded];
+        for (i, ca) in cas.iter().enumerate() {
+            let t = Instant::now();
+            ca.sign(&req).await?;
+            // The first rounds warm up connections and caches.
+            if round >= WARMUP {
+                times[i].push(t.elapsed());
+            }
+        }
+    }
+    let [signer, embedded_times] = &mut times;
+    report(name, signer);
+    report("embedded", embedded_times);
+    Ok(())
 }
