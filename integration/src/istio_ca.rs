@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
 use sds_backends::embedded::EmbeddedCa;
@@ -304,17 +304,12 @@ fn ca_params(common_name: &str, constraint: Option<BasicConstraints>) -> Certifi
 
 /// A TLS root, and a serving certificate it signed for [`SERVER_NAME`] and 127.0.0.1.
 fn serving_pki() -> Result<(String, String, String), Error> {
-    let root_key = KeyPair::generate().map_err(Error::Ca)?;
-    let root = ca_params("test istiod TLS root", None);
-    let root_cert = root.self_signed(&root_key).map_err(Error::Ca)?;
-    let issuer = Issuer::new(root, root_key);
-    let key = KeyPair::generate().map_err(Error::Ca)?;
-    let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(Error::Ca)?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
-    let cert = params.signed_by(&key, &issuer).map_err(Error::Ca)?;
-    Ok((root_cert.pem(), cert.pem(), key.serialize_pem()))
+    let (root_pem, cert, key) = crate::pki::serving_pki(
+        "sds-agent istiod test",
+        "test istiod TLS root",
+        &[SERVER_NAME],
+    )?;
+    Ok((root_pem, cert.pem(), key.serialize_pem()))
 }
 
 struct Service {

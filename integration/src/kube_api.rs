@@ -58,7 +58,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use rcgen::{BasicConstraints, CertificateParams, Issuer, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 use sds_backends::embedded::EmbeddedCa;
@@ -1164,16 +1164,12 @@ async fn sign(state: &State, object: &Value) -> Result<String, String> {
     Ok(format!("{leaf}{}", state.intermediate_pem))
 }
 
+/// PEM with LF line endings, as Go's `encoding/pem` writes it.
 fn pem_of(der: &CertificateDer<'_>) -> String {
-    let body = BASE64.encode(der.as_ref());
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .filter_map(|c| std::str::from_utf8(c).ok())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
+    let block = ::pem::Pem::new("CERTIFICATE", der.to_vec());
+    ::pem::encode_config(
+        &block,
+        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
     )
 }
 
@@ -1200,20 +1196,11 @@ fn parse_go_duration(s: &str) -> Option<Duration> {
 
 /// A TLS root and the API server's serving certificate for 127.0.0.1 and localhost.
 fn serving_tls() -> Result<(String, Arc<rustls::ServerConfig>), Error> {
-    let root_key = KeyPair::generate().map_err(Error::Ca)?;
-    let root = ca_params("fake kube-apiserver TLS root", None);
-    let root_cert = root.self_signed(&root_key).map_err(Error::Ca)?;
-    let issuer = Issuer::new(root, root_key);
-    let key = KeyPair::generate().map_err(Error::Ca)?;
-    let mut params = CertificateParams::new(vec![
-        "localhost".to_owned(),
-        "kubernetes.default.svc".to_owned(),
-    ])
-    .map_err(Error::Ca)?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
-    let cert = params.signed_by(&key, &issuer).map_err(Error::Ca)?;
+    let (root_pem, cert, key) = crate::pki::serving_pki(
+        "sds-agent cert-manager test",
+        "fake kube-apiserver TLS root",
+        &["localhost", "kubernetes.default.svc"],
+    )?;
     let tls_error = |e: rustls::Error| Error::Api {
         call: "fake API server TLS".into(),
         detail: e.to_string(),
@@ -1230,7 +1217,7 @@ fn serving_tls() -> Result<(String, Arc<rustls::ServerConfig>), Error> {
     .with_no_client_auth()
     .with_single_cert(vec![cert.der().clone()], key_der)
     .map_err(tls_error)?;
-    Ok((root_cert.pem(), Arc::new(config)))
+    Ok((root_pem, Arc::new(config)))
 }
 
 /// The CA issuer's PKI: a root (status.ca) and an intermediate that signs.

@@ -7,9 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::net::Ipv4Addr;
+
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
 use crate::{Error, Serial, io_error};
@@ -67,6 +69,30 @@ pub fn ca_params(
     params.is_ca = IsCa::Ca(constraint.unwrap_or(BasicConstraints::Unconstrained));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params
+}
+
+/// A TLS root (PEM) and a serving certificate it signed for `dns_names` and 127.0.0.1, with
+/// the certificate's key: what a test server presents, and what its clients trust.
+pub fn serving_pki(
+    organization: &str,
+    root_name: &str,
+    dns_names: &[&str],
+) -> Result<(String, Certificate, KeyPair), Error> {
+    let root_key = KeyPair::generate().map_err(Error::Ca)?;
+    let root = ca_params(organization, root_name, None);
+    let root_cert = root.self_signed(&root_key).map_err(Error::Ca)?;
+    let issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate().map_err(Error::Ca)?;
+    let names = dns_names
+        .iter()
+        .map(|n| (*n).to_owned())
+        .collect::<Vec<_>>();
+    let mut params = CertificateParams::new(names).map_err(Error::Ca)?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+    let cert = params.signed_by(&key, &issuer).map_err(Error::Ca)?;
+    Ok((root_cert.pem(), cert, key))
 }
 
 /// The serial number of the first certificate in `pem`.
