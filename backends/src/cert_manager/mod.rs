@@ -488,11 +488,7 @@ impl CertManagerCa {
                                 }
                             }
                             Ok(Some(WatchEvent::Deleted(_))) => {
-                                return Err(CaError::Unavailable(format!(
-                                    "CertificateRequest {}/{name} was deleted before it was \
-                                     issued",
-                                    self.config.namespace
-                                )));
+                                return Err(self.vanished(&name));
                             }
                             Ok(Some(WatchEvent::Bookmark(b))) => {
                                 version = b.metadata.resource_version;
@@ -547,12 +543,7 @@ impl CertManagerCa {
             if last_break.take().is_some() || version.is_empty() {
                 let got = match self.call_raw(deadline, api.get(&name)).await {
                     Ok(Ok(cr)) => Ok(cr),
-                    Ok(Err(e)) if is_not_found(&e) => {
-                        return Err(CaError::Unavailable(format!(
-                            "CertificateRequest {}/{name} was deleted before it was issued",
-                            self.config.namespace
-                        )));
-                    }
+                    Ok(Err(e)) if is_not_found(&e) => return Err(self.vanished(&name)),
                     Ok(Err(e)) => Err(self.classify(&e, Verb::Get)),
                     Err(timeout) => Err(timeout),
                 };
@@ -595,6 +586,14 @@ impl CertManagerCa {
         tokio::time::timeout(limit, call)
             .await
             .map_err(|_| CaError::Timeout(limit))
+    }
+
+    /// Someone deleted the request while the agent waited on it: retryable, with a new one.
+    fn vanished(&self, name: &str) -> CaError {
+        CaError::Unavailable(format!(
+            "CertificateRequest {}/{name} was deleted before it was issued",
+            self.config.namespace
+        ))
     }
 
     fn timed_out(&self, name: &str, waiting: &str) -> CaError {
