@@ -190,3 +190,86 @@ fn the_request_is_serialized_with_cert_managers_field_names() {
     let request = json["spec"]["request"].as_str().unwrap();
     assert!(request.starts_with("LS0tLS1CRUdJTi"), "{request}");
 }
+
+fn api_error(body: serde_json::Value) -> kube::Error {
+    kube::Error::Api(Box::new(serde_json::from_value(body).unwrap()))
+}
+
+#[test]
+fn api_errors_sort_into_retryable_and_not_with_what_to_do() {
+    let (ca, _dir) = ca();
+    let status = |code: u16, reason: &str, message: &str| {
+        api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "code": code, "reason": reason, "message": message,
+        }))
+    };
+    let throttled = ca.classify(&status(429, "TooManyRequests", "slow down"), Verb::Create);
+    assert!(matches!(throttled, CaError::Throttled(_)), "{throttled}");
+    for code in [500, 503, 504] {
+        let e = ca.classify(&status(code, "InternalError", "etcd"), Verb::Get);
+        assert!(
+            matches!(e, CaError::Unavailable(_)) && e.is_retryable(),
+            "{e}"
+        );
+    }
+    let conflict = ca.classify(&status(409, "AlreadyExists", "x"), Verb::Create);
+    assert!(conflict.is_retryable(), "{conflict}");
+    let unauthorized = ca.classify(&status(401, "Unauthorized", "Unauthorized"), Verb::Create);
+    assert!(matches!(unauthorized, CaError::Denied(_)), "{unauthorized}");
+    let webhook = ca.classify(
+        &status(
+            403,
+            "Forbidden",
+            "admission webhook \"webhook.cert-manager.io\" denied the request: spec.request",
+        ),
+        Verb::Create,
+    );
+    assert!(
+        webhook.to_string().contains("an admission webhook refused"),
+        "{webhook}"
+    );
+    assert!(!webhook.to_string().contains("RBAC"), "{webhook}");
+    let forbidden = ca.classify(&status(403, "Forbidden", "no"), Verb::Delete);
+    assert!(
+        forbidden.to_string().contains("verbs [\"delete\"]"),
+        "{forbidden}"
+    );
+    let no_crd = ca.classify(&status(404, "NotFound", "404 page not found"), Verb::Create);
+    assert!(
+        no_crd.to_string().contains("is cert-manager installed"),
+        "{no_crd}"
+    );
+    let no_ns = ca.classify(
+        &api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+            "reason": "NotFound", "message": "namespaces \"mesh\" not found",
+            "details": {"name": "mesh", "kind": "namespaces"},
+        })),
+        Verb::Create,
+    );
+    assert!(
+        no_ns.to_string().contains("namespace mesh does not exist"),
+        "{no_ns}"
+    );
+    assert!(!no_ns.is_retryable());
+}
+
+#[test]
+fn outside_a_pod_in_cluster_credentials_are_refused_at_construction() {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        eprintln!("running in a pod: in-cluster credentials exist, nothing to refuse");
+        return;
+    }
+    let config = CertManagerConfig::new("mesh", IssuerRef::default());
+    let err = CertManagerCa::new(CertManagerConfig {
+        issuer: IssuerRef {
+            name: "mesh-ca".into(),
+            ..IssuerRef::default()
+        },
+        ..config
+    })
+    .unwrap_err();
+    assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
+    assert!(err.to_string().contains("give --kubeconfig"), "{err}");
+}
