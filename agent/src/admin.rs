@@ -73,6 +73,7 @@ async fn proxies(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    s.manager.refresh_expiry_metrics();
     (
         [(
             header::CONTENT_TYPE,

@@ -44,8 +44,80 @@ pub enum Command {
     Run(RunArgs),
     /// Check the configuration and print it resolved, as JSON, without serving anything.
     Validate(RunArgs),
-    /// Print the version.
-    Version,
+    /// Show what a running agent serves: its secrets, and each connected proxy's state.
+    /// Exit 0 when ready and no proxy rejects its secrets, 3 when not ready, 4 when a proxy
+    /// NACKed, 1 when the agent cannot be reached.
+    Status(ClientArgs),
+    /// Make a running agent renew its certificate now (POST /rotate). Exit 0 once asked (or,
+    /// with --wait, once the new certificate is served), 1 on failure.
+    Rotate(RotateArgs),
+    /// Print the version and the CA backends built in.
+    Version(VersionArgs),
+}
+
+/// Output format of the client commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    #[default]
+    Text,
+    /// One JSON document for scripts.
+    Json,
+}
+
+/// Flags of the commands that talk to a running agent's admin endpoint.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "kebab-case")]
+pub struct ClientArgs {
+    /// The agent's admin address.
+    #[arg(long, env = "SDS_AGENT_ADMIN_ADDR", value_name = "ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: String,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// How long to wait for the agent.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_client_timeout)]
+    pub timeout: Duration,
+}
+
+/// Flags of `rotate`.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "kebab-case")]
+pub struct RotateArgs {
+    /// Where the agent is, and how to print.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Wait until the new certificate is served (within --timeout) and print its serial.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Flags of `version`.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "kebab-case")]
+pub struct VersionArgs {
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+fn parse_client_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
 }
 
 /// Flags of `run` and `validate`. Each is also `SDS_AGENT_<FLAG>` in the environment and
@@ -100,6 +172,13 @@ pub struct RunArgs {
     /// [default: info]
     #[arg(long, env = "SDS_AGENT_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Log format: text, or json (one object per line). [default: text]
+    #[arg(long, env = "SDS_AGENT_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Also write cert-chain.pem, key.pem (0600) and root-cert.pem into this directory,
+    /// replaced together at every rotation (for applications without a proxy).
+    #[arg(long, env = "SDS_AGENT_OUTPUT_DIR", value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     /// Vault: address, e.g. https://vault.example:8200. Falls back to VAULT_ADDR.
     #[arg(long, env = "SDS_AGENT_VAULT_ADDR", value_name = "URL")]
     pub vault_addr: Option<String>,
@@ -291,6 +370,8 @@ struct FileConfig {
     embedded_ca_key: Option<PathBuf>,
     admin_addr: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
+    output_dir: Option<PathBuf>,
     vault_addr: Option<String>,
     vault_namespace: Option<String>,
     vault_ca_cert: Option<PathBuf>,
@@ -360,6 +441,10 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Log filter, if set by flag, env or file.
     pub log_level: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Where to write the certificate files, if anywhere.
+    pub output_dir: Option<PathBuf>,
 }
 
 /// Which CA signs, and its settings.
@@ -697,6 +782,15 @@ impl RunArgs {
                 "expected IP:PORT, e.g. 127.0.0.1:15020",
             )
         })?;
+        let log_format = match pick(&self.log_format, &file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log-format", other, "expected text or json")),
+        };
+        let output_dir = self.output_dir.clone().or(file.output_dir);
+        if output_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(invalid("output-dir", "", "must not be empty"));
+        }
         Ok(Config {
             socket: PathBuf::from(socket),
             socket_mode,
@@ -707,6 +801,8 @@ impl RunArgs {
             key_type,
             admin_addr,
             log_level: pick(&self.log_level, &file.log_level),
+            log_format,
+            output_dir,
         })
     }
 }

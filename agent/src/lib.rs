@@ -9,10 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod identity;
 pub mod keys;
 pub mod metrics;
+pub mod output;
 pub mod sds;
 pub mod secrets;
 pub mod socket;
@@ -34,6 +36,20 @@ use crate::metrics::Metrics;
 use crate::sds::SdsService;
 use crate::secrets::{Policy, SecretManager};
 use crate::socket::SocketGuard;
+
+/// The CA backends this binary was built with, as `--ca` names them.
+pub const BACKENDS: &[&str] = &[
+    #[cfg(feature = "embedded")]
+    "embedded",
+    #[cfg(feature = "istiod")]
+    "istiod",
+    #[cfg(feature = "vault")]
+    "vault",
+    #[cfg(feature = "acm-pca")]
+    "acm-pca",
+    #[cfg(feature = "cert-manager")]
+    "cert-manager",
+];
 
 /// How long shutdown may take before the remaining tasks are abandoned (the process must
 /// exit within 5 s of SIGTERM).
@@ -399,6 +415,14 @@ impl RunningAgent {
         if !admin_addr.ip().is_loopback() {
             warn!(%admin_addr, "the admin endpoint is not on loopback; anyone who reaches it can force rotations");
         }
+        let file_output = config
+            .output_dir
+            .as_deref()
+            .map(|dir| {
+                output::FileOutput::new(dir)
+                    .with_context(|| format!("cannot use --output-dir {}", dir.display()))
+            })
+            .transpose()?;
         let (listener, socket) = socket::bind(&config.socket, config.socket_mode)?;
         let sds = SdsService::new(manager.clone(), metrics.clone(), shutdown.clone());
 
@@ -406,6 +430,13 @@ impl RunningAgent {
         let mut tasks = vec![tokio::spawn(
             manager.clone().run(shutdown.clone()).instrument(span),
         )];
+        if let Some(out) = file_output {
+            info!(dir = %out.dir().display(), "writing certificate files");
+            tasks.push(tokio::spawn(
+                out.run(manager.clone(), metrics.clone(), shutdown.clone())
+                    .instrument(info_span!("file_output")),
+            ));
+        }
         let state = admin::AdminState {
             manager: manager.clone(),
             metrics: metrics.clone(),

@@ -1,8 +1,10 @@
 //! Prometheus metrics of the agent, registered once and shared by the secret manager, the
 //! SDS server and the admin endpoint that exposes them (`/metrics`).
 //!
-//! Names follow Prometheus conventions with the `sds_agent_` prefix. Labels carry only
-//! bounded values (reasons, kinds, resource names), never identities from requests.
+//! Names follow Prometheus conventions with the `sds_agent_` prefix: `_total` counters,
+//! `_seconds` units, `_timestamp_seconds` for points in time, one `_info` metric. Labels
+//! carry only bounded values (resource names, reasons, kinds, the agent's own identity),
+//! never anything a client sent.
 
 use std::sync::atomic::AtomicU64;
 
@@ -10,7 +12,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+/// A float gauge.
+pub type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the agent exports.
 #[derive(Debug)]
@@ -18,14 +25,22 @@ pub struct Metrics {
     registry: Registry,
     /// CA answers refused by validation, by reason.
     pub ca_responses_rejected: Family<ReasonLabel, Counter>,
-    /// CA calls that failed, by error kind and retryability.
+    /// CA calls that failed, by backend, error kind and retryability.
     pub ca_errors: Family<CaErrorLabels, Counter>,
+    /// CA calls, by backend, operation and result.
+    pub ca_requests: Family<CaRequestLabels, Counter>,
+    /// CA call latency, by backend and operation.
+    pub ca_request_duration: Family<CaOperationLabels, Histogram>,
     /// Issuance attempts, by result (success, failure).
     pub renewals: Family<ResultLabel, Counter>,
-    /// notAfter of the certificate served as `default`, Unix seconds.
-    pub cert_expiry_timestamp: Gauge<f64, AtomicU64>,
-    /// When the next renewal is scheduled, Unix seconds.
-    pub next_renewal_timestamp: Gauge<f64, AtomicU64>,
+    /// Local key generation latency, by key type.
+    pub key_generation_duration: Family<KeyTypeLabel, Histogram>,
+    /// notAfter of each served secret, Unix seconds.
+    pub cert_expiry_timestamp: Family<SecretLabels, FloatGauge>,
+    /// Seconds until each served secret expires (negative once expired); set at each scrape.
+    pub cert_expiry_seconds: Family<SecretLabels, FloatGauge>,
+    /// When the next renewal (or retry) is scheduled, Unix seconds.
+    pub next_renewal_timestamp: Family<IdentityLabel, FloatGauge>,
     /// SDS streams open, by API (sotw, delta).
     pub streams_open: Family<ApiLabel, Gauge>,
     /// Responses sent on SDS streams.
@@ -38,6 +53,8 @@ pub struct Metrics {
     pub stale_nonces: Family<ApiLabel, Counter>,
     /// Requests refused, by reason (unknown_resource, empty_resource_names, wildcard, ...).
     pub bad_requests: Family<ReasonLabel, Counter>,
+    /// File output (`--output-dir`) writes, by result.
+    pub file_writes: Family<ResultLabel, Counter>,
 }
 
 /// `reason` label.
@@ -61,6 +78,29 @@ pub struct ApiLabel {
     pub api: &'static str,
 }
 
+/// `key_type` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KeyTypeLabel {
+    /// ecdsa-p256, rsa-2048, ...
+    pub key_type: &'static str,
+}
+
+/// `identity` label: the SPIFFE ID the agent serves (its own configuration, so bounded).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IdentityLabel {
+    /// The SPIFFE ID.
+    pub identity: String,
+}
+
+/// Labels of a served secret.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SecretLabels {
+    /// The SDS resource name: `default` or `ROOTCA`.
+    pub resource: &'static str,
+    /// The SPIFFE ID (for `ROOTCA`, the trust domain's `spiffe://<td>`).
+    pub identity: String,
+}
+
 /// Labels of CA errors.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct CaErrorLabels {
@@ -72,6 +112,48 @@ pub struct CaErrorLabels {
     pub retryable: &'static str,
 }
 
+/// Labels of one kind of CA call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CaOperationLabels {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// sign or trust_bundle.
+    pub operation: &'static str,
+}
+
+/// Labels of a finished CA call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CaRequestLabels {
+    /// The backend's name.
+    pub backend: &'static str,
+    /// sign or trust_bundle.
+    pub operation: &'static str,
+    /// success, or the error kind (unavailable, timeout, denied, ...).
+    pub result: &'static str,
+}
+
+/// Labels of `sds_agent_build_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    backends: String,
+}
+
+/// CA calls take from well under a millisecond (embedded) to a minute (cert-manager waiting
+/// for an approver): 0.5 ms to about 65 s.
+fn ca_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 18,
+    ))
+}
+
+/// An ECDSA key takes tens of microseconds, an RSA-4096 key up to seconds: 20 µs to about 5 s.
+fn keygen_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00002, 2.0, 18,
+    ))
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
@@ -79,18 +161,31 @@ impl Metrics {
         let m = Self {
             ca_responses_rejected: Family::default(),
             ca_errors: Family::default(),
+            ca_requests: Family::default(),
+            ca_request_duration: Family::new_with_constructor(ca_buckets),
             renewals: Family::default(),
-            cert_expiry_timestamp: Gauge::default(),
-            next_renewal_timestamp: Gauge::default(),
+            key_generation_duration: Family::new_with_constructor(keygen_buckets),
+            cert_expiry_timestamp: Family::default(),
+            cert_expiry_seconds: Family::default(),
+            next_renewal_timestamp: Family::default(),
             streams_open: Family::default(),
             pushes: Family::default(),
             acks: Family::default(),
             nacks: Family::default(),
             stale_nonces: Family::default(),
             bad_requests: Family::default(),
+            file_writes: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
+        r.register(
+            "build",
+            "The agent's version and the CA backends built in",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                backends: crate::BACKENDS.join(","),
+            }),
+        );
         r.register(
             "ca_responses_rejected",
             "CA answers refused by validation before use, by reason",
@@ -98,18 +193,41 @@ impl Metrics {
         );
         r.register(
             "ca_errors",
-            "CA calls that failed, by kind",
+            "CA calls that failed, by backend, kind and retryability",
             m.ca_errors.clone(),
+        );
+        r.register(
+            "ca_requests",
+            "CA calls, by backend, operation and result (success or the error kind)",
+            m.ca_requests.clone(),
+        );
+        r.register_with_unit(
+            "ca_request_duration",
+            "Latency of CA calls, by backend and operation",
+            prometheus_client::registry::Unit::Seconds,
+            m.ca_request_duration.clone(),
         );
         r.register(
             "renewals",
             "Certificate issuance attempts, by result",
             m.renewals.clone(),
         );
+        r.register_with_unit(
+            "key_generation_duration",
+            "Latency of local private key generation, by key type",
+            prometheus_client::registry::Unit::Seconds,
+            m.key_generation_duration.clone(),
+        );
         r.register(
             "certificate_expiry_timestamp_seconds",
-            "notAfter of the served workload certificate, Unix seconds",
+            "notAfter of each served secret, Unix seconds",
             m.cert_expiry_timestamp.clone(),
+        );
+        r.register_with_unit(
+            "certificate_expiry",
+            "Seconds until each served secret expires, negative once expired",
+            prometheus_client::registry::Unit::Seconds,
+            m.cert_expiry_seconds.clone(),
         );
         r.register(
             "next_renewal_timestamp_seconds",
@@ -138,10 +256,15 @@ impl Metrics {
             "SDS requests refused, by reason",
             m.bad_requests.clone(),
         );
+        r.register(
+            "file_writes",
+            "Writes of --output-dir, by result",
+            m.file_writes.clone(),
+        );
         Self { registry, ..m }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

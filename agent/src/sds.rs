@@ -13,7 +13,7 @@
 //! A stream that stops reading blocks only its own task: the manager publishes into `watch`
 //! channels and never waits for readers. This module never touches the CA.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,10 +79,30 @@ pub struct ProxyState {
     pub node_id: String,
     /// Resource names subscribed.
     pub resources: Vec<&'static str>,
+    /// The version last sent (`default:3,ROOTCA:1`).
+    pub sent_version: Option<String>,
     /// The version last ACKed.
     pub acked_version: Option<String>,
     /// The last NACK's message, cleared by the next ACK.
     pub nack: Option<String>,
+    /// `acked` (the proxy has ACKed what was last sent), `nacked` (it rejected the last
+    /// version), `pending` (a response awaits its ACK) or `waiting` (nothing sent yet).
+    pub state: &'static str,
+}
+
+impl ProxyState {
+    fn with_state(mut self) -> Self {
+        self.state = if self.nack.is_some() {
+            "nacked"
+        } else if self.sent_version.is_none() {
+            "waiting"
+        } else if self.acked_version == self.sent_version {
+            "acked"
+        } else {
+            "pending"
+        };
+        self
+    }
 }
 
 /// Why a request was refused. Becomes a `tonic::Status` in [`SdsError::into_status`] only.
@@ -115,7 +135,7 @@ struct SotwState {
 #[derive(Debug, Default)]
 struct DeltaState {
     subscribed: BTreeSet<ResourceName>,
-    sent: HashMap<ResourceName, String>,
+    sent: BTreeMap<ResourceName, String>,
     removed: Vec<String>,
     nonce: u64,
     last_nonce: Option<String>,
@@ -154,7 +174,12 @@ impl SdsService {
 
     /// The streams connected now.
     pub fn proxies(&self) -> Vec<ProxyState> {
-        self.inner.proxies.lock().values().cloned().collect()
+        self.inner
+            .proxies
+            .lock()
+            .values()
+            .map(|p| p.clone().with_state())
+            .collect()
     }
 
     fn start_stream<T: Send + 'static>(
@@ -179,8 +204,10 @@ impl SdsService {
                 // Filled in from the first request that names its node.
                 node_id: String::new(),
                 resources: vec![],
+                sent_version: None,
                 acked_version: None,
                 nack: None,
+                state: "waiting",
             },
         );
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -291,6 +318,9 @@ trait XdsState: Default + Send + 'static {
         cert_rx: &CertRx,
         bundle_rx: &BundleRx,
     ) -> Option<Self::Response>;
+
+    /// The versions the client was last sent, as its ACK will name them.
+    fn sent_version(&self) -> String;
 }
 
 /// Runs one stream: push what is owed, then wait for a request, a new secret, or shutdown.
@@ -311,6 +341,8 @@ async fn serve_stream<S: XdsState>(
                 _ = inner.shutdown.cancelled() => return,
             }
             inner.metrics.pushes.get_or_create(&api).inc();
+            let sent = st.sent_version();
+            guard.update(|p| p.sent_version = Some(sent));
         }
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
@@ -396,6 +428,11 @@ impl XdsState for SotwState {
             ..Default::default()
         })
     }
+
+    fn sent_version(&self) -> String {
+        let sent: Vec<_> = self.sent.iter().map(|(n, v)| (*n, *v)).collect();
+        version_info(&sent)
+    }
 }
 
 impl XdsState for DeltaState {
@@ -413,12 +450,7 @@ impl XdsState for DeltaState {
         )? {
             Admit::Stale => return Ok(()),
             Admit::Reply => {
-                let acked = self
-                    .sent
-                    .iter()
-                    .map(|(n, v)| format!("{n}:{v}"))
-                    .collect::<Vec<_>>()
-                    .join(",");
+                let acked = self.sent_version();
                 g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
             }
             Admit::Fresh => {}
@@ -504,6 +536,14 @@ impl XdsState for DeltaState {
             nonce,
             ..Default::default()
         })
+    }
+
+    fn sent_version(&self) -> String {
+        self.sent
+            .iter()
+            .map(|(n, v)| format!("{n}:{v}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

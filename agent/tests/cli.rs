@@ -635,6 +635,20 @@ fn settings(dir: &Path) -> Vec<Setting> {
             ["debug", "warn", "sds_agent=trace"],
             |v| string(&v["log-level"]),
         ),
+        plain(
+            "log-format",
+            11,
+            ["json", "text", "json"],
+            ["json", "text", "json"],
+            |v| string(&v["log-format"]),
+        ),
+        plain(
+            "output-dir",
+            12,
+            ["/run/a", "/run/b", "/run/c"],
+            ["/run/a", "/run/b", "/run/c"],
+            |v| string(&v["output-dir"]),
+        ),
         {
             let p = paths(|c| &c.cert);
             Setting {
@@ -828,6 +842,17 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             &["unknown field", "trust_domain", &unknown],
         ),
         bad("missing config file", &["--config", &missing], &[&missing]),
+        bad(
+            "unknown log format",
+            &["--log-format", "yaml"],
+            &["--log-format", "yaml", "text or json"],
+        ),
+        bad(
+            "unparsable log filter",
+            &["--log-level", "sds_agent=[loud"],
+            &["--log-level", "sds_agent=[loud"],
+        ),
+        bad("empty output directory", &["--output-dir", ""], &["--output-dir"]),
         bad(
             "bad value in the file",
             &["--config", &bad_in_file],
@@ -1318,14 +1343,22 @@ fn version_and_help() {
     let version = env!("CARGO_PKG_VERSION");
     let out = finish(agent().arg("version"), QUICK);
     assert_eq!(out.code(), Some(0));
-    assert_eq!(out.stdout.trim(), format!("sds-agent {version}"));
+    assert_eq!(
+        out.stdout.trim(),
+        format!("sds-agent {version} (backends: embedded, istiod, vault, acm-pca, cert-manager)")
+    );
+    let out = finish(agent().args(["version", "--output", "json"]), QUICK);
+    assert_eq!(out.code(), Some(0));
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["version"], version);
+    assert_eq!(v["backends"][0], "embedded");
     let out = finish(agent().arg("--version"), QUICK);
     assert_eq!(out.code(), Some(0));
     assert!(out.stdout.contains(version), "{}", out.stdout);
 
     let out = finish(agent().arg("--help"), QUICK);
     assert_eq!(out.code(), Some(0));
-    for sub in ["run", "validate", "version"] {
+    for sub in ["run", "validate", "status", "rotate", "version"] {
         assert!(
             out.stdout.lines().any(|l| l.trim_start().starts_with(sub)),
             "--help lacks the {sub} subcommand: {}",
@@ -1348,6 +1381,8 @@ fn version_and_help() {
         "embedded-ca-key",
         "admin-addr",
         "log-level",
+        "log-format",
+        "output-dir",
     ];
     for sub in ["run", "validate"] {
         let out = finish(agent().args([sub, "--help"]), QUICK);
@@ -1387,15 +1422,27 @@ fn version_and_help() {
 
 #[test]
 fn no_key_material_in_logs_even_at_trace() {
+    for format in ["text", "json"] {
+        no_key_material_in_logs_at_trace_as(format);
+    }
+}
+
+/// With file output on too, so writing the key file is among what is logged.
+fn no_key_material_in_logs_at_trace_as(format: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ca = write_ca(dir.path(), "ca");
     let socket = dir.path().join("sds.sock");
+    let out_dir = dir.path().join("certs");
     let mut a = Running::start(
         dir.path(),
         &socket,
         &[
             "--log-level",
             "trace",
+            "--log-format",
+            format,
+            "--output-dir",
+            out_dir.to_str().unwrap(),
             "--embedded-ca-cert",
             ca.cert.to_str().unwrap(),
             "--embedded-ca-key",
@@ -1422,6 +1469,12 @@ fn no_key_material_in_logs_even_at_trace() {
     );
     let (_, second_key) = sds::fetch_default(&socket);
     let _ = get(a.admin, "/metrics");
+    assert!(
+        wait_until(QUICK, || std::fs::read_to_string(out_dir.join("key.pem"))
+            .is_ok_and(|k| k == second_key)),
+        "key.pem never became the served key: {}",
+        a.log()
+    );
     assert_eq!(a.stop("TERM").code(), Some(0), "{}", a.log());
 
     let log = a.log();
@@ -1429,9 +1482,33 @@ fn no_key_material_in_logs_even_at_trace() {
         log.matches("certificate issued").count() >= 2,
         "expected two issuances in the trace log: {log}"
     );
+    if format == "json" {
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let event: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("--log-format json printed a non-JSON line ({e}): {line}"));
+            assert!(event["level"].is_string() && event["timestamp"].is_string(), "{line}");
+        }
+        assert!(
+            log.lines().any(|l| l.contains("\"level\":\"TRACE\"")),
+            "--log-level trace logged no trace event"
+        );
+        let issued: Value = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["message"] == "certificate issued")
+            .expect("no `certificate issued` event");
+        for field in ["serial", "not_after", "backend", "duration_ms"] {
+            assert!(!issued[field].is_null(), "`certificate issued` lacks {field}: {issued}");
+        }
+    } else {
+        assert!(
+            log.contains("TRACE"),
+            "--log-level trace logged no trace event"
+        );
+    }
     assert!(
-        log.contains("TRACE"),
-        "--log-level trace logged no trace event"
+        log.contains("certificate files written"),
+        "file output did not run: {log}"
     );
     for output in [&log, &a.printed()] {
         assert!(!output.contains("PRIVATE KEY"), "a PEM key in the output");

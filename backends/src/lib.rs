@@ -196,8 +196,7 @@ impl CaError {
 /// An error and its sources on one line, each said once, cut at 600 characters: for CA
 /// errors whose libraries nest the cause (a TLS failure inside a connect error inside a
 /// transport error).
-#[cfg(any(feature = "acm-pca", feature = "istiod", feature = "cert-manager"))]
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut source = Some(err);
     while let Some(e) = source {
@@ -220,8 +219,7 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// A server's message on one line, quoted, cut after `max` characters: for errors that
 /// repeat what a CA said.
-#[cfg(any(feature = "istiod", feature = "cert-manager"))]
-pub(crate) fn quote(message: &str, max: usize) -> String {
+pub fn quote(message: &str, max: usize) -> String {
     let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
     match line.char_indices().nth(max) {
         Some((i, _)) => format!("{:?}...", &line[..i]),

@@ -33,7 +33,10 @@ use zeroize::Zeroizing;
 
 use crate::config::RenewAt;
 use crate::keys::{KeyError, PrivateKey};
-use crate::metrics::{CaErrorLabels, Metrics, ReasonLabel, ResultLabel};
+use crate::metrics::{
+    CaErrorLabels, CaOperationLabels, CaRequestLabels, IdentityLabel, KeyTypeLabel, Metrics,
+    ReasonLabel, ResultLabel, SecretLabels,
+};
 use validate::{LeafInfo, Rejection};
 
 /// Most of the renewal interval that jitter may take off, so a fleet spreads out.
@@ -106,6 +109,8 @@ pub struct SecretStatus {
     pub next_renewal: Option<String>,
     /// Version served on SDS streams.
     pub version: u64,
+    /// The CA backend that signed it (for `ROOTCA`, that serves the roots).
+    pub backend: &'static str,
 }
 
 /// The manager's view of its own health, for `/readyz` and logs.
@@ -148,6 +153,9 @@ pub struct SecretManager {
     metrics: Arc<Metrics>,
     /// Version of the last certificate built; never reused, even after an expiry.
     cert_version: AtomicU64,
+    /// notAfter of the last certificate and the earliest root, kept after an expiry so the
+    /// metrics can say how long ago it was.
+    expiries: Mutex<Vec<(SecretLabels, SystemTime)>>,
 }
 
 impl SecretManager {
@@ -168,6 +176,7 @@ impl SecretManager {
             health: Mutex::new(Health::default()),
             metrics,
             cert_version: AtomicU64::new(0),
+            expiries: Mutex::new(Vec::new()),
         })
     }
 
@@ -213,6 +222,7 @@ impl SecretManager {
                 not_after: rfc3339(c.leaf.not_after),
                 next_renewal: Some(rfc3339(c.renew_at)),
                 version: c.version,
+                backend: c.backend,
             });
         }
         if let Some(b) = self.bundle.borrow().as_ref() {
@@ -225,10 +235,89 @@ impl SecretManager {
                     not_after: rfc3339(root.not_after),
                     next_renewal: None,
                     version: b.version,
+                    backend: self.ca.name(),
                 });
             }
         }
         out
+    }
+
+    /// Sets the seconds-to-expiry gauges from the wall clock; the admin endpoint calls this
+    /// at each scrape, so they are exact whenever read.
+    pub fn refresh_expiry_metrics(&self) {
+        let now = SystemTime::now();
+        for (labels, not_after) in self.expiries.lock().iter() {
+            self.metrics
+                .cert_expiry_seconds
+                .get_or_create(labels)
+                .set(seconds_between(now, *not_after));
+        }
+    }
+
+    /// Records the notAfter of a served secret for the expiry gauges.
+    fn record_expiry(&self, resource: &'static str, identity: String, not_after: SystemTime) {
+        let labels = SecretLabels { resource, identity };
+        self.metrics
+            .cert_expiry_timestamp
+            .get_or_create(&labels)
+            .set(unix_f64(not_after));
+        let mut expiries = self.expiries.lock();
+        match expiries.iter_mut().find(|(l, _)| *l == labels) {
+            Some(entry) => entry.1 = not_after,
+            None => expiries.push((labels, not_after)),
+        }
+        drop(expiries);
+        self.refresh_expiry_metrics();
+    }
+
+    fn set_next_renewal(&self, at: SystemTime) {
+        self.metrics
+            .next_renewal_timestamp
+            .get_or_create(&IdentityLabel {
+                identity: self.identity.to_string(),
+            })
+            .set(unix_f64(at));
+    }
+
+    /// One call to the CA, limited to the policy's timeout, timed and counted by backend,
+    /// operation and result; a failure is also counted by kind in `ca_errors_total`.
+    async fn ca_call<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, CaError>>,
+    ) -> Result<T, CaError> {
+        let backend = self.ca.name();
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.policy.ca_timeout, call)
+            .await
+            .unwrap_or(Err(CaError::Timeout(self.policy.ca_timeout)));
+        self.metrics
+            .ca_request_duration
+            .get_or_create(&CaOperationLabels { backend, operation })
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => {
+                self.metrics
+                    .ca_errors
+                    .get_or_create(&CaErrorLabels {
+                        backend,
+                        kind: e.kind(),
+                        retryable: if e.is_retryable() { "true" } else { "false" },
+                    })
+                    .inc();
+                e.kind()
+            }
+        };
+        self.metrics
+            .ca_requests
+            .get_or_create(&CaRequestLabels {
+                backend,
+                operation,
+                result: outcome,
+            })
+            .inc();
+        result
     }
 
     /// The rotation loop: issue, publish, sleep until the renewal point (or a retry, a
@@ -302,12 +391,12 @@ impl SecretManager {
                         .renewals
                         .get_or_create(&ResultLabel { result: "success" })
                         .inc();
-                    self.metrics
-                        .cert_expiry_timestamp
-                        .set(unix_f64(cert.leaf.not_after));
-                    self.metrics
-                        .next_renewal_timestamp
-                        .set(unix_f64(cert.renew_at));
+                    self.record_expiry(
+                        crate::identity::DEFAULT_RESOURCE,
+                        self.identity.to_string(),
+                        cert.leaf.not_after,
+                    );
+                    self.set_next_renewal(cert.renew_at);
                     *self.health.lock() = Health::default();
                     self.cert.send_replace(Some(Arc::new(cert)));
                 }
@@ -321,9 +410,7 @@ impl SecretManager {
                         .renewals
                         .get_or_create(&ResultLabel { result: "failure" })
                         .inc();
-                    self.metrics
-                        .next_renewal_timestamp
-                        .set(unix_f64(SystemTime::now() + delay));
+                    self.set_next_renewal(SystemTime::now() + delay);
                     self.record_failure(&error, failures, remaining, delay);
                 }
             }
@@ -337,18 +424,9 @@ impl SecretManager {
         remaining: Option<Duration>,
         retry_in: Duration,
     ) {
+        // CA errors were counted by kind where the call was made (`ca_call`).
         let retryable = match error {
-            IssueError::Ca(e) => {
-                self.metrics
-                    .ca_errors
-                    .get_or_create(&CaErrorLabels {
-                        backend: self.ca.name(),
-                        kind: e.kind(),
-                        retryable: if e.is_retryable() { "true" } else { "false" },
-                    })
-                    .inc();
-                e.is_retryable()
-            }
+            IssueError::Ca(e) => e.is_retryable(),
             IssueError::Rejected(r) => {
                 self.metrics
                     .ca_responses_rejected
@@ -394,9 +472,16 @@ impl SecretManager {
     /// One issuance: key, CSR, sign, bundle, validate. Publishes nothing.
     async fn issue_once(&self) -> Result<ServedCert, IssueError> {
         let key_type = self.policy.key_type;
+        let started = Instant::now();
         let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
             .await
             .map_err(|e| CaError::Misconfigured(format!("key generation task failed: {e}")))??;
+        self.metrics
+            .key_generation_duration
+            .get_or_create(&KeyTypeLabel {
+                key_type: key_type.as_str(),
+            })
+            .observe(started.elapsed().as_secs_f64());
         let csr_der = key.csr(&self.identity)?;
         let req = SignRequest {
             identity: self.identity.clone(),
@@ -404,9 +489,7 @@ impl SecretManager {
             ttl: self.policy.ttl,
             key_type,
         };
-        let chain = tokio::time::timeout(self.policy.ca_timeout, self.ca.sign(&req))
-            .await
-            .map_err(|_| CaError::Timeout(self.policy.ca_timeout))??;
+        let chain = self.ca_call("sign", self.ca.sign(&req)).await?;
         // The bundle is read after signing: some CAs (istiod) only send their roots with a
         // certificate. A chain naming a root the bundle lacks means the CA has a new root,
         // so the bundle is re-read before the chain is checked against it.
@@ -469,10 +552,9 @@ impl SecretManager {
 
     /// Re-reads the trust bundle and publishes it if it changed.
     async fn refresh_bundle(&self) -> Result<Arc<ServedBundle>, IssueError> {
-        let bundle: TrustBundle =
-            tokio::time::timeout(self.policy.ca_timeout, self.ca.trust_bundle())
-                .await
-                .map_err(|_| CaError::Timeout(self.policy.ca_timeout))??;
+        let bundle: TrustBundle = self
+            .ca_call("trust_bundle", self.ca.trust_bundle())
+            .await?;
         let current = self.bundle.borrow().clone();
         if let Some(cur) = current.filter(|c| c.roots == bundle.roots()) {
             return Ok(cur);
@@ -496,6 +578,13 @@ impl SecretManager {
             backend = self.ca.name(),
             "trust bundle updated"
         );
+        if let Some(earliest) = served.root_info.iter().map(|r| r.not_after).min() {
+            self.record_expiry(
+                crate::identity::ROOTCA_RESOURCE,
+                format!("spiffe://{}", self.identity.trust_domain()),
+                earliest,
+            );
+        }
         self.bundle.send_replace(Some(served.clone()));
         Ok(served)
     }
@@ -576,6 +665,14 @@ fn root_info(der: &CertificateDer<'_>) -> Result<LeafInfo, String> {
 /// RFC 3339 with seconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `to - from` in seconds, negative when `to` is earlier.
+fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
+    match to.duration_since(from) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
 }
 
 fn unix_f64(t: SystemTime) -> f64 {
