@@ -94,7 +94,9 @@ pub struct Status {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No connection, or no answer in time.
-    #[error("cannot reach the agent's admin endpoint at {url}: {reason} (is the agent running, and is --admin-addr right?)")]
+    #[error(
+        "cannot reach the agent's admin endpoint at {url}: {reason} (is the agent running, and is --admin-addr right?)"
+    )]
     Unreachable {
         /// What was asked.
         url: String,
@@ -110,7 +112,9 @@ pub enum ClientError {
         reason: String,
     },
     /// `rotate --wait` saw no new certificate in time.
-    #[error("no new certificate within {0:?}; see the agent's log and `sds-agent status` (the CA may be failing)")]
+    #[error(
+        "no new certificate within {0:?}; see the agent's log and `sds-agent status` (the CA may be failing)"
+    )]
     NotRotated(Duration),
 }
 
@@ -139,7 +143,11 @@ impl Admin {
     }
 
     /// Sends a request; returns the status code and the body.
-    async fn call(&self, method: reqwest::Method, path: &str) -> Result<(u16, Vec<u8>), ClientError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
         let url = format!("{}{path}", self.base);
         let unreachable = |e: reqwest::Error| ClientError::Unreachable {
             url: url.clone(),
@@ -239,11 +247,19 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
         writeln!(out, "health: {health}")?;
     }
     writeln!(out)?;
-    let mut rows = vec![[
-        "RESOURCE", "SPIFFE ID", "SERIAL", "VALID FROM", "VALID UNTIL", "RENEWAL IN", "BACKEND",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let mut rows = vec![
+        [
+            "RESOURCE",
+            "SPIFFE ID",
+            "SERIAL",
+            "VALID FROM",
+            "VALID UNTIL",
+            "RENEWAL IN",
+            "BACKEND",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for sec in &s.secrets {
         let renewal = sec
             .next_renewal
@@ -268,9 +284,11 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
     if s.proxies.is_empty() {
         return writeln!(out, "no proxies connected");
     }
-    let mut rows = vec![["STREAM", "NODE", "API", "RESOURCES", "VERSION", "STATE"]
-        .map(String::from)
-        .to_vec()];
+    let mut rows = vec![
+        ["STREAM", "NODE", "API", "RESOURCES", "VERSION", "STATE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for p in &s.proxies {
         let state = match &p.nack {
             Some(msg) => format!("NACKED: {msg}"),
@@ -278,7 +296,11 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
         };
         rows.push(vec![
             p.stream.to_string(),
-            if p.node_id.is_empty() { "-".into() } else { p.node_id.clone() },
+            if p.node_id.is_empty() {
+                "-".into()
+            } else {
+                p.node_id.clone()
+            },
             p.api.clone(),
             p.resources.join(","),
             p.acked_version.clone().unwrap_or_else(|| "-".into()),
@@ -347,7 +369,10 @@ pub async fn rotate(args: &RotateArgs, out: &mut dyn Write, err: &mut dyn Write)
                     .and_then(|json| writeln!(out, "{json}")),
                 OutputFormat::Text => match (&report.serial, &report.not_after) {
                     (Some(serial), Some(not_after)) => {
-                        writeln!(out, "new certificate served: serial {serial}, valid until {not_after}")
+                        writeln!(
+                            out,
+                            "new certificate served: serial {serial}, valid until {not_after}"
+                        )
                     }
                     _ => writeln!(out, "rotation requested"),
                 },
@@ -442,7 +467,8 @@ mod tests {
 
     #[test]
     fn time_to_renewal_reads_as_people_write_it() {
-        let now = humantime::parse_rfc3339("2026-11-23T10:00:00Z").unwrap_or(SystemTime::UNIX_EPOCH);
+        let now =
+            humantime::parse_rfc3339("2026-11-23T10:00:00Z").unwrap_or(SystemTime::UNIX_EPOCH);
         assert_eq!(until("2026-11-23T15:03:20Z", now), "5h 3m");
         assert_eq!(until("2026-11-23T10:02:05Z", now), "2m 5s");
         assert_eq!(until("2026-11-23T10:00:42Z", now), "42s");
@@ -452,7 +478,8 @@ mod tests {
 
     #[test]
     fn the_table_names_each_secret_and_each_proxy_state() {
-        let now = humantime::parse_rfc3339("2026-11-23T10:00:00Z").unwrap_or(SystemTime::UNIX_EPOCH);
+        let now =
+            humantime::parse_rfc3339("2026-11-23T10:00:00Z").unwrap_or(SystemTime::UNIX_EPOCH);
         let status = Status {
             admin: "127.0.0.1:15020".into(),
             ready: true,
@@ -490,8 +517,16 @@ mod tests {
         assert!(write_status_text(&status, now, &mut out).is_ok());
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("agent 127.0.0.1:15020: ready"), "{text}");
-        let row = text.lines().find(|l| l.starts_with("default")).unwrap_or_default();
-        for cell in ["spiffe://example.org/ns/default/sa/web", "0a1b", "11h 0m", "vault"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("default"))
+            .unwrap_or_default();
+        for cell in [
+            "spiffe://example.org/ns/default/sa/web",
+            "0a1b",
+            "11h 0m",
+            "vault",
+        ] {
             assert!(row.contains(cell), "{cell} missing from {row:?}");
         }
         assert!(text.contains("ACKED"), "{text}");

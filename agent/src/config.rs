@@ -788,7 +788,10 @@ impl RunArgs {
             Some(other) => return Err(invalid("log-format", other, "expected text or json")),
         };
         let output_dir = self.output_dir.clone().or(file.output_dir);
-        if output_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        if output_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
             return Err(invalid("output-dir", "", "must not be empty"));
         }
         Ok(Config {

@@ -83,7 +83,10 @@ impl PrivateKey {
     /// The key as a PKCS#8 PEM block, the form Envoy reads, in a buffer zeroized on drop.
     pub fn pkcs8_pem(&self) -> Zeroizing<String> {
         let der = Zeroizing::new(self.pair.serialize_der());
-        Zeroizing::new(pem::encode(&pem::Pem::new("PRIVATE KEY", der.as_slice())))
+        Zeroizing::new(pem::encode_config(
+            &pem::Pem::new("PRIVATE KEY", der.as_slice()),
+            sds_backends::pem::lf(),
+        ))
     }
 }
 

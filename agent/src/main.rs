@@ -13,7 +13,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Version(args) => ExitCode::from(client::version(args.output, &mut std::io::stdout())),
+        Command::Version(args) => {
+            ExitCode::from(client::version(args.output, &mut std::io::stdout()))
+        }
         Command::Status(args) => {
             let code = block_on_client(client::status(
                 &args,

@@ -90,15 +90,16 @@ impl FileOutput {
     /// Writes one set and switches `..data` to it; then removes sets older than the
     /// previous one. Returns the new set's directory name.
     pub fn write(&self, cert: &ServedCert, bundle: &ServedBundle) -> io::Result<String> {
-        let name = format!(
-            "..{}",
-            humantime::format_rfc3339_nanos(SystemTime::now())
-        );
+        let name = format!("..{}", humantime::format_rfc3339_nanos(SystemTime::now()));
         let generation = self.dir.join(&name);
         fs::create_dir(&generation)?;
         fs::set_permissions(&generation, fs::Permissions::from_mode(0o755))?;
         let written = (|| {
-            write_file(&generation.join(CERT_CHAIN), cert.chain_pem.as_bytes(), 0o644)?;
+            write_file(
+                &generation.join(CERT_CHAIN),
+                cert.chain_pem.as_bytes(),
+                0o644,
+            )?;
             write_file(&generation.join(KEY), cert.key_pem().as_bytes(), 0o600)?;
             write_file(&generation.join(ROOT_CERT), bundle.pem.as_bytes(), 0o644)?;
             sync_dir(&generation)

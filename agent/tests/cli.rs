@@ -852,7 +852,11 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             &["--log-level", "sds_agent=[loud"],
             &["--log-level", "sds_agent=[loud"],
         ),
-        bad("empty output directory", &["--output-dir", ""], &["--output-dir"]),
+        bad(
+            "empty output directory",
+            &["--output-dir", ""],
+            &["--output-dir"],
+        ),
         bad(
             "bad value in the file",
             &["--config", &bad_in_file],
@@ -1484,9 +1488,13 @@ fn no_key_material_in_logs_at_trace_as(format: &str) {
     );
     if format == "json" {
         for line in log.lines().filter(|l| !l.trim().is_empty()) {
-            let event: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("--log-format json printed a non-JSON line ({e}): {line}"));
-            assert!(event["level"].is_string() && event["timestamp"].is_string(), "{line}");
+            let event: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("--log-format json printed a non-JSON line ({e}): {line}")
+            });
+            assert!(
+                event["level"].is_string() && event["timestamp"].is_string(),
+                "{line}"
+            );
         }
         assert!(
             log.lines().any(|l| l.contains("\"level\":\"TRACE\"")),
@@ -1498,7 +1506,10 @@ fn no_key_material_in_logs_at_trace_as(format: &str) {
             .find(|e| e["message"] == "certificate issued")
             .expect("no `certificate issued` event");
         for field in ["serial", "not_after", "backend", "duration_ms"] {
-            assert!(!issued[field].is_null(), "`certificate issued` lacks {field}: {issued}");
+            assert!(
+                !issued[field].is_null(),
+                "`certificate issued` lacks {field}: {issued}"
+            );
         }
     } else {
         assert!(
@@ -1516,4 +1527,418 @@ fn no_key_material_in_logs_at_trace_as(format: &str) {
         assert_no_piece_of(&first_key, output, "a workload key");
         assert_no_piece_of(&second_key, output, "the rotated workload key");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. status and rotate, for people and scripts
+// ---------------------------------------------------------------------------------------
+
+/// `status`/`rotate` against the agent at `port`.
+fn client(sub: &str, port: u16, extra: &[&str]) -> Out {
+    finish(
+        agent()
+            .arg(sub)
+            .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+            .args(extra),
+        QUICK,
+    )
+}
+
+/// The `default` row's serial as `/secrets` has it.
+fn served_serial(a: &Running) -> String {
+    a.secrets()
+        .iter()
+        .find(|s| s["name"] == "default")
+        .and_then(|s| s["serial"].as_str().map(str::to_owned))
+        .expect("no default in /secrets")
+}
+
+/// The state `/proxies` gives the one connected proxy.
+fn proxy_state(a: &Running) -> Option<String> {
+    let (_, body) = get(a.admin, "/proxies")?;
+    let v: Value = serde_json::from_str(&body).ok()?;
+    v.get(0)?["state"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn status_and_rotate_report_what_is_served_and_each_proxy_state() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let a = Running::start(dir.path(), &socket, &["--service-account", "web"]);
+
+    // No proxy yet: ready, exit 0, the default row carries the served serial and backend.
+    let serial = served_serial(&a);
+    let out = client("status", a.admin, &[]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("default"))
+        .unwrap_or_else(|| panic!("no default row: {}", out.stdout));
+    for cell in [
+        "spiffe://cluster.local/ns/default/sa/web",
+        serial.as_str(),
+        "embedded",
+    ] {
+        assert!(row.contains(cell), "{cell} not in {row:?}");
+    }
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("ROOTCA")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("no proxies connected"),
+        "{}",
+        out.stdout
+    );
+
+    // A proxy subscribes and ACKs: its state is ACKED.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut first = sds::request(&["default", "ROOTCA"]);
+    first.node = Some(Node {
+        id: "web-1".into(),
+        ..Default::default()
+    });
+    tx.try_send(first).unwrap();
+    let mut responses = rt.block_on(async {
+        sds::connect(&socket)
+            .await
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let next = |responses: &mut tonic::Streaming<_>| {
+        rt.block_on(async { tokio::time::timeout(QUICK, responses.message()).await })
+            .expect("no push in time")
+            .unwrap()
+            .expect("stream ended")
+    };
+    let r1: envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse =
+        next(&mut responses);
+    let mut ack = sds::request(&["default", "ROOTCA"]);
+    ack.version_info = r1.version_info.clone();
+    ack.response_nonce = r1.nonce.clone();
+    tx.try_send(ack).unwrap();
+    assert!(wait_until(QUICK, || proxy_state(&a).as_deref() == Some("acked")));
+    let out = client("status", a.admin, &[]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let proxy = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("web-1"))
+        .unwrap_or_else(|| panic!("no proxy row: {}", out.stdout));
+    assert!(proxy.contains("ACKED") && proxy.contains("sotw"), "{proxy}");
+    assert!(proxy.contains(&r1.version_info), "{proxy}");
+
+    // rotate --wait: exit 0 once a new certificate is served, naming it.
+    let out = client("rotate", a.admin, &["--wait", "--output", "json"]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["previous_serial"], serial.as_str());
+    let rotated = served_serial(&a);
+    assert_ne!(rotated, serial);
+    assert_eq!(report["serial"], rotated.as_str());
+
+    // The proxy rejects the pushed certificate: exit 4, and the NACK's message shown.
+    let r2 = next(&mut responses);
+    assert_ne!(r2.version_info, r1.version_info);
+    let mut nack = sds::request(&["default", "ROOTCA"]);
+    nack.version_info = r1.version_info.clone();
+    nack.response_nonce = r2.nonce.clone();
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "Failed to load certificate chain".into(),
+        details: vec![],
+    });
+    tx.try_send(nack).unwrap();
+    assert!(wait_until(QUICK, || proxy_state(&a).as_deref() == Some("nacked")));
+    let out = client("status", a.admin, &[]);
+    assert_eq!(out.code(), Some(4), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("NACKED: Failed to load certificate chain"),
+        "{}",
+        out.stdout
+    );
+    let out = client("status", a.admin, &["-o", "json"]);
+    assert_eq!(out.code(), Some(4));
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["proxies"][0]["state"], "nacked");
+    assert_eq!(v["proxies"][0]["node_id"], "web-1");
+    assert_eq!(v["secrets"][0]["serial"], rotated.as_str());
+    assert_eq!(v["secrets"][0]["backend"], "embedded");
+
+    // rotate without --wait: asked, exit 0; the certificate changes soon after.
+    let out = client("rotate", a.admin, &[]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.trim(), "rotation requested");
+    assert!(wait_until(QUICK, || served_serial(&a) != rotated));
+    drop(tx);
+}
+
+#[test]
+fn status_and_rotate_fail_clearly_without_an_agent_and_status_says_not_ready() {
+    // Nothing listens: exit 1 and the address named.
+    let port = free_port();
+    for sub in ["status", "rotate"] {
+        let out = client(sub, port, &["--timeout", "2s"]);
+        assert_eq!(out.code(), Some(1), "{sub}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("cannot reach the agent's admin endpoint")
+                && out.stderr.contains(&format!("127.0.0.1:{port}")),
+            "{sub}: {}",
+            out.stderr
+        );
+    }
+    // Something that is not the agent: exit 1, the answer quoted.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for stream in listener.incoming().take(3) {
+            let mut s = stream.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+            );
+        }
+    });
+    let out = client("status", other, &[]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("unexpected answer") && out.stderr.contains("hello"),
+        "{}",
+        out.stderr
+    );
+    drop(server);
+
+    // An agent whose CA never answers: exit 3, NOT READY with the CA's error.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut child = Guard(Some(
+        agent()
+            .args(["run", "--socket"])
+            .arg(dir.path().join("s"))
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--ca", "vault", "--vault-addr", "http://127.0.0.1:9"])
+            .args(["--vault-role", "web", "--vault-token", "t"])
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(wait_until(READY, || get(admin, "/readyz").is_some_and(
+        |(s, body)| s == 503 && body.contains("last_error")
+    )));
+    let out = client("status", admin, &[]);
+    assert_eq!(out.code(), Some(3), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("NOT READY"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("no secrets served yet"),
+        "{}",
+        out.stdout
+    );
+    let out = client("status", admin, &["-o", "json"]);
+    assert_eq!(out.code(), Some(3));
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["ready"], false);
+    assert!(
+        v["health"]["consecutive_failures"].as_u64() >= Some(1),
+        "{v}"
+    );
+    assert!(child.try_wait().is_none(), "the agent exited");
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. File output
+// ---------------------------------------------------------------------------------------
+
+/// The leaf's public key (raw SPKI bits), subject and issuer, from a PEM chain.
+fn leaf_of(chain_pem: &str) -> (Vec<u8>, String, String) {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = pem::parse(chain_pem).unwrap();
+    let (_, c) = X509Certificate::from_der(der.contents()).unwrap();
+    (
+        c.public_key().subject_public_key.data.to_vec(),
+        c.subject().to_string(),
+        c.issuer().to_string(),
+    )
+}
+
+/// One read of the three files from one resolved `..data`: whether the set is consistent.
+fn read_set(dir: &Path) -> Result<String, String> {
+    // Resolve `..data` once; the set it names stays until two rotations later.
+    let set = std::fs::canonicalize(dir.join("..data")).map_err(|e| e.to_string())?;
+    let chain = std::fs::read_to_string(set.join("cert-chain.pem")).map_err(|e| e.to_string())?;
+    let key = std::fs::read_to_string(set.join("key.pem")).map_err(|e| e.to_string())?;
+    let root = std::fs::read_to_string(set.join("root-cert.pem")).map_err(|e| e.to_string())?;
+    let pair = rcgen::KeyPair::from_pem(&key).map_err(|e| format!("key.pem: {e}"))?;
+    let (leaf_key, _, issuer) = leaf_of(&chain);
+    if leaf_key != pair.public_key_raw() {
+        return Err(format!(
+            "key.pem does not match cert-chain.pem in {}",
+            set.display()
+        ));
+    }
+    let (_, root_subject, _) = leaf_of(&root);
+    if issuer != root_subject {
+        return Err(format!("leaf issued by {issuer}, root is {root_subject}"));
+    }
+    Ok(set.display().to_string())
+}
+
+#[test]
+fn file_output_is_replaced_as_a_set_through_twenty_rotations() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let out_dir = dir.path().join("certs");
+    let a = Running::start(
+        dir.path(),
+        &socket,
+        &["--output-dir", out_dir.to_str().unwrap()],
+    );
+    assert!(wait_until(QUICK, || read_set(&out_dir).is_ok()));
+
+    // Readers: one through a resolved `..data` (key and certificate must always match), one
+    // opening the names people use (each file must always be whole).
+    let stop = Arc::new(AtomicBool::new(false));
+    let set_reader = {
+        let (stop, out_dir) = (stop.clone(), out_dir.clone());
+        std::thread::spawn(move || {
+            let mut sets = std::collections::BTreeSet::new();
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match read_set(&out_dir) {
+                    Ok(set) => {
+                        sets.insert(set);
+                        reads += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((reads, sets.len()))
+        })
+    };
+    let file_reader = {
+        let (stop, out_dir) = (stop.clone(), out_dir.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for name in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+                    let text = std::fs::read_to_string(out_dir.join(name))
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    let blocks = pem::parse_many(&text).map_err(|e| format!("{name}: {e}"))?;
+                    if blocks.is_empty() || !text.ends_with("-----\n") {
+                        return Err(format!("{name} is not whole: {text:?}"));
+                    }
+                }
+                reads += 1;
+            }
+            Ok::<_, String>(reads)
+        })
+    };
+
+    let mut serials = vec![served_serial(&a)];
+    for _ in 0..20 {
+        let out = client("rotate", a.admin, &["--wait", "-o", "json"]);
+        assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+        let report: Value = serde_json::from_str(&out.stdout).unwrap();
+        serials.push(report["serial"].as_str().unwrap().to_owned());
+    }
+    // The last set is on disk before the readers stop.
+    let (last_chain, last_key) = sds::fetch_default(&socket);
+    assert!(wait_until(QUICK, || {
+        std::fs::read_to_string(out_dir.join("key.pem")).is_ok_and(|k| k == last_key)
+    }));
+    stop.store(true, Ordering::Relaxed);
+    let (set_reads, sets_seen) = set_reader.join().unwrap().unwrap();
+    let file_reads = file_reader.join().unwrap().unwrap();
+    assert!(
+        set_reads > 20 && file_reads > 20,
+        "{set_reads} {file_reads}"
+    );
+    assert!(sets_seen > 1, "the reader never saw a rotation");
+    eprintln!("{set_reads} set reads over {sets_seen} sets, {file_reads} file reads, 0 mismatches");
+    let unique: std::collections::BTreeSet<_> = serials.iter().collect();
+    assert_eq!(unique.len(), 21, "{serials:?}");
+
+    // What is left: the three names as symlinks through ..data, the current and the
+    // previous sets only, the key 0600 and the rest 0644, and the chain the one served.
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("cert-chain.pem")).unwrap(),
+        last_chain
+    );
+    for (name, want) in [
+        ("cert-chain.pem", 0o644),
+        ("key.pem", 0o600),
+        ("root-cert.pem", 0o644),
+    ] {
+        let link = out_dir.join(name);
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("..data").join(name)
+        );
+        assert_eq!(mode(&link), want, "{name}");
+    }
+    let sets: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("..") && n != "..data")
+        .collect();
+    assert_eq!(sets.len(), 2, "{sets:?}");
+    let (_, metrics) = get(a.admin, "/metrics").unwrap();
+    let writes = metrics
+        .lines()
+        .find(|l| l.starts_with("sds_agent_file_writes_total{result=\"success\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(writes >= Some(21), "{metrics}");
+}
+
+#[test]
+fn file_output_never_overwrites_files_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::write(out_dir.join("key.pem"), "someone else's key\n").unwrap();
+    let out = finish(
+        agent()
+            .args(["run", "--socket"])
+            .arg(dir.path().join("s"))
+            .args(["--admin-addr", "127.0.0.1:0", "--output-dir"])
+            .arg(&out_dir),
+        QUICK,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--output-dir") && out.stderr.contains("was not written by sds-agent"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("key.pem")).unwrap(),
+        "someone else's key\n"
+    );
+    assert!(!dir.path().join("s").exists(), "socket left behind");
 }

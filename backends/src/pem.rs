@@ -27,11 +27,16 @@ pub fn decode_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, P
     Ok(certs)
 }
 
-/// The certificates as concatenated PEM blocks, in order.
+/// PEM as OpenSSL and Go write it: LF line endings (the pem crate defaults to CRLF).
+pub fn lf() -> ::pem::EncodeConfig {
+    ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF)
+}
+
+/// The certificates as concatenated PEM blocks, in order, LF line endings.
 pub fn encode_certificates<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
     certs
         .into_iter()
-        .map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.as_ref())))
+        .map(|c| ::pem::encode_config(&::pem::Pem::new("CERTIFICATE", c.as_ref()), lf()))
         .collect()
 }
 

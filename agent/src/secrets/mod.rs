@@ -552,9 +552,7 @@ impl SecretManager {
 
     /// Re-reads the trust bundle and publishes it if it changed.
     async fn refresh_bundle(&self) -> Result<Arc<ServedBundle>, IssueError> {
-        let bundle: TrustBundle = self
-            .ca_call("trust_bundle", self.ca.trust_bundle())
-            .await?;
+        let bundle: TrustBundle = self.ca_call("trust_bundle", self.ca.trust_bundle()).await?;
         let current = self.bundle.borrow().clone();
         if let Some(cur) = current.filter(|c| c.roots == bundle.roots()) {
             return Ok(cur);
