@@ -252,15 +252,26 @@ async fn metrics_count_renewals_ca_calls_and_latencies_and_show_expiry() {
         ),
         Some(not_after)
     );
-    let left = sample(&body, &format!("sds_agent_certificate_expiry_seconds{labels}")).unwrap();
+    let left = sample(
+        &body,
+        &format!("sds_agent_certificate_expiry_seconds{labels}"),
+    )
+    .unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!((left - (not_after - now)).abs() < 5.0, "{left} vs {}", not_after - now);
+    assert!(
+        (left - (not_after - now)).abs() < 5.0,
+        "{left} vs {}",
+        not_after - now
+    );
     let root = "{resource=\"ROOTCA\",identity=\"spiffe://cluster.local\"}";
     assert!(
-        sample(&body, &format!("sds_agent_certificate_expiry_seconds{root}")) > Some(left),
+        sample(
+            &body,
+            &format!("sds_agent_certificate_expiry_seconds{root}")
+        ) > Some(left),
         "{body}"
     );
     let next = sample(

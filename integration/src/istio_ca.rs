@@ -27,6 +27,7 @@
 //! key usages and validity as the embedded CA of sds-backends issues them).
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
 
+use crate::mesh::{MeshCa, NAMESPACE, TRUST_DOMAIN};
 use crate::pki::serial_of_pem;
 use crate::{Error, Serial, free_port, io_error};
 
@@ -469,4 +471,78 @@ impl Service {
             signer.number,
         ))
     }
+}
+
+// Agents of the test CA: tokens and flags.
+
+/// Where [`token_for`] writes the token of a service account.
+pub fn token_file(dir: &Path, service_account: &str) -> PathBuf {
+    dir.join(format!("token-{service_account}"))
+}
+
+/// Writes the token as kubelet does: a new file renamed over the old one.
+pub fn write_token(path: &Path, token: &str) -> Result<(), Error> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, token).map_err(io_error(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_error(format!("renaming {}", tmp.display())))
+}
+
+/// The `run` flags for the test CA at `addr` whose TLS root is `tls_root`.
+pub fn args_for(
+    addr: SocketAddr,
+    tls_root: &Path,
+    token_file: &Path,
+    cluster_id: Option<&str>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--ca".into(),
+        "istiod".into(),
+        "--ca-addr".into(),
+        addr.to_string().into(),
+        "--ca-root-cert".into(),
+        tls_root.into(),
+        "--ca-server-name".into(),
+        SERVER_NAME.into(),
+        "--ca-token-file".into(),
+        token_file.into(),
+    ];
+    if let Some(id) = cluster_id {
+        args.extend(["--cluster-id".into(), id.into()]);
+    }
+    args
+}
+
+/// The mesh's agents on the test CA, each with a token of its service account, known to the
+/// CA and in its own file.
+pub async fn mesh_ca(
+    ca: &IstioTestCa,
+    dir: &Path,
+    cluster_id: Option<&'static str>,
+    roots: Vec<Serial>,
+) -> Result<MeshCa, Error> {
+    for sa in ["frontend", "backend"] {
+        token_for(ca, dir, sa).await?;
+    }
+    let (addr, tls_root, dir) = (ca.addr(), ca.tls_root().to_owned(), dir.to_owned());
+    Ok(MeshCa {
+        agent_args: Box::new(move |sa| {
+            args_for(addr, &tls_root, &token_file(&dir, sa), cluster_id)
+        }),
+        roots,
+        agent_env: Vec::new(),
+    })
+}
+
+/// A token for the service account, known to the CA and written where its agent reads it.
+pub async fn token_for(
+    ca: &IstioTestCa,
+    dir: &Path,
+    service_account: &str,
+) -> Result<PathBuf, Error> {
+    let token = format!("projected-token-{service_account}-1");
+    ca.allow(&token, TRUST_DOMAIN, NAMESPACE, service_account)
+        .await;
+    let path = token_file(dir, service_account);
+    write_token(&path, &token)?;
+    Ok(path)
 }

@@ -15,80 +15,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use sds_integration::agent::{Agent, AgentConfig};
 use sds_integration::http;
-use sds_integration::istio_ca::{CLUSTER_ID, IstioTestCa, SERVER_NAME};
+use sds_integration::istio_ca::{
+    CLUSTER_ID, IstioTestCa, args_for, mesh_ca, token_file, token_for, write_token,
+};
 use sds_integration::mesh::{
-    BODY, Mesh, MeshCa, NAMESPACE, TRUST_DOMAIN, check_rotation_under_traffic, drive,
-    rotation_paths,
+    BODY, Mesh, NAMESPACE, TRUST_DOMAIN, check_rotation_under_traffic, drive, rotation_paths,
 };
 use sds_integration::process::{agent_bin, envoy_bin};
 use sds_integration::{Serial, test_dir, wait_until};
 use tokio::time::Instant;
 
-fn token_file(dir: &Path, service_account: &str) -> PathBuf {
-    dir.join(format!("token-{service_account}"))
-}
-
-/// Writes the token as kubelet does: a new file renamed over the old one.
-fn write_token(path: &Path, token: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, token).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 fn istiod_args(ca: &IstioTestCa, token_file: &Path, cluster_id: &str) -> Vec<OsString> {
     args_for(ca.addr(), ca.tls_root(), token_file, Some(cluster_id))
-}
-
-/// The `run` flags for the test CA at `addr` whose TLS root is `tls_root`.
-fn args_for(
-    addr: SocketAddr,
-    tls_root: &Path,
-    token_file: &Path,
-    cluster_id: Option<&str>,
-) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![
-        "--ca".into(),
-        "istiod".into(),
-        "--ca-addr".into(),
-        addr.to_string().into(),
-        "--ca-root-cert".into(),
-        tls_root.into(),
-        "--ca-server-name".into(),
-        SERVER_NAME.into(),
-        "--ca-token-file".into(),
-        token_file.into(),
-    ];
-    if let Some(id) = cluster_id {
-        args.extend(["--cluster-id".into(), id.into()]);
-    }
-    args
-}
-
-/// The mesh's agents on the test CA, each with a token of its service account, known to the
-/// CA and in its own file.
-async fn mesh_ca(
-    ca: &IstioTestCa,
-    dir: &Path,
-    cluster_id: Option<&'static str>,
-    roots: Vec<Serial>,
-) -> MeshCa {
-    for sa in ["frontend", "backend"] {
-        token_for(ca, dir, sa).await;
-    }
-    let (addr, tls_root, dir) = (ca.addr(), ca.tls_root().to_owned(), dir.to_owned());
-    MeshCa {
-        agent_args: Box::new(move |sa| {
-            args_for(addr, &tls_root, &token_file(&dir, sa), cluster_id)
-        }),
-        roots,
-        agent_env: Vec::new(),
-    }
 }
 
 fn config<'a>(service_account: &'a str, cert_ttl: &'static str) -> AgentConfig<'a> {
@@ -100,18 +43,8 @@ fn config<'a>(service_account: &'a str, cert_ttl: &'static str) -> AgentConfig<'
     }
 }
 
-/// A token for the service account, known to the CA and written where its agent reads it.
-async fn token_for(ca: &IstioTestCa, dir: &Path, service_account: &str) -> PathBuf {
-    let token = format!("projected-token-{service_account}-1");
-    ca.allow(&token, TRUST_DOMAIN, NAMESPACE, service_account)
-        .await;
-    let path = token_file(dir, service_account);
-    write_token(&path, &token);
-    path
-}
-
 async fn start_agent(ca: &IstioTestCa, dir: &Path, sa: &str, ttl: &'static str) -> Agent {
-    let token = token_for(ca, dir, sa).await;
+    let token = token_for(ca, dir, sa).await.unwrap();
     Agent::start_with(
         &agent_bin().unwrap(),
         dir,
@@ -172,7 +105,8 @@ async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
         Some(CLUSTER_ID),
         ca.root_serials().await.unwrap(),
     )
-    .await;
+    .await
+    .unwrap();
     // 10 s certificates renew about every 5 s: over 16 s of traffic, at least three each.
     let mesh = Mesh::start(&envoy, dir.path(), "10s", &rotation_paths(), &mesh_ca)
         .await
@@ -196,7 +130,7 @@ async fn envoy_mtls_and_rotation_under_traffic_through_the_istio_ca() {
 async fn the_agent_is_ready_as_soon_as_the_ca_comes_up() {
     let dir = test_dir().unwrap();
     let mut ca = IstioTestCa::new(dir.path()).unwrap();
-    let token = token_for(&ca, dir.path(), "late").await;
+    let token = token_for(&ca, dir.path(), "late").await.unwrap();
     let mut agent = Agent::spawn(
         &agent_bin().unwrap(),
         dir.path(),
@@ -267,7 +201,8 @@ async fn a_token_rotated_in_its_file_is_used_at_the_next_call() {
     write_token(
         &token_file(dir.path(), "rotating"),
         "projected-token-rotating-2\n",
-    );
+    )
+    .unwrap();
     rotate(&agent).await;
     next_serial(&agent, &first).await;
     let tokens: Vec<Option<String>> = ca.calls().await.into_iter().map(|c| c.token).collect();
@@ -292,9 +227,9 @@ async fn wrong_tokens_and_a_wrong_cluster_id_are_clear_counted_errors() {
     let bin = agent_bin().unwrap();
     // A token the CA never issued; another workload's token; the right token, wrong cluster.
     let unknown = token_file(dir.path(), "unknown");
-    write_token(&unknown, "not-a-token-the-ca-knows");
-    let other = token_for(&ca, dir.path(), "someone-else").await;
-    let right = token_for(&ca, dir.path(), "elsewhere").await;
+    write_token(&unknown, "not-a-token-the-ca-knows").unwrap();
+    let other = token_for(&ca, dir.path(), "someone-else").await.unwrap();
+    let right = token_for(&ca, dir.path(), "elsewhere").await.unwrap();
     let cases = [
         (
             "unknown",
@@ -348,7 +283,9 @@ async fn a_root_rotated_by_the_ca_reaches_envoy_and_traffic_flows_across_both_ro
     let dir = test_dir().unwrap();
     let ca = IstioTestCa::start(dir.path()).await.unwrap();
     let old_root = ca.root_serials().await.unwrap();
-    let mesh_ca = mesh_ca(&ca, dir.path(), None, old_root.clone()).await;
+    let mesh_ca = mesh_ca(&ca, dir.path(), None, old_root.clone())
+        .await
+        .unwrap();
     // Long-lived certificates: every rotation here is one the test asks for.
     let mesh = Mesh::start(&envoy, dir.path(), "1h", &rotation_paths(), &mesh_ca)
         .await
