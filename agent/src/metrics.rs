@@ -37,6 +37,8 @@ pub struct Metrics {
     pub key_generation_duration: Family<KeyTypeLabel, Histogram>,
     /// notAfter of each served secret, Unix seconds.
     pub cert_expiry_timestamp: Family<SecretLabels, FloatGauge>,
+    /// notAfter - notBefore of each served secret, seconds.
+    pub cert_lifetime_seconds: Family<SecretLabels, FloatGauge>,
     /// Seconds until each served secret expires (negative once expired); set at each scrape.
     pub cert_expiry_seconds: Family<SecretLabels, FloatGauge>,
     /// When the next renewal (or retry) is scheduled, Unix seconds.
@@ -167,6 +169,7 @@ impl Metrics {
             key_generation_duration: Family::new_with_constructor(keygen_buckets),
             cert_expiry_timestamp: Family::default(),
             cert_expiry_seconds: Family::default(),
+            cert_lifetime_seconds: Family::default(),
             next_renewal_timestamp: Family::default(),
             streams_open: Family::default(),
             pushes: Family::default(),
@@ -222,6 +225,12 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "notAfter of each served secret, Unix seconds",
             m.cert_expiry_timestamp.clone(),
+        );
+        r.register_with_unit(
+            "certificate_lifetime",
+            "Full validity (notAfter - notBefore) of each served secret",
+            prometheus_client::registry::Unit::Seconds,
+            m.cert_lifetime_seconds.clone(),
         );
         r.register_with_unit(
             "certificate_expiry",

@@ -252,6 +252,15 @@ async fn metrics_count_renewals_ca_calls_and_latencies_and_show_expiry() {
         ),
         Some(not_after)
     );
+    let not_before = humantime::parse_rfc3339(secrets[0]["not_before"].as_str().unwrap())
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert_eq!(
+        sample(&body, &format!("sds_agent_certificate_lifetime_seconds{labels}")),
+        Some(not_after - not_before)
+    );
     let left = sample(
         &body,
         &format!("sds_agent_certificate_expiry_seconds{labels}"),

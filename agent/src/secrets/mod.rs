@@ -255,12 +255,17 @@ impl SecretManager {
     }
 
     /// Records the notAfter of a served secret for the expiry gauges.
-    fn record_expiry(&self, resource: &'static str, identity: String, not_after: SystemTime) {
+    fn record_expiry(&self, resource: &'static str, identity: String, validity: &LeafInfo) {
         let labels = SecretLabels { resource, identity };
+        let not_after = validity.not_after;
         self.metrics
             .cert_expiry_timestamp
             .get_or_create(&labels)
             .set(unix_f64(not_after));
+        self.metrics
+            .cert_lifetime_seconds
+            .get_or_create(&labels)
+            .set(seconds_between(validity.not_before, not_after));
         let mut expiries = self.expiries.lock();
         match expiries.iter_mut().find(|(l, _)| *l == labels) {
             Some(entry) => entry.1 = not_after,
@@ -394,7 +399,7 @@ impl SecretManager {
                     self.record_expiry(
                         crate::identity::DEFAULT_RESOURCE,
                         self.identity.to_string(),
-                        cert.leaf.not_after,
+                        &cert.leaf,
                     );
                     self.set_next_renewal(cert.renew_at);
                     *self.health.lock() = Health::default();
@@ -576,7 +581,7 @@ impl SecretManager {
             backend = self.ca.name(),
             "trust bundle updated"
         );
-        if let Some(earliest) = served.root_info.iter().map(|r| r.not_after).min() {
+        if let Some(earliest) = served.root_info.iter().min_by_key(|r| r.not_after) {
             self.record_expiry(
                 crate::identity::ROOTCA_RESOURCE,
                 format!("spiffe://{}", self.identity.trust_domain()),
