@@ -258,7 +258,10 @@ async fn metrics_count_renewals_ca_calls_and_latencies_and_show_expiry() {
         .unwrap()
         .as_secs_f64();
     assert_eq!(
-        sample(&body, &format!("sds_agent_certificate_lifetime_seconds{labels}")),
+        sample(
+            &body,
+            &format!("sds_agent_certificate_lifetime_seconds{labels}")
+        ),
         Some(not_after - not_before)
     );
     let left = sample(
