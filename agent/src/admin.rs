@@ -1,7 +1,9 @@
 //! The admin HTTP endpoint, on loopback by default: `/healthz`, `/readyz`, `/secrets`,
-//! `/proxies`, `/metrics`, and `POST /rotate`.
+//! `/proxies`, `/metrics`, and `POST /rotate`; and the optional status endpoint, which serves
+//! only `/healthz`, `/readyz` and `/metrics` so that it can listen where kubelet and
+//! Prometheus reach it without letting them force rotations or list the proxies.
 //!
-//! It reads the secret manager's status and never returns key material.
+//! Neither reads anything but the secret manager's status; neither returns key material.
 
 use std::sync::Arc;
 
@@ -29,25 +31,34 @@ pub struct AdminState {
     pub sds: SdsService,
 }
 
-/// The admin routes.
+/// The admin routes: the status routes, plus `/secrets`, `/proxies` and `POST /rotate`.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    status_routes()
         .route("/secrets", get(secrets))
         .route("/proxies", get(proxies))
-        .route("/metrics", get(metrics))
         .route("/rotate", post(rotate))
         .with_state(state)
 }
 
-/// Serves the admin routes on `listener` until `shutdown`.
+/// The status routes alone: `/healthz`, `/readyz` and `/metrics`.
+pub fn status_router(state: AdminState) -> Router {
+    status_routes().with_state(state)
+}
+
+fn status_routes() -> Router<AdminState> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Serves `routes` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    state: AdminState,
+    routes: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, routes)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// [default: 127.0.0.1:15020]
     #[arg(long, env = "SDS_AGENT_ADMIN_ADDR", value_name = "ADDR")]
     pub admin_addr: Option<String>,
+    /// Status HTTP address serving only /healthz, /readyz and /metrics, for kubelet probes
+    /// and Prometheus, e.g. 0.0.0.0:15021. [default: none]
+    #[arg(long, env = "SDS_AGENT_STATUS_ADDR", value_name = "ADDR")]
+    pub status_addr: Option<String>,
     /// Log filter, e.g. info or sds_agent=debug; RUST_LOG is used when this is unset.
     /// [default: info]
     #[arg(long, env = "SDS_AGENT_LOG_LEVEL", value_name = "FILTER")]
@@ -369,6 +373,7 @@ struct FileConfig {
     embedded_ca_cert: Option<PathBuf>,
     embedded_ca_key: Option<PathBuf>,
     admin_addr: Option<String>,
+    status_addr: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     output_dir: Option<PathBuf>,
@@ -439,6 +444,8 @@ pub struct Config {
     pub key_type: KeyType,
     /// Admin HTTP address.
     pub admin_addr: SocketAddr,
+    /// Status HTTP address (probes and metrics only), if any.
+    pub status_addr: Option<SocketAddr>,
     /// Log filter, if set by flag, env or file.
     pub log_level: Option<String>,
     /// Log format.
@@ -782,6 +789,13 @@ impl RunArgs {
                 "expected IP:PORT, e.g. 127.0.0.1:15020",
             )
         })?;
+        let status_addr = pick(&self.status_addr, &file.status_addr)
+            .map(|raw| {
+                raw.parse().map_err(|_| {
+                    invalid("status-addr", &raw, "expected IP:PORT, e.g. 0.0.0.0:15021")
+                })
+            })
+            .transpose()?;
         let log_format = match pick(&self.log_format, &file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -803,6 +817,7 @@ impl RunArgs {
             renew_at,
             key_type,
             admin_addr,
+            status_addr,
             log_level: pick(&self.log_level, &file.log_level),
             log_format,
             output_dir,

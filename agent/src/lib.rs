@@ -62,6 +62,7 @@ pub struct RunningAgent {
     metrics: Arc<Metrics>,
     sds: SdsService,
     admin_addr: SocketAddr,
+    status_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     socket: Option<SocketGuard>,
@@ -413,8 +414,17 @@ impl RunningAgent {
             .with_context(|| format!("cannot listen on --admin-addr {}", config.admin_addr))?;
         let admin_addr = admin.local_addr()?;
         if !admin_addr.ip().is_loopback() {
-            warn!(%admin_addr, "the admin endpoint is not on loopback; anyone who reaches it can force rotations");
+            warn!(%admin_addr, "the admin endpoint is not on loopback; anyone who reaches it can force rotations (--status-addr serves probes and metrics alone)");
         }
+        let status = match config.status_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on --status-addr {addr}"))?,
+            ),
+            None => None,
+        };
+        let status_addr = status.as_ref().map(TcpListener::local_addr).transpose()?;
         let file_output = config
             .output_dir
             .as_deref()
@@ -442,10 +452,21 @@ impl RunningAgent {
             metrics: metrics.clone(),
             sds: sds.clone(),
         };
-        let token = shutdown.clone();
+        if let Some(status) = status {
+            let (routes, token) = (admin::status_router(state.clone()), shutdown.clone());
+            tasks.push(tokio::spawn(
+                async move {
+                    if let Err(error) = admin::serve(status, routes, token).await {
+                        warn!(%error, "status server failed");
+                    }
+                }
+                .instrument(info_span!("status")),
+            ));
+        }
+        let (routes, token) = (admin::router(state), shutdown.clone());
         tasks.push(tokio::spawn(
             async move {
-                if let Err(error) = admin::serve(admin, state, token).await {
+                if let Err(error) = admin::serve(admin, routes, token).await {
                     warn!(%error, "admin server failed");
                 }
             }
@@ -468,6 +489,7 @@ impl RunningAgent {
         info!(
             socket = %config.socket.display(),
             admin = %admin_addr,
+            status = status_addr.map(tracing::field::display),
             id = %config.spiffe_id,
             backend = ca.name(),
             "serving SDS"
@@ -477,6 +499,7 @@ impl RunningAgent {
             metrics,
             sds,
             admin_addr,
+            status_addr,
             shutdown,
             tasks,
             socket: Some(socket),
@@ -501,6 +524,11 @@ impl RunningAgent {
     /// The bound admin address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The bound status address, if `--status-addr` was given.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
     }
 
     /// Stops accepting, ends every stream, stops the manager, and removes the socket.

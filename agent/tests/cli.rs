@@ -490,6 +490,7 @@ fn validate_prints_the_defaults_and_touches_nothing() {
     assert_eq!(d["key-type"], "ecdsa-p256");
     assert_eq!(d["admin-addr"], "127.0.0.1:15020");
     assert_eq!(d["log-level"], Value::Null);
+    assert_eq!(d["status-addr"], Value::Null);
 
     let d = validate_json(
         agent()
@@ -641,6 +642,13 @@ fn settings(dir: &Path) -> Vec<Setting> {
             ["json", "text", "json"],
             ["json", "text", "json"],
             |v| string(&v["log-format"]),
+        ),
+        plain(
+            "status-addr",
+            13,
+            ["0.0.0.0:15021", "127.0.0.1:2222", "[::]:3333"],
+            ["0.0.0.0:15021", "127.0.0.1:2222", "[::]:3333"],
+            |v| string(&v["status-addr"]),
         ),
         plain(
             "output-dir",
@@ -947,6 +955,11 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             &["--admin-addr", "localhost"],
         ),
         bad(
+            "status address that is a host name",
+            &["--status-addr", "localhost:15021"],
+            &["--status-addr", "localhost:15021", "IP:PORT"],
+        ),
+        bad(
             "CA certificate without its key",
             &["--embedded-ca-cert", &good_cert],
             &["--embedded-ca-cert", "--embedded-ca-key"],
@@ -1152,6 +1165,64 @@ fn run_serves_with_0600_and_stops_on_sigterm() {
         !a.printed().contains("PRIVATE KEY"),
         "a key on stdout: {}",
         a.printed()
+    );
+}
+
+/// `--status-addr` serves probes and metrics, and nothing that reveals or changes state: no
+/// `/secrets`, no `/proxies`, no `POST /rotate` (which would let anyone on the pod network
+/// drive the CA). The admin endpoint keeps all of them.
+#[test]
+fn the_status_port_serves_probes_and_metrics_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sock");
+    let status_port = free_port();
+    let mut a = Running::start(
+        dir.path(),
+        &socket,
+        &["--status-addr", &format!("127.0.0.1:{status_port}")],
+    );
+    assert!(
+        a.log().contains(&format!("status=127.0.0.1:{status_port}")),
+        "the status address is not logged: {}",
+        a.log()
+    );
+    assert_eq!(get(status_port, "/healthz"), Some((200, "ok\n".into())));
+    let (code, body) = get(status_port, "/readyz").unwrap();
+    assert_eq!((code, body.as_str()), (200, r#"{"ready":true}"#));
+    let (code, body) = get(status_port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("sds_agent_certificate_expiry_seconds{"),
+        "{body}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let serial = a.secrets()[0]["serial"].clone();
+    for (method, path) in [
+        ("GET", "/secrets"),
+        ("GET", "/proxies"),
+        ("POST", "/rotate"),
+    ] {
+        let (code, _) = http(status_port, method, path).unwrap();
+        assert_eq!(code, 404, "{method} {path} on the status port");
+        let (code, _) = http(a.admin, method, path).unwrap();
+        assert!(code < 300, "{method} {path} on the admin port: {code}");
+    }
+    // Nothing sent to the status port rotated anything: only the admin POST did, once.
+    assert!(
+        wait_until(Duration::from_secs(10), || a.secrets()[0]["serial"]
+            != serial),
+        "the admin POST /rotate did not rotate"
+    );
+    let (_, body) = get(status_port, "/metrics").unwrap();
+    assert!(
+        body.contains(r#"sds_agent_renewals_total{result="success"} 2"#),
+        "{body}"
+    );
+    let status = a.stop("TERM");
+    assert_eq!(status.code(), Some(0), "{status}: {}", a.log());
+    assert!(
+        get(status_port, "/healthz").is_none(),
+        "the status port still answers after shutdown"
     );
 }
 
