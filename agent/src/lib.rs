@@ -402,6 +402,7 @@ impl RunningAgent {
         ca: Arc<dyn CertificateAuthority>,
     ) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
+        metrics.prime(ca.name(), config.output_dir.is_some());
         let shutdown = CancellationToken::new();
         let manager = SecretManager::new(
             config.spiffe_id.clone(),

@@ -15,6 +15,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use sds_backends::CaError;
+
+use crate::sds::{APIS, BAD_REQUEST_REASONS};
+use crate::secrets::validate::Rejection;
 
 /// A float gauge.
 pub type FloatGauge = Gauge<f64, AtomicU64>;
@@ -279,6 +283,60 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Creates, at zero, every series whose label values are known before anything happens:
+    /// renewals and file writes by result, CA calls and errors of `backend` by kind, rejected
+    /// answers by reason, and the SDS counters by API and reason. A counter that first
+    /// appears at 1 is invisible to `increase()` and `rate()`, which need two samples; so an
+    /// alert on the first NACK or the first CA error would otherwise never fire.
+    pub fn prime(&self, backend: &'static str, file_output: bool) {
+        for result in ["success", "failure"] {
+            drop(self.renewals.get_or_create(&ResultLabel { result }));
+            if file_output {
+                drop(self.file_writes.get_or_create(&ResultLabel { result }));
+            }
+        }
+        for operation in ["sign", "trust_bundle"] {
+            drop(
+                self.ca_request_duration
+                    .get_or_create(&CaOperationLabels { backend, operation }),
+            );
+            for result in std::iter::once("success").chain(CaError::KINDS.map(|(k, _)| k)) {
+                drop(self.ca_requests.get_or_create(&CaRequestLabels {
+                    backend,
+                    operation,
+                    result,
+                }));
+            }
+        }
+        for (kind, retryable) in CaError::KINDS {
+            drop(self.ca_errors.get_or_create(&CaErrorLabels {
+                backend,
+                kind,
+                retryable: if retryable { "true" } else { "false" },
+            }));
+        }
+        for reason in Rejection::REASONS {
+            drop(
+                self.ca_responses_rejected
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
+        for reason in BAD_REQUEST_REASONS {
+            drop(self.bad_requests.get_or_create(&ReasonLabel { reason }));
+        }
+        for api in APIS {
+            let label = ApiLabel { api };
+            drop(self.pushes.get_or_create(&label));
+            // FetchSecrets is one call, not a stream: it has no ACKs, NACKs or nonces.
+            if api != "fetch" {
+                drop(self.streams_open.get_or_create(&label));
+                drop(self.acks.get_or_create(&label));
+                drop(self.nacks.get_or_create(&label));
+                drop(self.stale_nonces.get_or_create(&label));
+            }
+        }
     }
 
     /// Counts a refused SDS request.

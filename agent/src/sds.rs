@@ -120,6 +120,13 @@ enum SdsError {
     NotReady,
 }
 
+/// The `reason` label values of `sds_agent_sds_bad_requests_total`.
+pub const BAD_REQUEST_REASONS: [&str; 4] =
+    ["unknown_resource", "wildcard", "type_url", "not_ready"];
+
+/// The `api` label values of the stream metrics.
+pub const APIS: [&str; 3] = ["sotw", "delta", "fetch"];
+
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// State of the world on one stream.
@@ -476,7 +483,7 @@ impl XdsState for DeltaState {
                     self.subscribed.insert(n);
                 }
                 Err(e) => {
-                    g.inner.metrics.bad_request("unknown_resource");
+                    g.inner.metrics.bad_request(BAD_REQUEST_REASONS[0]);
                     warn!(error = %e, "subscription to an unknown secret; answering that it does not exist");
                     self.removed.push(e.0);
                 }
@@ -637,13 +644,25 @@ impl Drop for StreamGuard {
 }
 
 impl SdsError {
+    /// The `reason` label of each error, in [`BAD_REQUEST_REASONS`]' order.
+    fn reason(&self) -> &'static str {
+        match self {
+            SdsError::Unknown(_) => BAD_REQUEST_REASONS[0],
+            SdsError::Wildcard => BAD_REQUEST_REASONS[1],
+            SdsError::WrongType(_) => BAD_REQUEST_REASONS[2],
+            SdsError::NotReady => BAD_REQUEST_REASONS[3],
+        }
+    }
+
     /// The one place SDS errors become gRPC statuses (and are counted).
     fn into_status(self, metrics: &Metrics) -> Status {
-        let (reason, status) = match &self {
-            SdsError::Unknown(_) => ("unknown_resource", Status::not_found(self.to_string())),
-            SdsError::Wildcard => ("wildcard", Status::invalid_argument(self.to_string())),
-            SdsError::WrongType(_) => ("type_url", Status::invalid_argument(self.to_string())),
-            SdsError::NotReady => ("not_ready", Status::unavailable(self.to_string())),
+        let reason = self.reason();
+        let status = match &self {
+            SdsError::Unknown(_) => Status::not_found(self.to_string()),
+            SdsError::Wildcard | SdsError::WrongType(_) => {
+                Status::invalid_argument(self.to_string())
+            }
+            SdsError::NotReady => Status::unavailable(self.to_string()),
         };
         metrics.bad_request(reason);
         status

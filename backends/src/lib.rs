@@ -179,6 +179,17 @@ impl CaError {
         }
     }
 
+    /// Every [`CaError::kind`] with its retryability, except `other`, whose retryability
+    /// depends on the error: the label values metrics are created with before any error.
+    pub const KINDS: [(&'static str, bool); 6] = [
+        ("unavailable", true),
+        ("throttled", true),
+        ("timeout", true),
+        ("denied", false),
+        ("misconfigured", false),
+        ("bad_response", false),
+    ];
+
     /// A short stable label for metrics: "unavailable", "throttled", ...
     pub fn kind(&self) -> &'static str {
         match self {
@@ -251,6 +262,12 @@ mod tests {
         };
         assert!(other.is_retryable());
         assert_eq!(other.kind(), "other");
+        let listed: Vec<(&str, bool)> = retryable
+            .iter()
+            .chain(&fatal)
+            .map(|e| (e.kind(), e.is_retryable()))
+            .collect();
+        assert_eq!(listed, CaError::KINDS);
     }
 
     #[test]

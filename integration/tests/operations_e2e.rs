@@ -180,7 +180,8 @@ async fn metrics_and_status_tell_the_truth_through_rotations_and_a_ca_outage() {
     assert_eq!(sample(agent, success).await, Some(3.0));
     assert_eq!(
         sample(agent, "sds_agent_renewals_total{result=\"failure\"}").await,
-        None
+        Some(0.0),
+        "the failure counter exists at zero before any failure"
     );
     assert_eq!(
         sample(
@@ -220,7 +221,7 @@ async fn metrics_and_status_tell_the_truth_through_rotations_and_a_ca_outage() {
     assert_eq!(pushes, streams + 2.0 * with_default, "{proxies:?}");
     assert_eq!(
         sample(agent, "sds_agent_sds_nacks_total{api=\"sotw\"}").await,
-        None
+        Some(0.0)
     );
     let secrets: Value =
         serde_json::from_str(&http::get(agent.admin(), "/secrets").await.unwrap().body).unwrap();

@@ -62,6 +62,17 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every [`Rejection::reason`], for metrics created before any rejection.
+    pub const REASONS: [&'static str; 7] = [
+        "unparseable",
+        "wrong_key",
+        "wrong_san",
+        "not_yet_valid",
+        "expired",
+        "is_ca",
+        "chain",
+    ];
+
     /// A short stable label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -181,6 +192,27 @@ fn from_unix(s: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_listed() {
+        let all = [
+            Rejection::Unparseable(String::new()),
+            Rejection::WrongKey,
+            Rejection::WrongSan {
+                found: vec![],
+                expected: String::new(),
+            },
+            Rejection::NotYetValid(0),
+            Rejection::Expired(0),
+            Rejection::IsCa,
+            Rejection::Chain {
+                usage: "serverAuth",
+                error: String::new(),
+            },
+        ];
+        let reasons: Vec<&str> = all.iter().map(Rejection::reason).collect();
+        assert_eq!(reasons, Rejection::REASONS);
+    }
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
         Issuer, KeyPair, KeyUsagePurpose, SanType,
