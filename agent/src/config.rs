@@ -8,6 +8,7 @@
 //! This module reads files but never creates anything, and it knows nothing of what the
 //! values are used for.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -134,6 +135,14 @@ pub struct RunArgs {
     /// Permissions of the socket file, octal. [default: 0600]
     #[arg(long, env = "SDS_AGENT_SOCKET_MODE", value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// User IDs allowed to fetch secrets (SO_PEERCRED of the caller), comma-separated.
+    /// [default: the agent's own, unless --allowed-gids is given]
+    #[arg(long, env = "SDS_AGENT_ALLOWED_UIDS", value_name = "UIDS")]
+    pub allowed_uids: Option<String>,
+    /// Group IDs allowed to fetch secrets (the caller's primary group), comma-separated.
+    /// [default: none]
+    #[arg(long, env = "SDS_AGENT_ALLOWED_GIDS", value_name = "GIDS")]
+    pub allowed_gids: Option<String>,
     /// SPIFFE trust domain. [default: cluster.local]
     #[arg(long, env = "SDS_AGENT_TRUST_DOMAIN", value_name = "TD")]
     pub trust_domain: Option<String>,
@@ -357,12 +366,97 @@ pub struct RunArgs {
     pub pod_uid: Option<String>,
 }
 
+/// A list of user or group IDs in the config file: `[1337, 0]`, or `"1337,0"` as on the
+/// command line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum IdList {
+    Numbers(Vec<u32>),
+    Text(String),
+}
+
+impl IdList {
+    fn into_text(self) -> String {
+        match self {
+            IdList::Numbers(ids) => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            IdList::Text(text) => text,
+        }
+    }
+}
+
+/// Who may fetch secrets: a caller whose uid or primary gid is listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallerPolicy {
+    /// Allowed user IDs; `None` until [`CallerPolicy::resolve`]: the agent's own.
+    #[serde(rename = "allowed-uids")]
+    pub uids: Option<BTreeSet<u32>>,
+    /// Allowed group IDs.
+    #[serde(rename = "allowed-gids")]
+    pub gids: BTreeSet<u32>,
+}
+
+impl CallerPolicy {
+    /// Fills in the default, the agent's own uid, when neither list was given.
+    pub fn resolve(&self, own_uid: u32) -> ResolvedCallers {
+        ResolvedCallers {
+            uids: self
+                .uids
+                .clone()
+                .unwrap_or_else(|| BTreeSet::from([own_uid])),
+            gids: self.gids.clone(),
+        }
+    }
+}
+
+/// [`CallerPolicy`] with its default filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResolvedCallers {
+    /// Allowed user IDs.
+    pub uids: BTreeSet<u32>,
+    /// Allowed group IDs.
+    pub gids: BTreeSet<u32>,
+}
+
+impl ResolvedCallers {
+    /// Whether a caller with this uid and gid may fetch secrets.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+/// At most this many IDs in one list: a policy, not a user database.
+const MAX_IDS: usize = 256;
+
+/// `1337,0` into a set of IDs.
+fn parse_ids(text: &str) -> Result<BTreeSet<u32>, String> {
+    let mut ids = BTreeSet::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err("expected numeric IDs separated by commas, e.g. 1337,0".into());
+        }
+        let id: u32 = part
+            .parse()
+            .map_err(|_| format!("{part:?} is not a numeric ID (names are not resolved)"))?;
+        if id == u32::MAX {
+            return Err(format!("{id} is the invalid ID (-1)"));
+        }
+        ids.insert(id);
+    }
+    if ids.len() > MAX_IDS {
+        return Err(format!("more than {MAX_IDS} IDs"));
+    }
+    Ok(ids)
+}
+
 /// The config file: the same keys as the flags, all optional, nothing else allowed.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct FileConfig {
     socket: Option<String>,
     socket_mode: Option<String>,
+    allowed_uids: Option<IdList>,
+    allowed_gids: Option<IdList>,
     trust_domain: Option<String>,
     namespace: Option<String>,
     service_account: Option<String>,
@@ -430,6 +524,9 @@ pub struct Config {
     /// Socket file permission bits.
     #[serde(serialize_with = "octal")]
     pub socket_mode: u32,
+    /// Who may fetch secrets.
+    #[serde(flatten)]
+    pub callers: CallerPolicy,
     /// The workload identity served as `default`.
     pub spiffe_id: SpiffeId,
     /// The CA backend.
@@ -717,6 +814,23 @@ impl RunArgs {
             Some(v) => parse_mode(&v).map_err(|r| invalid("socket-mode", &v, r))?,
             None => DEFAULT_SOCKET_MODE,
         };
+        let ids = |key: &str, flag: &Option<String>, file: &Option<IdList>| {
+            flag.clone()
+                .or_else(|| file.clone().map(IdList::into_text))
+                .map(|v| parse_ids(&v).map_err(|r| invalid(key, &v, r)))
+                .transpose()
+        };
+        let uids = ids("allowed-uids", &self.allowed_uids, &file.allowed_uids)?;
+        let gids = ids("allowed-gids", &self.allowed_gids, &file.allowed_gids)?;
+        // Naming groups alone means exactly those groups: the own-uid default applies only
+        // when neither list is given.
+        let callers = CallerPolicy {
+            uids: match (&uids, &gids) {
+                (None, Some(_)) => Some(BTreeSet::new()),
+                _ => uids,
+            },
+            gids: gids.unwrap_or_default(),
+        };
         let td_raw =
             pick(&self.trust_domain, &file.trust_domain).unwrap_or_else(|| "cluster.local".into());
         let trust_domain =
@@ -811,6 +925,7 @@ impl RunArgs {
         Ok(Config {
             socket: PathBuf::from(socket),
             socket_mode,
+            callers,
             spiffe_id,
             ca,
             cert_ttl,

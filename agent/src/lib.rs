@@ -20,6 +20,7 @@ pub mod secrets;
 pub mod socket;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -435,7 +436,17 @@ impl RunningAgent {
             })
             .transpose()?;
         let (listener, socket) = socket::bind(&config.socket, config.socket_mode)?;
-        let sds = SdsService::new(manager.clone(), metrics.clone(), shutdown.clone());
+        // The socket file belongs to the agent's effective uid: the default allowed caller.
+        let own_uid = std::fs::symlink_metadata(&config.socket)
+            .with_context(|| format!("cannot stat {}", config.socket.display()))?
+            .uid();
+        let callers = config.callers.resolve(own_uid);
+        let sds = SdsService::new(
+            manager.clone(),
+            metrics.clone(),
+            callers.clone(),
+            shutdown.clone(),
+        );
 
         let span = info_span!("secret_manager", id = %config.spiffe_id, backend = ca.name());
         let mut tasks = vec![tokio::spawn(
@@ -491,6 +502,8 @@ impl RunningAgent {
             socket = %config.socket.display(),
             admin = %admin_addr,
             status = status_addr.map(tracing::field::display),
+            allowed_uids = ?callers.uids,
+            allowed_gids = ?callers.gids,
             id = %config.spiffe_id,
             backend = ca.name(),
             "serving SDS"

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub bad_requests: Family<ReasonLabel, Counter>,
     /// File output (`--output-dir`) writes, by result.
     pub file_writes: Family<ResultLabel, Counter>,
+    /// SDS calls refused because the caller's uid and gid are not allowed.
+    pub callers_denied: Counter,
 }
 
 /// `reason` label.
@@ -182,6 +184,7 @@ impl Metrics {
             stale_nonces: Family::default(),
             bad_requests: Family::default(),
             file_writes: Family::default(),
+            callers_denied: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -273,6 +276,11 @@ impl Metrics {
             "file_writes",
             "Writes of --output-dir, by result",
             m.file_writes.clone(),
+        );
+        r.register(
+            "sds_callers_denied",
+            "SDS calls refused because the caller's uid and gid are not allowed",
+            m.callers_denied.clone(),
         );
         Self { registry, ..m }
     }

@@ -37,9 +37,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::config::ResolvedCallers;
 use crate::identity::{ResourceName, UnknownResource};
 use crate::metrics::{ApiLabel, Metrics};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
@@ -63,6 +65,7 @@ pub struct SdsService {
 struct Inner {
     manager: Arc<SecretManager>,
     metrics: Arc<Metrics>,
+    callers: ResolvedCallers,
     shutdown: CancellationToken,
     next_stream: AtomicU64,
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
@@ -77,6 +80,8 @@ pub struct ProxyState {
     pub api: &'static str,
     /// The Envoy node ID, if the proxy sent one.
     pub node_id: String,
+    /// Who connected: the process's uid, gid and pid, from SO_PEERCRED.
+    pub caller: Caller,
     /// Resource names subscribed.
     pub resources: Vec<&'static str>,
     /// The version last sent (`default:3,ROOTCA:1`).
@@ -103,6 +108,18 @@ impl ProxyState {
         };
         self
     }
+}
+
+/// The process at the other end of a connection, as the kernel recorded it at connect time
+/// (SO_PEERCRED): not something the caller can claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    /// Effective user ID.
+    pub uid: u32,
+    /// Effective group ID.
+    pub gid: u32,
+    /// Process ID; absent if the caller is in another PID namespace.
+    pub pid: Option<i32>,
 }
 
 /// Why a request was refused. Becomes a `tonic::Status` in [`SdsError::into_status`] only.
@@ -157,16 +174,19 @@ struct StreamGuard {
 }
 
 impl SdsService {
-    /// A service over `manager`'s channels; its streams end when `shutdown` fires.
+    /// A service over `manager`'s channels for the `callers` allowed; its streams end when
+    /// `shutdown` fires.
     pub fn new(
         manager: Arc<SecretManager>,
         metrics: Arc<Metrics>,
+        callers: ResolvedCallers,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 manager,
                 metrics,
+                callers,
                 shutdown,
                 next_stream: AtomicU64::new(1),
                 proxies: Mutex::new(BTreeMap::new()),
@@ -189,9 +209,46 @@ impl SdsService {
             .collect()
     }
 
+    /// The caller of `request`, if it may fetch secrets; `PermissionDenied` otherwise, logged
+    /// and counted. Connections that did not come over the Unix socket carry no
+    /// credentials and are refused too.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        let Some(cred) = cred else {
+            self.inner.metrics.callers_denied.inc();
+            warn!("refusing SDS caller: no peer credentials on the connection");
+            return Err(Status::permission_denied(
+                "the caller's credentials are unknown; only local Unix socket callers are served",
+            ));
+        };
+        let caller = Caller {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        };
+        if self.inner.callers.allows(caller.uid, caller.gid) {
+            return Ok(caller);
+        }
+        self.inner.metrics.callers_denied.inc();
+        warn!(
+            uid = caller.uid,
+            gid = caller.gid,
+            pid = caller.pid,
+            "refusing SDS caller: its uid and gid are not allowed (--allowed-uids, --allowed-gids)"
+        );
+        Err(Status::permission_denied(format!(
+            "uid {} gid {} may not fetch secrets from this agent",
+            caller.uid, caller.gid
+        )))
+    }
+
     fn start_stream<T: Send + 'static>(
         &self,
         api: &'static str,
+        caller: Caller,
     ) -> (
         StreamGuard,
         mpsc::Sender<Result<T, Status>>,
@@ -210,6 +267,7 @@ impl SdsService {
                 api,
                 // Filled in from the first request that names its node.
                 node_id: String::new(),
+                caller,
                 resources: vec![],
                 sent_version: None,
                 acked_version: None,
@@ -236,7 +294,8 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream(SotwState::API);
+        let caller = self.authorize(&request)?;
+        let (guard, tx, rx) = self.start_stream(SotwState::API, caller);
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         tokio::spawn(serve_stream::<SotwState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
@@ -246,7 +305,8 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (guard, tx, rx) = self.start_stream(DeltaState::API);
+        let caller = self.authorize(&request)?;
+        let (guard, tx, rx) = self.start_stream(DeltaState::API, caller);
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         tokio::spawn(serve_stream::<DeltaState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
@@ -256,6 +316,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
+        self.authorize(&request)?;
         let inner = &self.inner;
         let req = request.into_inner();
         let result = async {

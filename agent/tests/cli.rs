@@ -491,6 +491,17 @@ fn validate_prints_the_defaults_and_touches_nothing() {
     assert_eq!(d["admin-addr"], "127.0.0.1:15020");
     assert_eq!(d["log-level"], Value::Null);
     assert_eq!(d["status-addr"], Value::Null);
+    // The default: the agent's own uid, resolved when it starts; no group.
+    assert_eq!(d["allowed-uids"], Value::Null);
+    assert_eq!(d["allowed-gids"], serde_json::json!([]));
+    // Groups alone mean exactly those groups: the own-uid default is gone.
+    let only_groups = validate_json(
+        agent()
+            .args(["validate", "--allowed-gids", "1337"])
+            .current_dir(cwd.path()),
+    );
+    assert_eq!(only_groups["allowed-uids"], serde_json::json!([]));
+    assert_eq!(only_groups["allowed-gids"], serde_json::json!([1337]));
 
     let d = validate_json(
         agent()
@@ -642,6 +653,22 @@ fn settings(dir: &Path) -> Vec<Setting> {
             ["json", "text", "json"],
             ["json", "text", "json"],
             |v| string(&v["log-format"]),
+        ),
+        Setting {
+            key: "allowed-uids",
+            group: 14,
+            // A TOML array in the file; comma-separated in env and flags.
+            file_toml: "[1337, 0]".into(),
+            given: [s("1337,0"), s("101"), s("2000, 1000,2000")],
+            shown: [s("[0,1337]"), s("[101]"), s("[1000,2000]")],
+            read: |v| v["allowed-uids"].to_string(),
+        },
+        plain(
+            "allowed-gids",
+            15,
+            ["1337", "101,102", "0"],
+            ["[1337]", "[101,102]", "[0]"],
+            |v| v["allowed-gids"].to_string(),
         ),
         plain(
             "status-addr",
@@ -953,6 +980,21 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             "admin address without a port",
             &["--admin-addr", "localhost"],
             &["--admin-addr", "localhost"],
+        ),
+        bad(
+            "allowed uid that is a name",
+            &["--allowed-uids", "envoy"],
+            &["--allowed-uids", "\"envoy\" is not a numeric ID"],
+        ),
+        bad(
+            "empty entry in allowed gids",
+            &["--allowed-gids", "1337,,0"],
+            &["--allowed-gids", "numeric IDs separated by commas"],
+        ),
+        bad(
+            "allowed uid -1",
+            &["--allowed-uids", "4294967295"],
+            &["--allowed-uids", "invalid ID"],
         ),
         bad(
             "status address that is a host name",
@@ -2012,4 +2054,208 @@ fn file_output_never_overwrites_files_it_did_not_write() {
         "someone else's key\n"
     );
     assert!(!dir.path().join("s").exists(), "socket left behind");
+}
+
+// ---------------------------------------------------------------------------------------
+// Caller authorization: SO_PEERCRED against --allowed-uids / --allowed-gids
+// ---------------------------------------------------------------------------------------
+
+/// The uid and gid this test runs as: the owner of a file it creates.
+fn own_ids(dir: &Path) -> (u32, u32) {
+    let probe = dir.join("whoami");
+    std::fs::write(&probe, "").unwrap();
+    let m = std::fs::metadata(&probe).unwrap();
+    (m.uid(), m.gid())
+}
+
+/// FetchSecrets and StreamSecrets for `default`: the gRPC code of each (`Ok` when a secret
+/// came back), and the messages of the refusals.
+fn call_both(socket: &Path) -> [(tonic::Code, String); 2] {
+    use tokio_stream::StreamExt;
+    sds::runtime().block_on(async {
+        tokio::time::timeout(QUICK, async {
+            let mut client = sds::connect(socket).await;
+            let fetch = match client.fetch_secrets(sds::request(&["default"])).await {
+                Ok(r) => {
+                    sds::default_of(r.get_ref());
+                    (tonic::Code::Ok, String::new())
+                }
+                Err(s) => (s.code(), s.message().to_owned()),
+            };
+            let requests = tokio_stream::once(sds::request(&["default"]));
+            let stream = match client.stream_secrets(requests).await {
+                Ok(r) => match r.into_inner().next().await {
+                    Some(Ok(first)) => {
+                        sds::default_of(&first);
+                        (tonic::Code::Ok, String::new())
+                    }
+                    Some(Err(s)) => (s.code(), s.message().to_owned()),
+                    None => (tonic::Code::Unknown, "stream ended".into()),
+                },
+                Err(s) => (s.code(), s.message().to_owned()),
+            };
+            [fetch, stream]
+        })
+        .await
+        .expect("SDS calls timed out")
+    })
+}
+
+fn metric(a: &Running, series: &str) -> Option<f64> {
+    let (_, body) = get(a.admin, "/metrics").unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn callers_whose_uid_and_gid_are_not_allowed_get_permission_denied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (uid, gid) = own_ids(dir.path());
+    // Some other uid than ours, so this process is a stranger.
+    let stranger = (uid + 4242).to_string();
+    let socket = dir.path().join("refusing.sock");
+    let mut a = Running::start(dir.path(), &socket, &["--allowed-uids", &stranger]);
+    let denied = "sds_agent_sds_callers_denied_total";
+    assert_eq!(metric(&a, denied), Some(0.0), "the counter exists at zero");
+
+    for (code, message) in call_both(&socket) {
+        assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+        assert_eq!(
+            message,
+            format!("uid {uid} gid {gid} may not fetch secrets from this agent")
+        );
+    }
+    assert_eq!(metric(&a, denied), Some(2.0));
+    let (_, proxies) = get(a.admin, "/proxies").unwrap();
+    assert_eq!(proxies, "[]", "a refused stream is not a proxy");
+    let log = a.log();
+    assert_eq!(
+        log.matches("refusing SDS caller").count(),
+        2,
+        "one line per refusal: {log}"
+    );
+    assert!(
+        log.contains(&format!("uid={uid} gid={gid} pid={}", std::process::id())),
+        "the log names the caller: {log}"
+    );
+    assert!(a.stop("TERM").success());
+
+    // The same policy with our group added: in, and /proxies says who we are.
+    let socket = dir.path().join("by-group.sock");
+    let mut a = Running::start(
+        dir.path(),
+        &socket,
+        &[
+            "--allowed-uids",
+            &stranger,
+            "--allowed-gids",
+            &gid.to_string(),
+        ],
+    );
+    let rt = sds::runtime();
+    let proxies = rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let mut client = sds::connect(&socket).await;
+        let (_keep, requests) = {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(sds::request(&["default"])).await.unwrap();
+            (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
+        };
+        let mut responses = client.stream_secrets(requests).await.unwrap().into_inner();
+        tokio::time::timeout(QUICK, responses.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        get(a.admin, "/proxies").unwrap().1
+    });
+    let proxies: Value = serde_json::from_str(&proxies).unwrap();
+    assert_eq!(
+        proxies[0]["caller"],
+        serde_json::json!({ "uid": uid, "gid": gid, "pid": std::process::id() }),
+        "{proxies}"
+    );
+    assert_eq!(metric(&a, denied), Some(0.0));
+    assert!(a.stop("TERM").success());
+}
+
+/// Run by [`another_user_is_refused_by_default_and_served_once_listed`] as another user:
+/// calls the socket in `SDS_CALLER_SOCKET` and prints what it got.
+#[test]
+#[ignore = "a helper: run as another user by another test"]
+fn sds_calls_as_another_user() {
+    let Some(socket) = std::env::var_os("SDS_CALLER_SOCKET") else {
+        return;
+    };
+    for (code, message) in call_both(Path::new(&socket)) {
+        println!("CALL {code:?} {message}");
+    }
+}
+
+/// A process of another user (uid 65534, started with setpriv) reaches a socket opened to
+/// everyone (0666): refused by default, which is the agent's own uid only; served once its
+/// uid is listed.
+#[test]
+fn another_user_is_refused_by_default_and_served_once_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    if own_ids(dir.path()).0 != 0 {
+        eprintln!("skipped: only root can run a process as another user here");
+        return;
+    }
+    // A copy of this test binary that uid 65534 can run, in a directory it can enter.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("caller");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    let as_nobody = |socket: &Path| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "sds_calls_as_another_user",
+                "--nocapture",
+            ])
+            .env("SDS_CALLER_SOCKET", socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("CALL "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    let socket = dir.path().join("default.sock");
+    let mut a = Running::start(dir.path(), &socket, &["--socket-mode", "0666"]);
+    let calls = as_nobody(&socket);
+    assert_eq!(
+        calls,
+        ["PermissionDenied uid 65534 gid 65534 may not fetch secrets from this agent"; 2]
+    );
+    assert_eq!(metric(&a, "sds_agent_sds_callers_denied_total"), Some(2.0));
+    // The agent's own user is still served.
+    assert_eq!(call_both(&socket).map(|(c, _)| c), [tonic::Code::Ok; 2]);
+    assert!(a.stop("TERM").success());
+
+    let socket = dir.path().join("listed.sock");
+    let mut a = Running::start(
+        dir.path(),
+        &socket,
+        &["--socket-mode", "0666", "--allowed-uids", "65534"],
+    );
+    assert_eq!(as_nobody(&socket), ["Ok ", "Ok "]);
+    // Listing another uid replaces the default: root is no longer served.
+    assert_eq!(
+        call_both(&socket).map(|(c, _)| c),
+        [tonic::Code::PermissionDenied; 2]
+    );
+    assert!(a.stop("TERM").success());
 }
