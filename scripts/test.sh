@@ -50,6 +50,49 @@ export SDS_AGENT_REQUIRE_MOTO=1
 export SDS_AGENT_REQUIRE_ENVOY=1
 "$ENVOY_BIN" --version
 
+# The Kubernetes manifests (deploy/kubernetes) are rendered with `kubectl kustomize` and
+# validated offline with kubernetes-validate. kubectl is Debian 12's kubernetes-client (1.20,
+# the oldest kustomize the manifests promise to work with), unpacked into .venv-test rather
+# than installed, so that it neither needs root once downloaded nor replaces another kubectl on
+# the machine; unless KUBECTL_BIN already names one. kubernetes-validate (PyPI, its schemas
+# bundled) goes into the same virtualenv unless KUBERNETES_VALIDATE_BIN is set.
+if [ -z "${KUBECTL_BIN:-}" ]; then
+  KUBECTL_BIN="$PWD/.venv-test/kubernetes-client/usr/bin/kubectl"
+  if ! "$KUBECTL_BIN" version --client 2>/dev/null | grep -q 'GitVersion:"v1\.20\.'; then
+    echo "unpacking Debian's kubernetes-client into .venv-test/kubernetes-client" >&2
+    debs=$(mktemp -d)
+    chmod 755 "$debs"  # apt downloads as its _apt user
+    if ! (cd "$debs" && apt-get download kubernetes-client); then
+      # No package lists yet (a fresh machine): only root can fetch them.
+      if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        (cd "$debs" && apt-get download kubernetes-client)
+      else
+        echo "cannot download Debian's kubernetes-client: run 'apt-get update' as root, or set KUBECTL_BIN to a kubectl" >&2
+        exit 1
+      fi
+    fi
+    rm -rf .venv-test/kubernetes-client
+    mkdir -p .venv-test
+    dpkg-deb -x "$debs"/kubernetes-client_*.deb .venv-test/kubernetes-client
+    rm -rf "$debs"
+  fi
+fi
+export KUBECTL_BIN
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [ -z "${KUBERNETES_VALIDATE_BIN:-}" ]; then
+  if [ "$(.venv-test/bin/kubernetes-validate --version 2>/dev/null)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    echo "installing kubernetes-validate==${KUBERNETES_VALIDATE_VERSION} into .venv-test" >&2
+    [ -x .venv-test/bin/pip ] || python3 -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+  fi
+  KUBERNETES_VALIDATE_BIN="$PWD/.venv-test/bin/kubernetes-validate"
+fi
+export KUBERNETES_VALIDATE_BIN
+# The manifest tests skip without these two, except here.
+export SDS_AGENT_REQUIRE_KUBECTL=1
+"$KUBECTL_BIN" version --client
+
 # The end-to-end tests run the agent binary; build it first so they find it.
 cargo build --workspace --bins
 log=$(mktemp)

@@ -1,0 +1,1684 @@
+//! The Kubernetes manifests in `deploy/kubernetes`, rendered and checked offline.
+//!
+//! Every directory there with a `kustomization.yaml` (the base, each overlay under
+//! `overlays/`, the optional `monitoring/`) is found by walking the tree, not listed here. Each
+//! is rendered with `kubectl kustomize` (`KUBECTL_BIN`, else `kubectl` on `PATH`:
+//! `scripts/test.sh` unpacks Debian 12's kubectl 1.20, whose built-in kustomize is the oldest
+//! the manifests promise to work with) and validated with `kubernetes-validate --strict`
+//! (`KUBERNETES_VALIDATE_BIN`; unknown fields fail) against the API schemas of the oldest
+//! Kubernetes the manifests support (1.29, native sidecars on by default) and of later ones.
+//! kubernetes-validate knows only the built-in kinds; the Prometheus Operator's PodMonitor is
+//! the one custom kind allowed, and its fields are checked here by hand.
+//!
+//! What the schemas cannot say is then checked on the parsed objects, for every pod template
+//! of every overlay: the agent is a native sidecar; every container runs as non-root with a
+//! read-only root filesystem, no privilege escalation, no capabilities and the runtime's
+//! seccomp profile; the socket's emptyDir is mounted in the agent and in Envoy, Envoy's
+//! bootstrap (the copy of `deploy/envoy/sidecar.yaml`) dials the very path the agent listens
+//! on, and the two run as one user when the socket is 0600; every `SDS_AGENT_*` variable is a
+//! flag of the built agent's `run --help`; every file a variable names is on a volume, and each
+//! projected token carries the audience its flag expects; the probes and Prometheus point at
+//! the status port and never at the admin port; resources are set; the backend is the
+//! overlay's, with what that backend needs (IRSA, RBAC equal to `deploy/cert-manager/rbac.yaml`,
+//! the Istio root ConfigMap). Finally the agent's own `validate` reads each overlay's
+//! environment, as kubelet would hand it over, and must accept it.
+//!
+//! The checks are shown to fail: a broken kustomization, an unknown field, a kind without a
+//! schema, and a pod weakened in each checked way are all refused.
+//!
+//! Without kubectl or kubernetes-validate these tests print a line and pass, unless
+//! `SDS_AGENT_REQUIRE_KUBECTL=1` (set by `scripts/test.sh`). They need the agent binary:
+//! `cargo build -p sds-agent`.
+
+// Test code, helpers included (clippy's allow-unwrap-in-tests covers only `#[test]` bodies):
+// a panic is how it reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sds_integration::process::{agent_bin, find_program};
+use serde_norway::Value;
+
+/// Kubernetes versions whose schemas every rendering must pass: the oldest the manifests
+/// support (1.29: native sidecars on by default), the first with native sidecars GA, and the
+/// newest kubernetes-validate 1.37.0 ships.
+const KUBERNETES_VERSIONS: [&str; 3] = ["1.29", "1.33", "1.37"];
+
+/// Custom kinds a rendering may hold: kubernetes-validate has no schema for them, so it only
+/// warns, and they are checked by hand ([`check_pod_monitor`]).
+const CUSTOM_KINDS: [(&str, &str); 1] = [("monitoring.coreos.com/v1", "PodMonitor")];
+
+/// Every overlay the docs promise, with the `--ca` it must select.
+const OVERLAYS: [(&str, &str); 6] = [
+    ("embedded", "embedded"),
+    ("vault", "vault"),
+    ("acm-pca", "acm-pca"),
+    ("cert-manager", "cert-manager"),
+    ("istiod", "istiod"),
+    ("istio-csr", "istiod"),
+];
+
+/// The SDS socket: istio-agent's path, which the bootstrap names relative to `/`.
+const SOCKET: &str = "/var/run/secrets/workload-spiffe-uds/socket";
+
+/// The audience each token-file flag's token must carry.
+const TOKEN_AUDIENCES: [(&str, &str); 2] = [
+    // istiod and istio-csr accept `istio-ca` unless configured otherwise.
+    ("SDS_AGENT_CA_TOKEN_FILE", "istio-ca"),
+    // The Vault role's `audience`, as docs/deploying.md sets it.
+    ("SDS_AGENT_VAULT_JWT_FILE", "vault"),
+];
+
+/// Where kube clients look for in-cluster credentials.
+const IN_CLUSTER_CREDENTIALS: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The agent's peak resident memory, measured on a release build (docs/deploying.md#resources):
+/// its memory request must not be below it.
+const MEASURED_PEAK_RSS: u64 = 18 * MIB;
+
+const MIB: u64 = 1024 * 1024;
+
+/// What the Downward API hands the agent in these tests, per field path.
+const SAMPLE_NAMESPACE: &str = "payments";
+const SAMPLE_POD_NAME: &str = "sds-demo-7c9d8-x2x4q";
+const SAMPLE_POD_UID: &str = "0d3c2b1a-1111-4222-8333-444455556666";
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+/// Every kustomization renders, and its output passes strict schema validation for every
+/// version in [`KUBERNETES_VERSIONS`]; the promised overlays are all there.
+#[test]
+fn every_kustomization_renders_and_passes_strict_validation() {
+    let Some(tools) = Tools::find() else { return };
+    let dirs = kustomizations();
+    let names: BTreeSet<String> = dirs.iter().map(|d| relative(d)).collect();
+    for expected in ["base", "monitoring"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(OVERLAYS.iter().map(|(o, _)| format!("overlays/{o}")))
+    {
+        assert!(
+            names.contains(&expected),
+            "no kustomization in deploy/kubernetes/{expected}; found {names:?}"
+        );
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for dir in &dirs {
+        let result = tools
+            .render(dir)
+            .and_then(|yaml| tools.validate(&yaml, scratch.path()));
+        match result {
+            Ok(passed) => eprintln!("{}: {passed} resource validations passed", relative(dir)),
+            Err(e) => failures.push(format!("{}: {e}", relative(dir))),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The semantic checks of the module doc, on every overlay.
+#[test]
+fn every_overlay_wires_the_sidecar_safely_for_its_backend() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let rbac =
+        parse_docs(&std::fs::read_to_string(repo().join("deploy/cert-manager/rbac.yaml")).unwrap())
+            .unwrap();
+    let overlays = overlays();
+    assert!(
+        !overlays.is_empty(),
+        "no overlays found under deploy/kubernetes/overlays"
+    );
+    let mut failures = Vec::new();
+    for dir in &overlays {
+        let docs = parse_docs(&tools.render(dir).unwrap()).unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let problems = check_overlay(&name, &docs, &flags, &rbac);
+        if problems.is_empty() {
+            eprintln!("{}: ok", relative(dir));
+        } else {
+            failures.push(format!("{}:\n  {}", relative(dir), problems.join("\n  ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `sds-agent validate`, given exactly the environment kubelet would give the agent container
+/// of each overlay (Downward API fields filled with sample values), accepts it and resolves the
+/// identity, backend, socket and listeners the manifests mean.
+#[test]
+fn the_agent_accepts_every_overlays_configuration() {
+    let Some(tools) = Tools::find() else { return };
+    let bin = agent_bin().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // The cert-manager backend refuses to start outside a pod without a kubeconfig; the test
+    // gives it one that points nowhere (validate does not connect).
+    let kubeconfig = scratch.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, KUBECONFIG).unwrap();
+    let mut failures = Vec::new();
+    for dir in overlays() {
+        let docs = parse_docs(&tools.render(&dir).unwrap()).unwrap();
+        for pod in pod_templates(&docs) {
+            let Some(agent) = container(pod.spec, "sds-agent") else {
+                failures.push(format!(
+                    "{}: {}: no sds-agent container",
+                    relative(&dir),
+                    pod.owner
+                ));
+                continue;
+            };
+            let mut env = match kubelet_env(pod.spec, agent) {
+                Ok(env) => env,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", relative(&dir)));
+                    continue;
+                }
+            };
+            if env.get("SDS_AGENT_CA").map(String::as_str) == Some("cert-manager") {
+                env.insert(
+                    "SDS_AGENT_KUBECONFIG".into(),
+                    kubeconfig.display().to_string(),
+                );
+            }
+            let out = Command::new(&bin)
+                .arg("validate")
+                .env_clear()
+                .envs(&env)
+                .current_dir(scratch.path())
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                failures.push(format!(
+                    "{}: sds-agent validate refused the environment {env:?} ({}): {}",
+                    relative(&dir),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+                continue;
+            }
+            let resolved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let sa = pod.spec["serviceAccountName"].as_str().unwrap_or("default");
+            let td = env
+                .get("SDS_AGENT_TRUST_DOMAIN")
+                .map_or("cluster.local", String::as_str);
+            let expected = [
+                (
+                    "spiffe-id",
+                    format!("spiffe://{td}/ns/{SAMPLE_NAMESPACE}/sa/{sa}"),
+                ),
+                ("socket", SOCKET.to_owned()),
+                (
+                    "socket-mode",
+                    env.get("SDS_AGENT_SOCKET_MODE")
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
+                ("admin-addr", "127.0.0.1:15020".to_owned()),
+                ("status-addr", "0.0.0.0:15021".to_owned()),
+                ("log-format", "json".to_owned()),
+            ];
+            for (key, want) in expected {
+                if resolved[key].as_str() != Some(want.as_str()) {
+                    failures.push(format!(
+                        "{}: validate resolved {key} = {}, not {want:?}",
+                        relative(&dir),
+                        resolved[key]
+                    ));
+                }
+            }
+            let backend = resolved["ca"]["backend"].as_str().unwrap_or_default();
+            if Some(backend) != env.get("SDS_AGENT_CA").map(String::as_str) {
+                failures.push(format!(
+                    "{}: validate resolved the backend {backend:?}",
+                    relative(&dir)
+                ));
+            }
+            if backend == "cert-manager"
+                && (resolved["ca"]["pod-name"] != SAMPLE_POD_NAME
+                    || resolved["ca"]["pod-uid"] != SAMPLE_POD_UID)
+            {
+                failures.push(format!(
+                    "{}: the cert-manager backend does not get the pod's name and UID: {}",
+                    relative(&dir),
+                    resolved["ca"]
+                ));
+            }
+            eprintln!(
+                "{}: sds-agent validate: {} for {}",
+                relative(&dir),
+                backend,
+                resolved["spiffe-id"]
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The base's Envoy bootstrap is `deploy/envoy/sidecar.yaml`, byte for byte, and that is what
+/// the rendered ConfigMap holds: the two cannot drift.
+#[test]
+fn the_envoy_bootstrap_is_deploy_envoy_sidecar_yaml() {
+    let original = std::fs::read_to_string(repo().join("deploy/envoy/sidecar.yaml")).unwrap();
+    let copy = std::fs::read_to_string(kubernetes_dir().join("base/envoy-sidecar.yaml")).unwrap();
+    assert!(
+        copy == original,
+        "deploy/kubernetes/base/envoy-sidecar.yaml differs from deploy/envoy/sidecar.yaml; \
+         copy it again: cp deploy/envoy/sidecar.yaml deploy/kubernetes/base/envoy-sidecar.yaml"
+    );
+    let Some(tools) = Tools::find() else { return };
+    let docs = parse_docs(&tools.render(&kubernetes_dir().join("base")).unwrap()).unwrap();
+    let maps: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap" && !d["data"]["envoy.yaml"].is_null())
+        .collect();
+    assert_eq!(maps.len(), 1, "one ConfigMap with envoy.yaml in the base");
+    assert_eq!(
+        maps[0]["data"]["envoy.yaml"].as_str(),
+        Some(original.as_str()),
+        "the rendered bootstrap is not the file"
+    );
+}
+
+/// The optional PodMonitor selects the pods of every overlay and scrapes their status port.
+#[test]
+fn the_pod_monitor_scrapes_the_status_port_of_every_overlay() {
+    let Some(tools) = Tools::find() else { return };
+    let monitors =
+        parse_docs(&tools.render(&kubernetes_dir().join("monitoring")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for dir in overlays() {
+        let docs = parse_docs(&tools.render(&dir).unwrap()).unwrap();
+        for pod in pod_templates(&docs) {
+            for problem in check_pod_monitor(&monitors, &pod) {
+                failures.push(format!("{}: {}: {problem}", relative(&dir), pod.owner));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A kustomization naming a file that is not there, or holding YAML that does not parse, fails
+/// to render, and kubectl's message names the missing file or the broken line.
+#[test]
+fn a_broken_kustomization_fails_to_render() {
+    let Some(tools) = Tools::find() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - missing-deployment.yaml\n",
+    )
+    .unwrap();
+    let err = tools.render(dir.path()).unwrap_err();
+    assert!(
+        err.contains("missing-deployment.yaml"),
+        "the error does not name the missing file: {err}"
+    );
+
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources: [deployment.yaml\n",
+    )
+    .unwrap();
+    let err = tools.render(dir.path()).unwrap_err();
+    // kubectl 1.20 says only `yaml: line 1: did not find expected ',' or ']'`.
+    assert!(
+        err.contains("yaml: line 1"),
+        "the error does not say where the YAML breaks: {err}"
+    );
+}
+
+/// Strict validation refuses a misspelt field (the kind of typo that would silently drop a
+/// security setting), and a kind it has no schema for is refused unless it is one of
+/// [`CUSTOM_KINDS`].
+#[test]
+fn strict_validation_refuses_unknown_fields_and_unknown_kinds() {
+    let Some(tools) = Tools::find() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let mut docs = parse_docs(&tools.render(&kubernetes_dir().join("base")).unwrap()).unwrap();
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    let agent = &mut deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(agent["name"], "sds-agent");
+    let security = agent["securityContext"].as_mapping_mut().unwrap();
+    let value = security.remove("readOnlyRootFilesystem").unwrap();
+    security.insert("readOnlyRootFileSystem".into(), value);
+    let err = tools.validate(&to_yaml(&docs), scratch.path()).unwrap_err();
+    assert!(
+        err.contains("readOnlyRootFileSystem"),
+        "the error does not name the field: {err}"
+    );
+
+    let unknown = "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: x\n";
+    let err = tools.validate(unknown, scratch.path()).unwrap_err();
+    assert!(
+        err.contains("Gadget"),
+        "the error does not name the kind: {err}"
+    );
+}
+
+/// Each semantic check fails on a pod weakened in the way it guards against.
+#[test]
+fn the_semantic_checks_catch_a_weakened_pod() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let rbac =
+        parse_docs(&std::fs::read_to_string(repo().join("deploy/cert-manager/rbac.yaml")).unwrap())
+            .unwrap();
+    let good = |overlay: &str| {
+        parse_docs(
+            &tools
+                .render(&kubernetes_dir().join("overlays").join(overlay))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    for overlay in ["embedded", "vault", "istiod", "cert-manager", "acm-pca"] {
+        assert_eq!(
+            check_overlay(overlay, &good(overlay), &flags, &rbac),
+            Vec::<String>::new(),
+            "{overlay} must pass unchanged"
+        );
+    }
+
+    type Mutation = fn(&mut Value);
+    let cases: [(&str, &str, Mutation); 16] = [
+        ("embedded", "readOnlyRootFilesystem", |pod| {
+            agent_mut(pod)["securityContext"]
+                .as_mapping_mut()
+                .unwrap()
+                .remove("readOnlyRootFilesystem");
+        }),
+        ("embedded", "allowPrivilegeEscalation", |pod| {
+            container_mut(pod, "envoy")["securityContext"]["allowPrivilegeEscalation"] =
+                true.into();
+        }),
+        ("embedded", "capabilities", |pod| {
+            container_mut(pod, "app")["securityContext"]["capabilities"]["drop"] =
+                Value::Sequence(vec!["NET_RAW".into()]);
+        }),
+        ("embedded", "runAsUser", |pod| {
+            agent_mut(pod)["securityContext"]["runAsUser"] = 0.into()
+        }),
+        ("embedded", "native sidecar", |pod| {
+            agent_mut(pod)
+                .as_mapping_mut()
+                .unwrap()
+                .remove("restartPolicy");
+        }),
+        ("embedded", "same user", |pod| {
+            container_mut(pod, "envoy")["securityContext"]["runAsUser"] = 101.into()
+        }),
+        ("embedded", "not a flag", |pod| {
+            push_env(agent_mut(pod), "SDS_AGENT_NOT_A_FLAG", "1")
+        }),
+        ("embedded", "/readyz", |pod| {
+            agent_mut(pod)["readinessProbe"]["httpGet"]["path"] = "/secrets".into()
+        }),
+        ("embedded", "status port", |pod| {
+            agent_mut(pod)["livenessProbe"]["httpGet"]["port"] = 15020.into();
+        }),
+        ("embedded", "loopback", |pod| {
+            set_env(agent_mut(pod), "SDS_AGENT_ADMIN_ADDR", "0.0.0.0:15020")
+        }),
+        ("embedded", "prometheus.io/port", |pod| {
+            pod["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] =
+                "15020".into();
+        }),
+        ("embedded", "memory", |pod| {
+            agent_mut(pod)["resources"]["requests"]
+                .as_mapping_mut()
+                .unwrap()
+                .remove("memory");
+        }),
+        ("embedded", "emptyDir", |pod| {
+            container_mut(pod, "envoy")["volumeMounts"]
+                .as_sequence_mut()
+                .unwrap()
+                .retain(|m| m["name"] != "workload-socket");
+        }),
+        ("vault", "audience", |pod| {
+            let volumes = pod["spec"]["template"]["spec"]["volumes"]
+                .as_sequence_mut()
+                .unwrap();
+            let token = volumes
+                .iter_mut()
+                .find(|v| v["name"] == "vault-token")
+                .unwrap();
+            token["projected"]["sources"][0]["serviceAccountToken"]["audience"] = "istio-ca".into();
+        }),
+        ("istiod", "SDS_AGENT_CA", |pod| {
+            set_env(agent_mut(pod), "SDS_AGENT_CA", "embedded")
+        }),
+        ("cert-manager", "in-cluster credentials", |pod| {
+            agent_mut(pod)["volumeMounts"]
+                .as_sequence_mut()
+                .unwrap()
+                .retain(|m| m["name"] != "kube-api-access");
+        }),
+    ];
+    for (overlay, expected, mutate) in cases {
+        let mut docs = good(overlay);
+        mutate(docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap());
+        let problems = check_overlay(overlay, &docs, &flags, &rbac);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{overlay}: a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
+        );
+    }
+
+    // The cert-manager Role must grant what deploy/cert-manager/rbac.yaml grants.
+    let mut docs = good("cert-manager");
+    let role = docs.iter_mut().find(|d| d["kind"] == "Role").unwrap();
+    role["rules"][0]["verbs"] = Value::Sequence(vec!["create".into(), "get".into()]);
+    let problems = check_overlay("cert-manager", &docs, &flags, &rbac);
+    assert!(
+        problems.iter().any(|p| p.contains("rbac.yaml")),
+        "a narrowed Role went unnoticed: {problems:#?}"
+    );
+    // And the IRSA role must be named on the service account.
+    let mut docs = good("acm-pca");
+    let sa = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .unwrap();
+    sa["metadata"]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("annotations");
+    let problems = check_overlay("acm-pca", &docs, &flags, &rbac);
+    assert!(
+        problems.iter().any(|p| p.contains("role-arn")),
+        "a missing IRSA role went unnoticed: {problems:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tools
+
+/// kubectl and kubernetes-validate.
+#[derive(Debug)]
+struct Tools {
+    kubectl: PathBuf,
+    validator: PathBuf,
+}
+
+impl Tools {
+    /// Both programs, or `None` (with a line saying the test is skipped) when one is missing,
+    /// unless `SDS_AGENT_REQUIRE_KUBECTL=1`.
+    fn find() -> Option<Self> {
+        let kubectl =
+            find_program("kubectl", "KUBECTL_BIN", "SDS_AGENT_REQUIRE_KUBECTL").unwrap()?;
+        let validator = find_program(
+            "kubernetes-validate",
+            "KUBERNETES_VALIDATE_BIN",
+            "SDS_AGENT_REQUIRE_KUBECTL",
+        )
+        .unwrap()?;
+        Some(Self { kubectl, validator })
+    }
+
+    /// `kubectl kustomize DIR`: the rendered YAML, or kubectl's complaint.
+    fn render(&self, dir: &Path) -> Result<String, String> {
+        let out = Command::new(&self.kubectl)
+            .arg("kustomize")
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.kubectl.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kubectl kustomize {} failed ({}): {}",
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        String::from_utf8(out.stdout).map_err(|e| format!("kubectl printed non-UTF-8: {e}"))
+    }
+
+    /// `kubernetes-validate --strict` against each of [`KUBERNETES_VERSIONS`]: the number of
+    /// resource validations passed, or every complaint. A kind without a schema fails unless it
+    /// is one of [`CUSTOM_KINDS`]; so does a resource that was not validated at all.
+    fn validate(&self, yaml: &str, scratch: &Path) -> Result<usize, String> {
+        let docs = parse_docs(yaml)?;
+        let custom = docs
+            .iter()
+            .filter(|d| {
+                CUSTOM_KINDS
+                    .iter()
+                    .any(|(api, kind)| d["apiVersion"] == *api && d["kind"] == *kind)
+            })
+            .count();
+        let file = scratch.join("rendered.yaml");
+        std::fs::write(&file, yaml).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.validator);
+        cmd.arg("--strict");
+        for version in KUBERNETES_VERSIONS {
+            cmd.args(["--kubernetes-version", version]);
+        }
+        let out = cmd
+            .arg(&file)
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.validator.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut problems = Vec::new();
+        let mut passed = 0;
+        for line in stdout.lines() {
+            let custom_kind_warning = line.starts_with("WARN ")
+                && CUSTOM_KINDS.iter().any(|(api, kind)| {
+                    line.contains(&format!("for kind {kind} with api version {api} "))
+                });
+            if line.starts_with("INFO ") && line.contains(" passed for resource ") {
+                passed += 1;
+            } else if !custom_kind_warning && !line.trim().is_empty() {
+                problems.push(line.to_owned());
+            }
+        }
+        if !out.status.success() {
+            problems.push(format!(
+                "kubernetes-validate exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let expected = (docs.len() - custom) * KUBERNETES_VERSIONS.len();
+        if problems.is_empty() && passed != expected {
+            problems.push(format!(
+                "{passed} resource validations passed, {expected} expected"
+            ));
+        }
+        if problems.is_empty() {
+            Ok(passed)
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+}
+
+/// The `SDS_AGENT_*` variables `sds-agent run --help` lists: every flag's `[env: ...]`.
+fn agent_env_flags() -> BTreeSet<String> {
+    let out = Command::new(agent_bin().unwrap())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sds-agent run --help: {}", out.status);
+    let help = String::from_utf8(out.stdout).unwrap();
+    let flags: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            name.starts_with("SDS_AGENT_").then_some(name)
+        })
+        .collect();
+    assert!(
+        flags.contains("SDS_AGENT_STATUS_ADDR") && flags.len() > 40,
+        "cannot read the flags from --help: {flags:?}"
+    );
+    flags
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks
+
+/// Everything wrong with one overlay's rendering; empty when all is well.
+fn check_overlay(
+    name: &str,
+    docs: &[Value],
+    flags: &BTreeSet<String>,
+    rbac: &[Value],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pods = pod_templates(docs);
+    if pods.is_empty() {
+        problems.push("no workload with a pod template".to_owned());
+    }
+    for pod in &pods {
+        let mut p = Vec::new();
+        check_pod(name, docs, pod, flags, rbac, &mut p);
+        problems.extend(p.into_iter().map(|m| format!("{}: {m}", pod.owner)));
+    }
+    problems
+}
+
+/// The checks of one pod template.
+fn check_pod(
+    overlay: &str,
+    docs: &[Value],
+    pod: &PodTemplate<'_>,
+    flags: &BTreeSet<String>,
+    rbac: &[Value],
+    p: &mut Vec<String>,
+) {
+    let spec = pod.spec;
+    let Some(agent) = container(spec, "sds-agent") else {
+        p.push("no container named sds-agent".to_owned());
+        return;
+    };
+    let Some(envoy) = container(spec, "envoy") else {
+        p.push("no container named envoy".to_owned());
+        return;
+    };
+
+    // A native sidecar: an init container that kubelet keeps running.
+    let is_init = seq(&spec["initContainers"])
+        .iter()
+        .any(|c| c["name"] == "sds-agent");
+    if !is_init || agent["restartPolicy"] != "Always" {
+        p.push(
+            "sds-agent must be a native sidecar: in initContainers with restartPolicy: Always"
+                .to_owned(),
+        );
+    }
+
+    // Every container locked down.
+    for c in all_containers(spec) {
+        check_security(spec, c, p);
+        check_resources(c, p);
+        check_image(c, p);
+    }
+
+    // The environment: real flags only, no duplicates, identity from the Downward API.
+    let env = env_of(agent);
+    let mut seen = BTreeSet::new();
+    for (key, _) in &env {
+        if !seen.insert(key.as_str()) {
+            p.push(format!("{key} is set twice"));
+        }
+        if key.starts_with("SDS_AGENT_") && !flags.contains(key) {
+            p.push(format!("{key} is not a flag of `sds-agent run --help`"));
+        }
+    }
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| match v {
+                EnvValue::Literal(s) => Some(s.as_str()),
+                _ => None,
+            })
+    };
+    for (key, field) in [
+        ("SDS_AGENT_NAMESPACE", "metadata.namespace"),
+        ("SDS_AGENT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ("SDS_AGENT_POD_NAME", "metadata.name"),
+        ("SDS_AGENT_POD_UID", "metadata.uid"),
+    ] {
+        if !env
+            .iter()
+            .any(|(k, v)| k == key && *v == EnvValue::Field(field.to_owned()))
+        {
+            p.push(format!("{key} must come from the Downward API ({field})"));
+        }
+    }
+
+    // The backend.
+    let expected_ca = OVERLAYS
+        .iter()
+        .find(|(o, _)| *o == overlay)
+        .map(|(_, ca)| *ca);
+    let ca = literal("SDS_AGENT_CA").unwrap_or("embedded");
+    match expected_ca {
+        Some(want) if want != ca => p.push(format!(
+            "SDS_AGENT_CA is {ca:?}; the {overlay} overlay must select {want:?}"
+        )),
+        None if !OVERLAYS.iter().any(|(_, c)| *c == ca) => {
+            p.push(format!("SDS_AGENT_CA {ca:?} is not a backend"))
+        }
+        _ => {}
+    }
+    if agent["args"].as_sequence().is_some_and(|a| {
+        a.iter()
+            .any(|x| x.as_str().is_some_and(|s| s.starts_with("--ca")))
+    }) {
+        p.push(
+            "the backend is chosen by SDS_AGENT_CA; a --ca argument would override the overlays"
+                .to_owned(),
+        );
+    }
+
+    check_socket(docs, spec, agent, envoy, &env, p);
+    check_files(spec, agent, &env, p);
+    check_ports_and_probes(pod, agent, &env, p);
+    check_disruption_budget(docs, pod, p);
+
+    let sa_name = spec["serviceAccountName"].as_str().unwrap_or("default");
+    let sa = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == sa_name);
+    if sa.is_none() {
+        p.push(format!(
+            "the service account {sa_name} is not in the rendering"
+        ));
+    }
+
+    match ca {
+        "vault" => {
+            if !literal("SDS_AGENT_VAULT_ADDR").is_some_and(|a| a.starts_with("https://")) {
+                p.push(
+                    "SDS_AGENT_VAULT_ADDR must be an https:// address (the token travels to it)"
+                        .to_owned(),
+                );
+            }
+            if literal("SDS_AGENT_VAULT_ROLE").is_none() {
+                p.push("SDS_AGENT_VAULT_ROLE is required with --ca vault".to_owned());
+            }
+            if literal("SDS_AGENT_VAULT_AUTH") == Some("kubernetes")
+                && literal("SDS_AGENT_VAULT_JWT_FILE").is_none()
+            {
+                p.push("Kubernetes auth needs SDS_AGENT_VAULT_JWT_FILE on a projected token (the pod mounts no default token)".to_owned());
+            }
+        }
+        "istiod" => {
+            if literal("SDS_AGENT_CA_TOKEN_FILE").is_none() {
+                p.push("--ca istiod needs SDS_AGENT_CA_TOKEN_FILE on a projected token".to_owned());
+            }
+            match literal("SDS_AGENT_CA_ROOT_CERT").and_then(|f| file_source(spec, agent, f)) {
+                Some(FileSource::ConfigMap { name, key }) if name == "istio-ca-root-cert" && key == "root-cert.pem" => {}
+                other => p.push(format!(
+                    "SDS_AGENT_CA_ROOT_CERT must be root-cert.pem of the istio-ca-root-cert ConfigMap, is {other:?}"
+                )),
+            }
+            if literal("SDS_AGENT_CLUSTER_ID").is_none() {
+                p.push("--ca istiod needs SDS_AGENT_CLUSTER_ID".to_owned());
+            }
+            if pod.meta["labels"]["sidecar.istio.io/inject"] != "false" {
+                p.push("the pod must opt out of istio-proxy injection (sidecar.istio.io/inject: \"false\")".to_owned());
+            }
+        }
+        "acm-pca" => {
+            let arn = literal("SDS_AGENT_ACM_PCA_ARN").unwrap_or_default();
+            let parts: Vec<&str> = arn.split(':').collect();
+            if parts.len() != 6
+                || parts[..3] != ["arn", "aws", "acm-pca"]
+                || !parts[5].starts_with("certificate-authority/")
+            {
+                p.push(format!(
+                    "SDS_AGENT_ACM_PCA_ARN {arn:?} is not a private CA's ARN"
+                ));
+            }
+            let role = sa.map(|s| &s["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]);
+            if !role
+                .and_then(Value::as_str)
+                .is_some_and(|r| r.starts_with("arn:aws:iam::"))
+            {
+                p.push(format!("the service account {sa_name} must name its IAM role (eks.amazonaws.com/role-arn)"));
+            }
+            let skipped: BTreeSet<&str> =
+                pod.meta["annotations"]["eks.amazonaws.com/skip-containers"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+            let others: BTreeSet<&str> = all_containers(spec)
+                .filter_map(|c| c["name"].as_str())
+                .filter(|n| *n != "sds-agent")
+                .collect();
+            if skipped != others {
+                p.push(format!("eks.amazonaws.com/skip-containers must name every container but the agent: {others:?}, is {skipped:?}"));
+            }
+        }
+        "cert-manager" => {
+            if literal("SDS_AGENT_CERT_MANAGER_ISSUER_NAME").is_none() {
+                p.push("--ca cert-manager needs SDS_AGENT_CERT_MANAGER_ISSUER_NAME".to_owned());
+            }
+            check_in_cluster_credentials(spec, agent, p);
+            check_cert_manager_rbac(docs, sa_name, rbac, p);
+        }
+        _ => {}
+    }
+}
+
+/// Non-root, read-only root filesystem, no privilege escalation, no capabilities, the
+/// runtime's seccomp profile (each from the container, else the pod).
+fn check_security(spec: &Value, c: &Value, p: &mut Vec<String>) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let sc = &c["securityContext"];
+    let pod_sc = &spec["securityContext"];
+    let either = |key: &str| {
+        if sc[key].is_null() {
+            &pod_sc[key]
+        } else {
+            &sc[key]
+        }
+    };
+    if *either("runAsNonRoot") != true {
+        p.push(format!("{name}: runAsNonRoot must be true"));
+    }
+    if either("runAsUser").as_u64().is_none_or(|u| u == 0) {
+        p.push(format!("{name}: runAsUser must be set and not 0"));
+    }
+    if sc["readOnlyRootFilesystem"] != true {
+        p.push(format!("{name}: readOnlyRootFilesystem must be true"));
+    }
+    if sc["allowPrivilegeEscalation"] != false {
+        p.push(format!("{name}: allowPrivilegeEscalation must be false"));
+    }
+    if sc["privileged"] == true {
+        p.push(format!("{name}: must not be privileged"));
+    }
+    let drop: Vec<&str> = seq(&sc["capabilities"]["drop"])
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if drop != ["ALL"] || !seq(&sc["capabilities"]["add"]).is_empty() {
+        p.push(format!("{name}: capabilities must drop ALL and add none"));
+    }
+    if either("seccompProfile")["type"] != "RuntimeDefault" {
+        p.push(format!("{name}: seccompProfile must be RuntimeDefault"));
+    }
+}
+
+/// CPU and memory requests and a memory limit on every container; the agent's memory request
+/// is at least its measured peak.
+fn check_resources(c: &Value, p: &mut Vec<String>) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let r = &c["resources"];
+    for (what, v) in [
+        ("requests.cpu", &r["requests"]["cpu"]),
+        ("requests.memory", &r["requests"]["memory"]),
+        ("limits.memory", &r["limits"]["memory"]),
+    ] {
+        if v.is_null() {
+            p.push(format!("{name}: resources.{what} must be set"));
+        }
+    }
+    let request = r["requests"]["memory"].as_str().and_then(bytes);
+    let limit = r["limits"]["memory"].as_str().and_then(bytes);
+    if let (Some(request), Some(limit)) = (request, limit)
+        && limit < request
+    {
+        p.push(format!("{name}: the memory limit is below the request"));
+    }
+    if name == "sds-agent" && request.is_some_and(|r| r < MEASURED_PEAK_RSS) {
+        p.push(format!(
+            "{name}: the memory request is below the measured peak of {} MiB",
+            MEASURED_PEAK_RSS / MIB
+        ));
+    }
+}
+
+/// Images carry a tag (set by kustomize `images:`), never `latest`.
+fn check_image(c: &Value, p: &mut Vec<String>) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let image = c["image"].as_str().unwrap_or_default();
+    let tag = image
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split_once(':'))
+        .map(|(_, t)| t);
+    if !image.contains('@') && !tag.is_some_and(|t| !t.is_empty() && t != "latest") {
+        p.push(format!(
+            "{name}: image {image:?} must be pinned to a tag (kustomize images:)"
+        ));
+    }
+}
+
+/// The socket: an absolute path on an emptyDir mounted at the same place in the agent and in
+/// Envoy; Envoy's bootstrap dials that path; one user for both when the mode is 0600.
+fn check_socket(
+    docs: &[Value],
+    spec: &Value,
+    agent: &Value,
+    envoy: &Value,
+    env: &[(String, EnvValue)],
+    p: &mut Vec<String>,
+) {
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
+    let socket = literal("SDS_AGENT_SOCKET").unwrap_or_default();
+    if socket != SOCKET {
+        p.push(format!("SDS_AGENT_SOCKET must be {SOCKET}, is {socket:?}"));
+        return;
+    }
+    let Some((mount, _)) = mount_for(agent, socket) else {
+        p.push(format!("the agent has no volume at {socket}"));
+        return;
+    };
+    let volume = volume(spec, mount["name"].as_str().unwrap_or_default());
+    if volume.is_none_or(|v| v.get("emptyDir").is_none()) {
+        p.push("the socket's volume must be an emptyDir".to_owned());
+    }
+    let envoy_mount = mount_for(envoy, socket);
+    if !envoy_mount
+        .is_some_and(|(m, _)| m["name"] == mount["name"] && m["mountPath"] == mount["mountPath"])
+    {
+        p.push(format!(
+            "envoy must mount the socket's emptyDir {} at {}",
+            mount["name"].as_str().unwrap_or("?"),
+            mount["mountPath"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(app) = all_containers(spec).find(|c| {
+        c["name"] != "sds-agent" && c["name"] != "envoy" && mount_for(c, socket).is_some()
+    }) {
+        p.push(format!(
+            "{} mounts the socket's volume; only the agent and Envoy should",
+            app["name"].as_str().unwrap_or("?")
+        ));
+    }
+
+    // Envoy's bootstrap: the ConfigMap file its -c names; the pipe of sds-grpc, resolved from
+    // its working directory; the trust domain it accepts.
+    match envoy_bootstrap(docs, spec, envoy) {
+        Err(e) => p.push(e),
+        Ok(bootstrap) => {
+            let clusters = seq(&bootstrap["static_resources"]["clusters"]);
+            let pipe = clusters
+                .iter()
+                .find(|c| c["name"] == "sds-grpc")
+                .and_then(|c| c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"].as_str());
+            let workdir = envoy["workingDir"].as_str().unwrap_or("");
+            let resolved = pipe.map(|pipe| match pipe.strip_prefix("./") {
+                Some(rel) if workdir.starts_with('/') => {
+                    format!("{}/{rel}", workdir.trim_end_matches('/'))
+                }
+                Some(_) => format!("(relative to an unset workingDir) {pipe}"),
+                None => pipe.to_owned(),
+            });
+            if resolved.as_deref() != Some(socket) {
+                p.push(format!("envoy's sds-grpc cluster dials {resolved:?} (workingDir {workdir:?}), not the agent's socket {socket}"));
+            }
+            let td = literal("SDS_AGENT_TRUST_DOMAIN").unwrap_or("cluster.local");
+            let prefix = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]
+                ["typed_config"]["common_tls_context"]["combined_validation_context"]["default_validation_context"]
+                ["match_typed_subject_alt_names"][0]["matcher"]["prefix"];
+            if prefix.as_str() != Some(&format!("spiffe://{td}/")) {
+                p.push(format!(
+                    "envoy accepts peers matching {prefix:?}; the agent's trust domain is {td}"
+                ));
+            }
+        }
+    }
+
+    // Who may open the socket.
+    let mode = literal("SDS_AGENT_SOCKET_MODE").unwrap_or("0600");
+    let Ok(mode) = u32::from_str_radix(mode.trim_start_matches("0o"), 8) else {
+        p.push(format!("SDS_AGENT_SOCKET_MODE {mode:?} is not octal"));
+        return;
+    };
+    let id = |c: &Value, key: &str| {
+        c["securityContext"][key]
+            .as_u64()
+            .or_else(|| spec["securityContext"][key].as_u64())
+    };
+    let same_user =
+        id(agent, "runAsUser").is_some() && id(agent, "runAsUser") == id(envoy, "runAsUser");
+    let same_group =
+        id(agent, "runAsGroup").is_some() && id(agent, "runAsGroup") == id(envoy, "runAsGroup");
+    let shared_group = same_group || spec["securityContext"]["fsGroup"].as_u64().is_some();
+    let ok = same_user || (mode & 0o060 == 0o060 && shared_group) || mode & 0o006 == 0o006;
+    if !ok {
+        p.push(format!("envoy cannot open a {mode:04o} socket: run it as the same user as the agent, or use 0660 and a shared group"));
+    }
+}
+
+/// Every absolute path an `SDS_AGENT_*` variable names is on a volume of the agent (its root
+/// filesystem is read-only and the image holds nothing there); token files are projected
+/// tokens with their flag's audience.
+fn check_files(spec: &Value, agent: &Value, env: &[(String, EnvValue)], p: &mut Vec<String>) {
+    for (key, value) in env {
+        let Some(path) = value.literal().filter(|v| v.starts_with('/')) else {
+            continue;
+        };
+        if !key.starts_with("SDS_AGENT_") {
+            continue;
+        }
+        let source = file_source(spec, agent, path);
+        let expected_audience = TOKEN_AUDIENCES
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, a)| *a);
+        match (&source, expected_audience) {
+            (None, _) => p.push(format!("{key}={path} is on no volume of the agent")),
+            (Some(FileSource::Token { audience }), Some(want))
+                if audience.as_deref() != Some(want) =>
+            {
+                p.push(format!("{key}={path} is a token of audience {audience:?}; its CA expects audience {want:?}"));
+            }
+            (Some(FileSource::Token { .. }), _) => {}
+            (Some(other), Some(want)) => p.push(format!(
+                "{key}={path} must be a projected token of audience {want:?}, is {other:?}"
+            )),
+            (Some(FileSource::EmptyDir), None)
+                if key != "SDS_AGENT_SOCKET" && !key.ends_with("_DIR") =>
+            {
+                p.push(format!(
+                    "{key}={path} is on an emptyDir: nothing puts the file there"
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The status listener serves the probes and Prometheus; the admin listener stays on
+/// loopback and is named by nothing outside the pod.
+fn check_ports_and_probes(
+    pod: &PodTemplate<'_>,
+    agent: &Value,
+    env: &[(String, EnvValue)],
+    p: &mut Vec<String>,
+) {
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
+    let admin: Option<SocketAddr> = literal("SDS_AGENT_ADMIN_ADDR").map(|a| {
+        a.parse()
+            .unwrap_or_else(|_| panic!("SDS_AGENT_ADMIN_ADDR {a:?}"))
+    });
+    if admin.is_some_and(|a| !a.ip().is_loopback()) {
+        p.push("SDS_AGENT_ADMIN_ADDR must stay on loopback (it serves POST /rotate)".to_owned());
+    }
+    let admin_port = admin.map_or(15020, |a| a.port());
+    let Some(status) = literal("SDS_AGENT_STATUS_ADDR").and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        p.push("SDS_AGENT_STATUS_ADDR must be set to an address (0.0.0.0:15021)".to_owned());
+        return;
+    };
+    if !status.ip().is_unspecified() {
+        p.push(format!("SDS_AGENT_STATUS_ADDR {status} must listen on all addresses, for kubelet and Prometheus"));
+    }
+    let ports = seq(&agent["ports"]);
+    let status_port = ports
+        .iter()
+        .find(|port| port["containerPort"].as_u64() == Some(u64::from(status.port())));
+    let Some(status_name) = status_port.and_then(|port| port["name"].as_str()) else {
+        p.push(format!(
+            "the agent must declare a named containerPort {}",
+            status.port()
+        ));
+        return;
+    };
+    if status_name.len() > 15 {
+        p.push(format!(
+            "port name {status_name} is longer than 15 characters"
+        ));
+    }
+    if ports
+        .iter()
+        .any(|port| port["containerPort"].as_u64() == Some(u64::from(admin_port)))
+    {
+        p.push("the admin port must not be declared as a containerPort".to_owned());
+    }
+    let targets_status =
+        |port: &Value| port == status_name || port.as_u64() == Some(u64::from(status.port()));
+    for (probe, path) in [
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/readyz"),
+    ] {
+        let get = &agent[probe]["httpGet"];
+        if get["path"] != path || !targets_status(&get["port"]) {
+            p.push(format!(
+                "{probe} must GET {path} on the status port {status_name}, is {:?} on {:?}",
+                get["path"], get["port"]
+            ));
+        }
+    }
+    let startup = &agent["startupProbe"];
+    let patience = startup["periodSeconds"].as_u64().unwrap_or(10)
+        * startup["failureThreshold"].as_u64().unwrap_or(3);
+    // cert-manager's default wait for one approval is 60 s, and a first attempt may fail.
+    if patience < 120 {
+        p.push(format!("startupProbe gives up after {patience} s; a slow CA (cert-manager: 60 s per attempt) needs at least 120 s"));
+    }
+    let annotations = &pod.meta["annotations"];
+    let scraped_port = annotations["prometheus.io/port"]
+        .as_str()
+        .and_then(|s| s.parse::<u16>().ok());
+    if annotations["prometheus.io/scrape"] != "true"
+        || scraped_port != Some(status.port())
+        || annotations["prometheus.io/path"] != "/metrics"
+    {
+        p.push(format!(
+            "prometheus.io/port, /path and /scrape must point at /metrics on the status port {}, are {:?}",
+            status.port(),
+            annotations
+        ));
+    }
+}
+
+/// A workload of two replicas or more has a budget that selects its pods.
+fn check_disruption_budget(docs: &[Value], pod: &PodTemplate<'_>, p: &mut Vec<String>) {
+    if pod.replicas < 2 {
+        return;
+    }
+    let covered = docs
+        .iter()
+        .filter(|d| d["kind"] == "PodDisruptionBudget")
+        .any(|pdb| {
+            let wanted = pdb["spec"]["selector"]["matchLabels"].as_mapping();
+            wanted.is_some_and(|m| {
+                !m.is_empty() && m.iter().all(|(k, v)| pod.meta["labels"].get(k) == Some(v))
+            })
+        });
+    if !covered {
+        p.push(
+            "a workload with several replicas needs a PodDisruptionBudget selecting its pods"
+                .to_owned(),
+        );
+    }
+}
+
+/// The pod does not automount API credentials, so the agent must get them itself, at the
+/// in-cluster path: a token for the API server, its CA, the namespace.
+fn check_in_cluster_credentials(spec: &Value, agent: &Value, p: &mut Vec<String>) {
+    if spec["automountServiceAccountToken"] != false {
+        return;
+    }
+    let files = [
+        ("token", Some(FileSource::Token { audience: None })),
+        (
+            "ca.crt",
+            Some(FileSource::ConfigMap {
+                name: "kube-root-ca.crt".into(),
+                key: "ca.crt".into(),
+            }),
+        ),
+        ("namespace", Some(FileSource::DownwardApi)),
+    ];
+    for (file, want) in files {
+        let path = format!("{IN_CLUSTER_CREDENTIALS}/{file}");
+        let got = file_source(spec, agent, &path);
+        if got != want {
+            p.push(format!(
+                "in-cluster credentials: the agent needs {path} ({want:?}), has {got:?}"
+            ));
+        }
+    }
+}
+
+/// The overlay's Role grants what `deploy/cert-manager/rbac.yaml` grants, and a RoleBinding
+/// gives it to the pod's service account.
+fn check_cert_manager_rbac(docs: &[Value], sa: &str, rbac: &[Value], p: &mut Vec<String>) {
+    let reference = rbac
+        .iter()
+        .find(|d| d["kind"] == "Role")
+        .map(|r| &r["rules"]);
+    let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
+    let Some(role) = roles.iter().find(|r| Some(&r["rules"]) == reference) else {
+        p.push(format!(
+            "no Role grants the rules of deploy/cert-manager/rbac.yaml: {reference:?}"
+        ));
+        return;
+    };
+    let bound = docs.iter().filter(|d| d["kind"] == "RoleBinding").any(|b| {
+        b["roleRef"]["kind"] == "Role"
+            && b["roleRef"]["name"] == role["metadata"]["name"]
+            && seq(&b["subjects"])
+                .iter()
+                .any(|s| s["kind"] == "ServiceAccount" && s["name"] == sa)
+    });
+    if !bound {
+        p.push(format!(
+            "no RoleBinding gives the certificaterequests Role to the service account {sa}"
+        ));
+    }
+}
+
+/// The PodMonitor selects the pod and scrapes `/metrics` on the agent's status port by name.
+fn check_pod_monitor(monitors: &[Value], pod: &PodTemplate<'_>) -> Vec<String> {
+    let mut p = Vec::new();
+    let Some(monitor) = monitors.iter().find(|d| d["kind"] == "PodMonitor") else {
+        return vec!["no PodMonitor in deploy/kubernetes/monitoring".to_owned()];
+    };
+    if monitor["apiVersion"] != "monitoring.coreos.com/v1" {
+        p.push(format!("PodMonitor apiVersion {:?}", monitor["apiVersion"]));
+    }
+    let spec = &monitor["spec"];
+    let known: BTreeSet<&str> = ["selector", "namespaceSelector", "podMetricsEndpoints"].into();
+    for key in spec
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, _)| k.as_str())
+    {
+        if !known.contains(key) {
+            p.push(format!(
+                "PodMonitor spec.{key}: not a field this test knows"
+            ));
+        }
+    }
+    let selected = spec["selector"]["matchLabels"]
+        .as_mapping()
+        .is_some_and(|m| {
+            !m.is_empty() && m.iter().all(|(k, v)| pod.meta["labels"].get(k) == Some(v))
+        });
+    if !selected || spec["namespaceSelector"]["any"] != true {
+        p.push("the PodMonitor must select the pod by its labels, in any namespace".to_owned());
+    }
+    let status_name = container(pod.spec, "sds-agent")
+        .and_then(|a| {
+            seq(&a["ports"])
+                .iter()
+                .find(|port| port["containerPort"] == 15021)
+                .and_then(|port| port["name"].as_str())
+        })
+        .unwrap_or("?");
+    let endpoints = seq(&spec["podMetricsEndpoints"]);
+    if endpoints.len() != 1
+        || endpoints[0]["port"] != status_name
+        || endpoints[0]["path"] != "/metrics"
+    {
+        p.push(format!(
+            "the PodMonitor must scrape /metrics on port {status_name}, has {endpoints:?}"
+        ));
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the rendered objects
+
+/// A pod template and what owns it.
+#[derive(Debug)]
+struct PodTemplate<'a> {
+    owner: String,
+    replicas: u64,
+    meta: &'a Value,
+    spec: &'a Value,
+}
+
+fn pod_templates(docs: &[Value]) -> Vec<PodTemplate<'_>> {
+    docs.iter()
+        .filter(|d| {
+            [
+                "Deployment",
+                "StatefulSet",
+                "DaemonSet",
+                "ReplicaSet",
+                "Job",
+            ]
+            .iter()
+            .any(|k| d["kind"] == *k)
+        })
+        .map(|d| PodTemplate {
+            owner: format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or("?"),
+                d["metadata"]["name"].as_str().unwrap_or("?")
+            ),
+            replicas: if d["kind"] == "DaemonSet" {
+                0
+            } else {
+                d["spec"]["replicas"].as_u64().unwrap_or(1)
+            },
+            meta: &d["spec"]["template"]["metadata"],
+            spec: &d["spec"]["template"]["spec"],
+        })
+        .collect()
+}
+
+fn all_containers(spec: &Value) -> impl Iterator<Item = &Value> {
+    seq(&spec["initContainers"])
+        .iter()
+        .chain(seq(&spec["containers"]))
+}
+
+fn container<'a>(spec: &'a Value, name: &str) -> Option<&'a Value> {
+    all_containers(spec).find(|c| c["name"] == name)
+}
+
+fn volume<'a>(spec: &'a Value, name: &str) -> Option<&'a Value> {
+    seq(&spec["volumes"]).iter().find(|v| v["name"] == name)
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map_or(&[], Vec::as_slice)
+}
+
+/// A variable's value as kubelet sets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum EnvValue {
+    Literal(String),
+    /// `valueFrom.fieldRef.fieldPath`.
+    Field(String),
+    /// Any other `valueFrom`.
+    Other,
+}
+
+impl EnvValue {
+    fn literal(&self) -> Option<&str> {
+        match self {
+            Self::Literal(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn env_of(c: &Value) -> Vec<(String, EnvValue)> {
+    seq(&c["env"])
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap_or_default().to_owned();
+            let value = if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                EnvValue::Field(field.to_owned())
+            } else if e["valueFrom"].is_null() {
+                EnvValue::Literal(e["value"].as_str().unwrap_or_default().to_owned())
+            } else {
+                EnvValue::Other
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// The agent container's environment as kubelet would give it, Downward API fields filled
+/// with the sample values; `$(VAR)` references are not used by the manifests and refused.
+fn kubelet_env(spec: &Value, agent: &Value) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for (name, value) in env_of(agent) {
+        let value = match value {
+            EnvValue::Literal(s) if s.contains("$(") => {
+                return Err(format!("{name}: $(...) references are not expected"));
+            }
+            EnvValue::Literal(s) => s,
+            EnvValue::Field(f) => match f.as_str() {
+                "metadata.namespace" => SAMPLE_NAMESPACE.to_owned(),
+                "metadata.name" => SAMPLE_POD_NAME.to_owned(),
+                "metadata.uid" => SAMPLE_POD_UID.to_owned(),
+                "spec.serviceAccountName" => spec["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned(),
+                other => return Err(format!("{name}: no sample value for the field {other}")),
+            },
+            EnvValue::Other => return Err(format!("{name}: a valueFrom this test cannot resolve")),
+        };
+        env.insert(name, value);
+    }
+    Ok(env)
+}
+
+/// The deepest volume mount of `c` holding `path`, and the path below it.
+fn mount_for<'a>(c: &'a Value, path: &str) -> Option<(&'a Value, String)> {
+    seq(&c["volumeMounts"])
+        .iter()
+        .filter_map(|m| {
+            let at = m["mountPath"].as_str()?.trim_end_matches('/');
+            let rest = path.strip_prefix(at)?.strip_prefix('/')?;
+            Some((m, at.len(), rest.to_owned()))
+        })
+        .max_by_key(|(_, len, _)| *len)
+        .map(|(m, _, rest)| (m, rest))
+}
+
+/// Where a file a container reads comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FileSource {
+    /// A projected service-account token; `None`: the API server's audience.
+    Token {
+        audience: Option<String>,
+    },
+    ConfigMap {
+        name: String,
+        key: String,
+    },
+    Secret {
+        name: String,
+        key: String,
+    },
+    DownwardApi,
+    EmptyDir,
+    Other,
+}
+
+/// The source of the file at `path` in container `c`, if a volume holds it.
+fn file_source(spec: &Value, c: &Value, path: &str) -> Option<FileSource> {
+    let (mount, rest) = mount_for(c, path)?;
+    let rest = match mount["subPath"].as_str() {
+        Some(sub) if rest.is_empty() => sub.to_owned(),
+        Some(sub) => format!("{sub}/{rest}"),
+        None => rest,
+    };
+    let v = volume(spec, mount["name"].as_str()?)?;
+    let keyed = |src: &Value| -> Option<String> {
+        match src["items"].as_sequence() {
+            Some(items) => items
+                .iter()
+                .find(|i| i["path"] == rest.as_str())
+                .and_then(|i| i["key"].as_str())
+                .map(str::to_owned),
+            None => Some(rest.clone()),
+        }
+    };
+    if v.get("emptyDir").is_some() {
+        return Some(FileSource::EmptyDir);
+    }
+    if let Some(cm) = v.get("configMap") {
+        return Some(FileSource::ConfigMap {
+            name: cm["name"].as_str()?.to_owned(),
+            key: keyed(cm)?,
+        });
+    }
+    if let Some(secret) = v.get("secret") {
+        return Some(FileSource::Secret {
+            name: secret["secretName"].as_str()?.to_owned(),
+            key: keyed(secret)?,
+        });
+    }
+    if let Some(projected) = v.get("projected") {
+        for source in seq(&projected["sources"]) {
+            if let Some(token) = source.get("serviceAccountToken") {
+                if token["path"] == rest.as_str() {
+                    return Some(FileSource::Token {
+                        audience: token["audience"].as_str().map(str::to_owned),
+                    });
+                }
+            } else if let Some(cm) = source.get("configMap") {
+                if let Some(key) = keyed(cm).filter(|_| cm["items"].is_sequence()) {
+                    return Some(FileSource::ConfigMap {
+                        name: cm["name"].as_str()?.to_owned(),
+                        key,
+                    });
+                }
+            } else if let Some(secret) = source.get("secret") {
+                if let Some(key) = keyed(secret).filter(|_| secret["items"].is_sequence()) {
+                    return Some(FileSource::Secret {
+                        name: secret["name"].as_str()?.to_owned(),
+                        key,
+                    });
+                }
+            } else if let Some(downward) = source.get("downwardAPI")
+                && seq(&downward["items"])
+                    .iter()
+                    .any(|i| i["path"] == rest.as_str())
+            {
+                return Some(FileSource::DownwardApi);
+            }
+        }
+        return None;
+    }
+    Some(FileSource::Other)
+}
+
+/// Envoy's bootstrap, parsed: the file its `-c` names, from the ConfigMap mounted there.
+fn envoy_bootstrap(docs: &[Value], spec: &Value, envoy: &Value) -> Result<Value, String> {
+    let args: Vec<&str> = seq(&envoy["command"])
+        .iter()
+        .chain(seq(&envoy["args"]))
+        .filter_map(Value::as_str)
+        .collect();
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "-c" || w[0] == "--config-path")
+        .map(|w| w[1])
+        .ok_or("envoy has no -c argument")?;
+    match file_source(spec, envoy, config) {
+        Some(FileSource::ConfigMap { name, key }) => {
+            let map = docs
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name.as_str())
+                .ok_or(format!("envoy's ConfigMap {name} is not in the rendering"))?;
+            let text = map["data"][key.as_str()]
+                .as_str()
+                .ok_or(format!("ConfigMap {name} has no {key}"))?;
+            serde_norway::from_str(text).map_err(|e| format!("envoy's bootstrap {name}/{key}: {e}"))
+        }
+        other => Err(format!(
+            "envoy's -c {config} is not a ConfigMap file: {other:?}"
+        )),
+    }
+}
+
+/// A Kubernetes memory quantity in bytes (the suffixes the manifests use).
+fn bytes(q: &str) -> Option<u64> {
+    let (digits, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: u64 = digits.parse().ok()?;
+    let scale = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and YAML
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn kubernetes_dir() -> PathBuf {
+    repo().join("deploy/kubernetes")
+}
+
+fn relative(dir: &Path) -> String {
+    dir.strip_prefix(kubernetes_dir())
+        .unwrap_or(dir)
+        .display()
+        .to_string()
+}
+
+/// Every directory under deploy/kubernetes holding a kustomization, sorted.
+fn kustomizations() -> Vec<PathBuf> {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        if ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+            .iter()
+            .any(|f| dir.join(f).is_file())
+        {
+            found.push(dir.to_owned());
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect();
+        entries.sort();
+        for entry in entries {
+            walk(&entry, found);
+        }
+    }
+    let mut found = Vec::new();
+    walk(&kubernetes_dir(), &mut found);
+    found
+}
+
+/// The kustomizations under deploy/kubernetes/overlays.
+fn overlays() -> Vec<PathBuf> {
+    let root = kubernetes_dir().join("overlays");
+    kustomizations()
+        .into_iter()
+        .filter(|d| d.starts_with(&root))
+        .collect()
+}
+
+/// Every non-empty document of a YAML stream.
+fn parse_docs(yaml: &str) -> Result<Vec<Value>, String> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|doc| {
+            Value::deserialize(doc).map_err(|e| format!("rendered YAML does not parse: {e}"))
+        })
+        .filter(|v| !matches!(v, Ok(Value::Null)))
+        .collect()
+}
+
+fn to_yaml(docs: &[Value]) -> String {
+    let mut out = String::new();
+    for doc in docs {
+        writeln!(out, "---\n{}", serde_norway::to_string(doc).unwrap()).unwrap();
+    }
+    out
+}
+
+/// A kubeconfig that points nowhere, for `validate` with `--ca cert-manager` outside a pod.
+const KUBECONFIG: &str = "apiVersion: v1
+kind: Config
+clusters:
+- name: nowhere
+  cluster: {server: \"https://127.0.0.1:1\"}
+users:
+- name: nobody
+  user: {token: not-a-token}
+contexts:
+- name: test
+  context: {cluster: nowhere, user: nobody}
+current-context: test
+";
+
+// ---------------------------------------------------------------------------------------------
+// Mutations for the negative tests
+
+fn agent_mut(deployment: &mut Value) -> &mut Value {
+    container_mut(deployment, "sds-agent")
+}
+
+fn container_mut<'a>(deployment: &'a mut Value, name: &str) -> &'a mut Value {
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    let in_init = seq(&spec["initContainers"])
+        .iter()
+        .any(|c| c["name"] == name);
+    let list = if in_init {
+        &mut spec["initContainers"]
+    } else {
+        &mut spec["containers"]
+    };
+    list.as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == name)
+        .unwrap()
+}
+
+fn push_env(c: &mut Value, name: &str, value: &str) {
+    let mut entry = serde_norway::Mapping::new();
+    entry.insert("name".into(), name.into());
+    entry.insert("value".into(), value.into());
+    c["env"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(Value::Mapping(entry));
+}
+
+fn set_env(c: &mut Value, name: &str, value: &str) {
+    let entry = c["env"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["name"] == name)
+        .unwrap();
+    entry["value"] = value.into();
+}
