@@ -385,7 +385,7 @@ fn the_semantic_checks_catch_a_weakened_pod() {
     }
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, &str, Mutation); 16] = [
+    let cases: [(&str, &str, Mutation); 17] = [
         ("embedded", "readOnlyRootFilesystem", |pod| {
             agent_mut(pod)["securityContext"]
                 .as_mapping_mut()
@@ -411,6 +411,9 @@ fn the_semantic_checks_catch_a_weakened_pod() {
         }),
         ("embedded", "same user", |pod| {
             container_mut(pod, "envoy")["securityContext"]["runAsUser"] = 101.into()
+        }),
+        ("embedded", "refuse envoy", |pod| {
+            push_env(agent_mut(pod), "SDS_AGENT_ALLOWED_UIDS", "1337")
         }),
         ("embedded", "not a flag", |pod| {
             push_env(agent_mut(pod), "SDS_AGENT_NOT_A_FLAG", "1")
@@ -469,6 +472,21 @@ fn the_semantic_checks_catch_a_weakened_pod() {
             "{overlay}: a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
         );
     }
+
+    // The alternative docs/deploying.md describes passes: Envoy under its own uid 101, the
+    // socket 0660 in the pod's fsGroup, and that group allowed to call.
+    let mut docs = good("embedded");
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"] = 65532.into();
+    container_mut(deployment, "envoy")["securityContext"]["runAsUser"] = 101.into();
+    container_mut(deployment, "envoy")["securityContext"]["runAsGroup"] = 65532.into();
+    set_env(agent_mut(deployment), "SDS_AGENT_SOCKET_MODE", "0660");
+    push_env(agent_mut(deployment), "SDS_AGENT_ALLOWED_GIDS", "65532");
+    assert_eq!(
+        check_overlay("embedded", &docs, &flags, &rbac),
+        Vec::<String>::new(),
+        "a 0660 socket shared by group must pass"
+    );
 
     // The cert-manager Role must grant what deploy/cert-manager/rbac.yaml grants.
     let mut docs = good("cert-manager");
@@ -1020,6 +1038,33 @@ fn check_socket(
     let ok = same_user || (mode & 0o060 == 0o060 && shared_group) || mode & 0o006 == 0o006;
     if !ok {
         p.push(format!("envoy cannot open a {mode:04o} socket: run it as the same user as the agent, or use 0660 and a shared group"));
+    }
+
+    // Who the agent serves once connected: the caller's uid and primary gid (SO_PEERCRED)
+    // against --allowed-uids / --allowed-gids; by default only its own uid.
+    let ids = |key: &str| -> Option<Vec<u64>> {
+        literal(key).map(|list| {
+            list.split(',')
+                .map(|id| id.trim().parse().unwrap_or(u64::MAX))
+                .collect()
+        })
+    };
+    let (uids, gids) = (ids("SDS_AGENT_ALLOWED_UIDS"), ids("SDS_AGENT_ALLOWED_GIDS"));
+    let envoy_uid = id(envoy, "runAsUser");
+    let envoy_gid = id(envoy, "runAsGroup");
+    let uid_allowed = match (&uids, &gids) {
+        (Some(uids), _) => envoy_uid.is_some_and(|u| uids.contains(&u)),
+        (None, Some(_)) => false,
+        (None, None) => same_user,
+    };
+    let gid_allowed = gids
+        .as_ref()
+        .is_some_and(|gids| envoy_gid.is_some_and(|g| gids.contains(&g)));
+    if !uid_allowed && !gid_allowed {
+        p.push(format!(
+            "the agent would refuse envoy (uid {envoy_uid:?}, gid {envoy_gid:?}) as an SDS caller: \
+             SDS_AGENT_ALLOWED_UIDS {uids:?}, SDS_AGENT_ALLOWED_GIDS {gids:?}, default the agent's own uid"
+        ));
     }
 }
 
