@@ -58,7 +58,7 @@ export SDS_AGENT_REQUIRE_ENVOY=1
 # bundled) goes into the same virtualenv unless KUBERNETES_VALIDATE_BIN is set.
 if [ -z "${KUBECTL_BIN:-}" ]; then
   KUBECTL_BIN="$PWD/.venv-test/kubernetes-client/usr/bin/kubectl"
-  if ! "$KUBECTL_BIN" version --client 2>/dev/null | grep -q 'GitVersion:"v1\.20\.'; then
+  if ! "$KUBECTL_BIN" version --client > /dev/null 2>&1; then
     echo "unpacking Debian's kubernetes-client into .venv-test/kubernetes-client" >&2
     debs=$(mktemp -d)
     chmod 755 "$debs"  # apt downloads as its _apt user

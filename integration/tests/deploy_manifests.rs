@@ -15,7 +15,8 @@
 //! read-only root filesystem, no privilege escalation, no capabilities and the runtime's
 //! seccomp profile; the socket's emptyDir is mounted in the agent and in Envoy, Envoy's
 //! bootstrap (the copy of `deploy/envoy/sidecar.yaml`) dials the very path the agent listens
-//! on, and the two run as one user when the socket is 0600; every `SDS_AGENT_*` variable is a
+//! on, and Envoy passes both the socket's mode and the agent's own check of its caller
+//! (`SO_PEERCRED` against `--allowed-uids`/`--allowed-gids`); every `SDS_AGENT_*` variable is a
 //! flag of the built agent's `run --help`; every file a variable names is on a volume, and each
 //! projected token carries the audience its flag expects; the probes and Prometheus point at
 //! the status port and never at the admin port; resources are set; the backend is the
@@ -82,7 +83,7 @@ const MEASURED_PEAK_RSS: u64 = 18 * MIB;
 
 const MIB: u64 = 1024 * 1024;
 
-/// What the Downward API hands the agent in these tests, per field path.
+// What the Downward API hands the agent in these tests.
 const SAMPLE_NAMESPACE: &str = "payments";
 const SAMPLE_POD_NAME: &str = "sds-demo-7c9d8-x2x4q";
 const SAMPLE_POD_UID: &str = "0d3c2b1a-1111-4222-8333-444455556666";
