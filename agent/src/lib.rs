@@ -28,7 +28,7 @@ use anyhow::Context;
 use sds_backends::CertificateAuthority;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -36,7 +36,6 @@ use crate::config::{CaConfig, Config};
 use crate::metrics::Metrics;
 use crate::sds::SdsService;
 use crate::secrets::{Policy, SecretManager};
-use crate::socket::SocketGuard;
 
 /// The CA backends this binary was built with, as `--ca` names them.
 pub const BACKENDS: &[&str] = &[
@@ -66,7 +65,6 @@ pub struct RunningAgent {
     status_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    socket: Option<SocketGuard>,
 }
 
 impl Policy {
@@ -484,10 +482,25 @@ impl RunningAgent {
             }
             .instrument(info_span!("admin")),
         ));
+        // Connections come from the socket keeper, which re-creates the socket if it is
+        // deleted or replaced while the agent runs.
+        let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
+        tasks.push(tokio::spawn(
+            socket::keep(
+                config.socket.clone(),
+                config.socket_mode,
+                listener,
+                socket,
+                conns_tx,
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .instrument(info_span!("socket")),
+        ));
         let server = tonic::transport::Server::builder()
             .add_service(sds.clone().into_server())
             .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
+                ReceiverStream::new(conns),
                 shutdown.clone().cancelled_owned(),
             );
         tasks.push(tokio::spawn(
@@ -516,7 +529,6 @@ impl RunningAgent {
             status_addr,
             shutdown,
             tasks,
-            socket: Some(socket),
         })
     }
 
@@ -555,7 +567,6 @@ impl RunningAgent {
         {
             warn!("shutdown grace period over; abandoning remaining connections");
         }
-        drop(self.socket.take());
     }
 }
 

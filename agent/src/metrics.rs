@@ -63,6 +63,8 @@ pub struct Metrics {
     pub file_writes: Family<ResultLabel, Counter>,
     /// SDS calls refused because the caller's uid and gid are not allowed.
     pub callers_denied: Counter,
+    /// Times the SDS socket was found deleted or replaced and was bound again.
+    pub socket_recreated: Counter,
 }
 
 /// `reason` label.
@@ -185,6 +187,7 @@ impl Metrics {
             bad_requests: Family::default(),
             file_writes: Family::default(),
             callers_denied: Counter::default(),
+            socket_recreated: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -281,6 +284,11 @@ impl Metrics {
             "sds_callers_denied",
             "SDS calls refused because the caller's uid and gid are not allowed",
             m.callers_denied.clone(),
+        );
+        r.register(
+            "socket_recreated",
+            "Times the SDS socket was found deleted or replaced and was created again",
+            m.socket_recreated.clone(),
         );
         Self { registry, ..m }
     }

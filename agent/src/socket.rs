@@ -5,13 +5,30 @@
 //! renamed into place, so no client can ever connect to it with looser permissions. A socket
 //! file left by a crashed run (nobody accepts on it) is replaced; a live one is an error, and
 //! anything that is not a socket is never deleted.
+//!
+//! While the agent runs, [`keep`] accepts connections and checks every second that the path
+//! still names the socket it bound: one deleted (a cleanup script, a volume remounted) or
+//! replaced is bound again, under the same rules, and the event is logged and counted.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+
+/// How often the socket's path is checked.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How long to pause accepting after an accept error (out of file descriptors, say), so that
+/// a persistent error does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +60,94 @@ const MAX_SOCKET_PATH: usize = 107;
 #[derive(Debug)]
 pub struct SocketGuard {
     path: PathBuf,
+    dev: u64,
     ino: u64,
+}
+
+impl SocketGuard {
+    fn at(path: &Path) -> Result<Self, SocketError> {
+        let meta = std::fs::symlink_metadata(path).map_err(|source| SocketError::Io {
+            what: "cannot stat",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Whether the path still names the socket this guard was made for.
+    pub fn in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+}
+
+/// Accepts connections on `listener` into `conns` until `shutdown`, and keeps the socket at
+/// `path`: whenever the path no longer names it, binds it again (with `mode`) and accepts on
+/// the new one. Removes the socket when it ends.
+pub async fn keep(
+    path: PathBuf,
+    mode: u32,
+    mut listener: UnixListener,
+    mut guard: SocketGuard,
+    conns: mpsc::Sender<io::Result<UnixStream>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last failure to rebind, so that it is logged once, not every second.
+    let mut failing: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((conn, _)) => {
+                    if conns.send(Ok(conn)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "cannot accept an SDS connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            _ = tick.tick() => {
+                if guard.in_place() {
+                    continue;
+                }
+                let gone = match std::fs::symlink_metadata(&path) {
+                    Err(_) => "deleted",
+                    Ok(_) => "replaced",
+                };
+                match bind(&path, mode) {
+                    Ok((l, g)) => {
+                        // The old guard names a file that is no longer at the path: dropping
+                        // it removes nothing.
+                        (listener, guard) = (l, g);
+                        failing = None;
+                        metrics.socket_recreated.inc();
+                        warn!(path = %path.display(), "the SDS socket was {gone}; created it again");
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        if failing.as_deref() != Some(&message) {
+                            error!(
+                                path = %path.display(),
+                                error = %message,
+                                "the SDS socket was {gone} and cannot be created again; retrying every second"
+                            );
+                            failing = Some(message);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop(guard);
 }
 
 /// Binds the SDS socket at `path` with permission bits `mode`.
@@ -75,16 +179,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Socke
         let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(io_err("cannot set permissions of", path))?;
-        let ino = std::fs::symlink_metadata(path)
-            .map_err(io_err("cannot stat", path))?
-            .ino();
-        return Ok((
-            listener,
-            SocketGuard {
-                path: path.to_owned(),
-                ino,
-            },
-        ));
+        return Ok((listener, SocketGuard::at(path)?));
     }
     let listener = UnixListener::bind(&tmp).map_err(io_err("cannot bind", &tmp))?;
     let result = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
@@ -96,16 +191,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), Socke
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    let ino = std::fs::symlink_metadata(path)
-        .map_err(io_err("cannot stat", path))?
-        .ino();
-    Ok((
-        listener,
-        SocketGuard {
-            path: path.to_owned(),
-            ino,
-        },
-    ))
+    Ok((listener, SocketGuard::at(path)?))
 }
 
 fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
@@ -143,14 +229,11 @@ fn remove_if_stale(path: &Path) -> Result<(), SocketError> {
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if m.ino() == self.ino => {
-                if let Err(error) = std::fs::remove_file(&self.path) {
-                    warn!(%error, path = %self.path.display(), "cannot remove the socket");
-                }
-            }
-            // Replaced by someone else, or already gone: not ours to remove.
-            _ => {}
+        // Replaced by someone else, or already gone: not ours to remove.
+        if self.in_place()
+            && let Err(error) = std::fs::remove_file(&self.path)
+        {
+            warn!(%error, path = %self.path.display(), "cannot remove the socket");
         }
     }
 }

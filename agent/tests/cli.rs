@@ -2259,3 +2259,101 @@ fn another_user_is_refused_by_default_and_served_once_listed() {
     );
     assert!(a.stop("TERM").success());
 }
+
+// ---------------------------------------------------------------------------------------
+// The socket kept in place
+// ---------------------------------------------------------------------------------------
+
+/// The socket deleted under a running agent comes back within a few seconds, logged and
+/// counted, and serves; a regular file put in its place is never deleted, and the socket
+/// returns once that file is gone. Streams open meanwhile are not cut.
+#[test]
+fn a_deleted_or_replaced_socket_is_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kept.sock");
+    let mut a = Running::start(dir.path(), &socket, &[]);
+    let recreated = "sds_agent_socket_recreated_total";
+    assert_eq!(metric(&a, recreated), Some(0.0));
+    let rt = sds::runtime();
+    // A stream opened before anything happens to the socket file.
+    let mut before = rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let mut client = sds::connect(&socket).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(sds::request(&["default"])).await.unwrap();
+        let mut responses = client
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(QUICK, responses.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        (client, tx, responses)
+    });
+
+    std::fs::remove_file(&socket).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || is_socket(&socket)),
+        "the socket was not created again: {}",
+        a.log()
+    );
+    assert_eq!(mode(&socket), 0o600, "created again with the same mode");
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .log()
+            .contains("the SDS socket was deleted; created it again")),
+        "{}",
+        a.log()
+    );
+    let (chain, _) = sds::fetch_default(&socket);
+    assert!(chain.contains("BEGIN CERTIFICATE"));
+    assert_eq!(metric(&a, recreated), Some(1.0));
+
+    // A regular file in its place: refused, logged once, left alone.
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, "not yours").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .log()
+            .contains("cannot be created again")),
+        "{}",
+        a.log()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not yours");
+    assert_eq!(
+        a.log().matches("cannot be created again").count(),
+        1,
+        "the same failure logged every second: {}",
+        a.log()
+    );
+    std::fs::remove_file(&socket).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || is_socket(&socket)),
+        "the socket did not come back once the file was gone: {}",
+        a.log()
+    );
+    assert_eq!(metric(&a, recreated), Some(2.0));
+    let (chain, _) = sds::fetch_default(&socket);
+    assert!(chain.contains("BEGIN CERTIFICATE"));
+
+    // The stream from before still gets pushes: a rotation reaches it.
+    assert_eq!(http(a.admin, "POST", "/rotate").map(|(c, _)| c), Some(202));
+    rt.block_on(async {
+        use tokio_stream::StreamExt;
+        // The request sender stays alive (in `before`): the stream is still open.
+        let (_, _, ref mut responses) = before;
+        let pushed = tokio::time::timeout(QUICK, responses.next())
+            .await
+            .expect("no push after the rotation")
+            .unwrap()
+            .unwrap();
+        assert!(pushed.version_info.contains("default:2"), "{pushed:?}");
+    });
+    drop(before);
+    assert!(a.stop("TERM").success());
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+}
