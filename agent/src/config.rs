@@ -143,6 +143,17 @@ pub struct RunArgs {
     /// [default: none]
     #[arg(long, env = "SDS_AGENT_ALLOWED_GIDS", value_name = "GIDS")]
     pub allowed_gids: Option<String>,
+    /// Most SDS streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    /// [default: 16384]
+    #[arg(long, env = "SDS_AGENT_MAX_STREAMS", value_name = "N")]
+    pub max_streams: Option<String>,
+    /// Largest SDS request accepted, in bytes. [default: 262144]
+    #[arg(long, env = "SDS_AGENT_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<String>,
+    /// Most requests one SDS stream may send per second (a burst of as many is allowed);
+    /// a stream going faster is ended with RESOURCE_EXHAUSTED. [default: 50]
+    #[arg(long, env = "SDS_AGENT_MAX_REQUESTS_PER_SECOND", value_name = "N")]
+    pub max_requests_per_second: Option<String>,
     /// SPIFFE trust domain. [default: cluster.local]
     #[arg(long, env = "SDS_AGENT_TRUST_DOMAIN", value_name = "TD")]
     pub trust_domain: Option<String>,
@@ -424,6 +435,44 @@ impl ResolvedCallers {
     }
 }
 
+/// What the SDS server grants its clients, so that a broken or hostile one cannot take the
+/// agent's memory or CPU from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SdsLimits {
+    /// Streams open at once.
+    pub max_streams: usize,
+    /// Largest request, bytes.
+    pub max_message_size: usize,
+    /// Requests per second on one stream, and the burst allowed.
+    pub max_requests_per_second: u32,
+}
+
+impl Default for SdsLimits {
+    fn default() -> Self {
+        Self {
+            max_streams: 16_384,
+            // Envoy's SDS requests are a few hundred bytes (a node and two names); a node with
+            // much metadata, or thousands of names, stays well under this.
+            max_message_size: 256 * 1024,
+            // Envoy sends one request per response (its ACK) and one per subscription change.
+            max_requests_per_second: 50,
+        }
+    }
+}
+
+/// An integer setting between `min` and `max`, from a flag, env or file value.
+fn bounded(key: &str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, raw, "expected a whole number"))?;
+    if !(min..=max).contains(&n) {
+        return Err(invalid(key, raw, format!("must be from {min} to {max}")));
+    }
+    Ok(n)
+}
+
 /// At most this many IDs in one list: a policy, not a user database.
 const MAX_IDS: usize = 256;
 
@@ -457,6 +506,9 @@ struct FileConfig {
     socket_mode: Option<String>,
     allowed_uids: Option<IdList>,
     allowed_gids: Option<IdList>,
+    max_streams: Option<u64>,
+    max_message_size: Option<u64>,
+    max_requests_per_second: Option<u64>,
     trust_domain: Option<String>,
     namespace: Option<String>,
     service_account: Option<String>,
@@ -527,6 +579,9 @@ pub struct Config {
     /// Who may fetch secrets.
     #[serde(flatten)]
     pub callers: CallerPolicy,
+    /// What one client may take of the SDS server.
+    #[serde(flatten)]
+    pub limits: SdsLimits,
     /// The workload identity served as `default`.
     pub spiffe_id: SpiffeId,
     /// The CA backend.
@@ -831,6 +886,40 @@ impl RunArgs {
             },
             gids: gids.unwrap_or_default(),
         };
+        let defaults = SdsLimits::default();
+        let limit = |key: &str, flag: &Option<String>, file: Option<u64>, min, max, default| match (
+            flag, file,
+        ) {
+            (Some(raw), _) => bounded(key, raw, min, max),
+            (None, Some(n)) => bounded(key, &n.to_string(), min, max),
+            (None, None) => Ok(default),
+        };
+        let limits = SdsLimits {
+            max_streams: limit(
+                "max-streams",
+                &self.max_streams,
+                file.max_streams,
+                1,
+                1 << 20,
+                defaults.max_streams as u64,
+            )? as usize,
+            max_message_size: limit(
+                "max-message-size",
+                &self.max_message_size,
+                file.max_message_size,
+                1024,
+                16 << 20,
+                defaults.max_message_size as u64,
+            )? as usize,
+            max_requests_per_second: limit(
+                "max-requests-per-second",
+                &self.max_requests_per_second,
+                file.max_requests_per_second,
+                1,
+                100_000,
+                u64::from(defaults.max_requests_per_second),
+            )? as u32,
+        };
         let td_raw =
             pick(&self.trust_domain, &file.trust_domain).unwrap_or_else(|| "cluster.local".into());
         let trust_domain =
@@ -926,6 +1015,7 @@ impl RunArgs {
             socket: PathBuf::from(socket),
             socket_mode,
             callers,
+            limits,
             spiffe_id,
             ca,
             cert_ttl,

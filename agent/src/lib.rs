@@ -443,6 +443,7 @@ impl RunningAgent {
             manager.clone(),
             metrics.clone(),
             callers.clone(),
+            config.limits,
             shutdown.clone(),
         );
 

@@ -41,7 +41,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::config::ResolvedCallers;
+use crate::config::{ResolvedCallers, SdsLimits};
 use crate::identity::{ResourceName, UnknownResource};
 use crate::metrics::{ApiLabel, Metrics};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
@@ -66,6 +66,7 @@ struct Inner {
     manager: Arc<SecretManager>,
     metrics: Arc<Metrics>,
     callers: ResolvedCallers,
+    limits: SdsLimits,
     shutdown: CancellationToken,
     next_stream: AtomicU64,
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
@@ -138,8 +139,16 @@ enum SdsError {
 }
 
 /// The `reason` label values of `sds_agent_sds_bad_requests_total`.
-pub const BAD_REQUEST_REASONS: [&str; 4] =
-    ["unknown_resource", "wildcard", "type_url", "not_ready"];
+pub const BAD_REQUEST_REASONS: [&str; 8] = [
+    "unknown_resource",
+    "wildcard",
+    "type_url",
+    "not_ready",
+    "too_many_streams",
+    "rate_limited",
+    "too_large",
+    "malformed",
+];
 
 /// The `api` label values of the stream metrics.
 pub const APIS: [&str; 3] = ["sotw", "delta", "fetch"];
@@ -174,12 +183,13 @@ struct StreamGuard {
 }
 
 impl SdsService {
-    /// A service over `manager`'s channels for the `callers` allowed; its streams end when
-    /// `shutdown` fires.
+    /// A service over `manager`'s channels for the `callers` allowed, within `limits`; its
+    /// streams end when `shutdown` fires.
     pub fn new(
         manager: Arc<SecretManager>,
         metrics: Arc<Metrics>,
         callers: ResolvedCallers,
+        limits: SdsLimits,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -187,6 +197,7 @@ impl SdsService {
                 manager,
                 metrics,
                 callers,
+                limits,
                 shutdown,
                 next_stream: AtomicU64::new(1),
                 proxies: Mutex::new(BTreeMap::new()),
@@ -194,9 +205,10 @@ impl SdsService {
         }
     }
 
-    /// The tonic server wrapper, with message size limits suited to SDS.
+    /// The tonic server wrapper, refusing requests over `--max-message-size`.
     pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
-        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(1024 * 1024)
+        let max = self.inner.limits.max_message_size;
+        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(max)
     }
 
     /// The streams connected now.
@@ -245,22 +257,42 @@ impl SdsService {
         )))
     }
 
+    /// Registers a new stream, unless `--max-streams` are open already.
+    #[allow(clippy::type_complexity)]
     fn start_stream<T: Send + 'static>(
         &self,
         api: &'static str,
         caller: Caller,
-    ) -> (
-        StreamGuard,
-        mpsc::Sender<Result<T, Status>>,
-        ResponseStream<T>,
-    ) {
+    ) -> Result<
+        (
+            StreamGuard,
+            mpsc::Sender<Result<T, Status>>,
+            ResponseStream<T>,
+        ),
+        Status,
+    > {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let mut proxies = self.inner.proxies.lock();
+        if proxies.len() >= self.inner.limits.max_streams {
+            drop(proxies);
+            self.inner.metrics.bad_request(BAD_REQUEST_REASONS[4]);
+            warn!(
+                uid = caller.uid,
+                pid = caller.pid,
+                max = self.inner.limits.max_streams,
+                "refusing SDS stream: --max-streams are open"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "this agent serves at most {} streams at once",
+                self.inner.limits.max_streams
+            )));
+        }
         self.inner
             .metrics
             .streams_open
             .get_or_create(&ApiLabel { api })
             .inc();
-        self.inner.proxies.lock().insert(
+        proxies.insert(
             id,
             ProxyState {
                 stream: id,
@@ -275,13 +307,14 @@ impl SdsService {
                 state: "waiting",
             },
         );
+        drop(proxies);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let guard = StreamGuard {
             inner: self.inner.clone(),
             id,
             api,
         };
-        (guard, tx, Box::pin(ReceiverStream::new(rx)))
+        Ok((guard, tx, Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -295,7 +328,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let caller = self.authorize(&request)?;
-        let (guard, tx, rx) = self.start_stream(SotwState::API, caller);
+        let (guard, tx, rx) = self.start_stream(SotwState::API, caller)?;
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         tokio::spawn(serve_stream::<SotwState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
@@ -306,7 +339,7 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let caller = self.authorize(&request)?;
-        let (guard, tx, rx) = self.start_stream(DeltaState::API, caller);
+        let (guard, tx, rx) = self.start_stream(DeltaState::API, caller)?;
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         tokio::spawn(serve_stream::<DeltaState>(guard, request.into_inner(), tx).instrument(span));
         Ok(Response::new(rx))
@@ -370,6 +403,37 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
+/// A token bucket: `rate` requests per second, bursts of up to `rate`.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token at `now`, if one is left.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// One stream's xDS state machine: what a request changes, and what response is owed.
 /// [`serve_stream`] drives it the same way for both flavours of the protocol.
 trait XdsState: Default + Send + 'static {
@@ -402,6 +466,7 @@ async fn serve_stream<S: XdsState>(
     let mut cert_rx = inner.manager.subscribe_cert();
     let mut bundle_rx = inner.manager.subscribe_bundle();
     let mut st = S::default();
+    let mut bucket = TokenBucket::new(inner.limits.max_requests_per_second);
     loop {
         if let Some(resp) = st.pending(guard.id, &cert_rx, &bundle_rx) {
             tokio::select! {
@@ -416,6 +481,18 @@ async fn serve_stream<S: XdsState>(
             _ = inner.shutdown.cancelled() => return,
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
+                    if !bucket.take(tokio::time::Instant::now()) {
+                        inner.metrics.bad_request(BAD_REQUEST_REASONS[5]);
+                        warn!(
+                            max = inner.limits.max_requests_per_second,
+                            "ending SDS stream: more requests per second than --max-requests-per-second"
+                        );
+                        let _ = tx.send(Err(Status::resource_exhausted(format!(
+                            "more than {} requests per second on one stream",
+                            inner.limits.max_requests_per_second
+                        )))).await;
+                        return;
+                    }
                     if let Err(e) = st.on_request(&guard, req) {
                         warn!(error = %e, "refusing SDS request");
                         let _ = tx.send(Err(e.into_status(&inner.metrics))).await;
@@ -424,7 +501,23 @@ async fn serve_stream<S: XdsState>(
                 }
                 Ok(None) => return,
                 Err(status) => {
-                    debug!(%status, "stream ended by the client");
+                    // tonic reports what it could not decode as the stream's error; anything
+                    // else is the client going away.
+                    let reason = match status.code() {
+                        tonic::Code::OutOfRange => Some(BAD_REQUEST_REASONS[6]),
+                        tonic::Code::Internal if status.message().contains("decode") => {
+                            Some(BAD_REQUEST_REASONS[7])
+                        }
+                        _ => None,
+                    };
+                    match reason {
+                        Some(reason) => {
+                            inner.metrics.bad_request(reason);
+                            warn!(reason, message = status.message(), "ending SDS stream: bad request");
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        None => debug!(%status, "stream ended by the client"),
+                    }
                     return;
                 }
             },

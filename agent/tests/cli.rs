@@ -494,6 +494,9 @@ fn validate_prints_the_defaults_and_touches_nothing() {
     // The default: the agent's own uid, resolved when it starts; no group.
     assert_eq!(d["allowed-uids"], Value::Null);
     assert_eq!(d["allowed-gids"], serde_json::json!([]));
+    assert_eq!(d["max-streams"], 16384);
+    assert_eq!(d["max-message-size"], 262144);
+    assert_eq!(d["max-requests-per-second"], 50);
     // Groups alone mean exactly those groups: the own-uid default is gone.
     let only_groups = validate_json(
         agent()
@@ -662,6 +665,30 @@ fn settings(dir: &Path) -> Vec<Setting> {
             given: [s("1337,0"), s("101"), s("2000, 1000,2000")],
             shown: [s("[0,1337]"), s("[101]"), s("[1000,2000]")],
             read: |v| v["allowed-uids"].to_string(),
+        },
+        Setting {
+            key: "max-streams",
+            group: 16,
+            file_toml: "100".into(),
+            given: [s("100"), s("200"), s("300")],
+            shown: [s("100"), s("200"), s("300")],
+            read: |v| v["max-streams"].to_string(),
+        },
+        Setting {
+            key: "max-message-size",
+            group: 17,
+            file_toml: "4096".into(),
+            given: [s("4096"), s("8192"), s("1048576")],
+            shown: [s("4096"), s("8192"), s("1048576")],
+            read: |v| v["max-message-size"].to_string(),
+        },
+        Setting {
+            key: "max-requests-per-second",
+            group: 18,
+            file_toml: "10".into(),
+            given: [s("10"), s("20"), s("30")],
+            shown: [s("10"), s("20"), s("30")],
+            read: |v| v["max-requests-per-second"].to_string(),
         },
         plain(
             "allowed-gids",
@@ -980,6 +1007,21 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             "admin address without a port",
             &["--admin-addr", "localhost"],
             &["--admin-addr", "localhost"],
+        ),
+        bad(
+            "no streams at all",
+            &["--max-streams", "0"],
+            &["--max-streams", "from 1 to"],
+        ),
+        bad(
+            "a message size below a kilobyte",
+            &["--max-message-size", "100"],
+            &["--max-message-size", "from 1024 to"],
+        ),
+        bad(
+            "a request rate that is not a number",
+            &["--max-requests-per-second", "fast"],
+            &["--max-requests-per-second", "whole number"],
         ),
         bad(
             "allowed uid that is a name",

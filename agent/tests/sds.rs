@@ -45,6 +45,17 @@ impl Agent {
     }
 
     async fn start_with(ca: Arc<ScriptedCa>) -> Self {
+        Self::start_args(ca, RunArgs::default()).await
+    }
+
+    /// Started with `args` (socket, admin address and identity filled in), and ready.
+    async fn ready_with(args: RunArgs) -> Self {
+        let a = Self::start_args(ScriptedCa::new(), args).await;
+        wait_for(|| a.agent().manager().is_ready()).await;
+        a
+    }
+
+    async fn start_args(ca: Arc<ScriptedCa>, args: RunArgs) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sds.sock");
         let config = RunArgs {
@@ -52,7 +63,7 @@ impl Agent {
             admin_addr: Some("127.0.0.1:0".into()),
             trust_domain: Some("example.org".into()),
             service_account: Some("web".into()),
-            ..Default::default()
+            ..args
         }
         .resolve()
         .unwrap();
@@ -677,4 +688,207 @@ async fn wait_for(mut cond: impl FnMut() -> bool) {
     })
     .await
     .expect("condition not met in time");
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits: streams, message size, request rate
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_stream_limit_refuses_the_next_stream_until_one_closes() {
+    let a = Agent::ready_with(RunArgs {
+        max_streams: Some("3".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut client = a.client().await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = Sotw::open(&mut client, &["default"]).await;
+        s.recv().await.unwrap();
+        open.push(s);
+    }
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(request(&["default"], "", "", None)).await.unwrap();
+    let err = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(err.message(), "this agent serves at most 3 streams at once");
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"too_many_streams\"}"),
+        1
+    );
+    // The open ones still get rotations.
+    a.agent().manager().rotate_now();
+    for s in &mut open {
+        assert!(s.recv().await.is_ok());
+    }
+    // One closes; its place is free again.
+    drop(open.pop());
+    wait_for(|| a.agent().sds().proxies().len() == 2).await;
+    let mut s = Sotw::open(&mut client, &["default"]).await;
+    assert!(s.recv().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_stream_faster_than_its_request_rate_is_ended_and_others_are_not() {
+    let a = Agent::ready_with(RunArgs {
+        max_requests_per_second: Some("5".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut client = a.client().await;
+    let mut calm = Sotw::open(&mut client, &["default"]).await;
+    let first = calm.recv().await.unwrap();
+    calm.ack(&first, &["default"]).await;
+
+    let mut storm = Sotw::open(&mut client, &["default"]).await;
+    let resp = storm.recv().await.unwrap();
+    // Twenty ACKs at once: the burst allows 5 requests in all.
+    for _ in 0..20 {
+        storm.ack(&resp, &["default"]).await;
+    }
+    let err = loop {
+        match storm.recv().await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        err.message(),
+        "more than 5 requests per second on one stream"
+    );
+    assert_eq!(
+        a.metric("sds_agent_sds_bad_requests_total{reason=\"rate_limited\"}"),
+        1
+    );
+    // The calm stream is untouched and still gets the next rotation.
+    a.agent().manager().rotate_now();
+    let pushed = calm.recv().await.unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+}
+
+#[tokio::test]
+async fn an_oversized_request_ends_only_its_own_stream() {
+    let a = Agent::ready_with(RunArgs {
+        max_message_size: Some("2048".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut client = a.client().await;
+    let mut fine = Sotw::open(&mut client, &["default"]).await;
+    fine.recv().await.unwrap();
+
+    let (tx, rx) = mpsc::channel(1);
+    let mut big = request(&["default"], "", "", None);
+    big.node.as_mut().unwrap().id = "x".repeat(4096);
+    tx.send(big).await.unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    wait_for(|| a.metric("sds_agent_sds_bad_requests_total{reason=\"too_large\"}") == 1).await;
+
+    a.agent().manager().rotate_now();
+    assert!(fine.recv().await.is_ok());
+}
+
+/// Bytes sent as they are, for requests that are not valid protobuf.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RawEncoder;
+
+#[derive(Debug)]
+struct ResponseDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = DiscoveryResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<DiscoveryResponse>, tonic::Status> {
+        DiscoveryResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = DiscoveryResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_protobuf_ends_its_stream_with_a_clear_error() {
+    let a = Agent::ready().await;
+    let mut client = a.client().await;
+    let mut fine = Sotw::open(&mut client, &["default"]).await;
+    fine.recv().await.unwrap();
+
+    let path = std::fs::canonicalize(&a.socket).unwrap();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 15 with wire type 7, which does not exist.
+    let garbage = tokio_stream::iter(vec![vec![0x7f_u8, 0xff, 0xff, 0xff]]);
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+    );
+    let mut responses = grpc
+        .streaming(tonic::Request::new(garbage), path, RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let err = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("decode"), "{err:?}");
+    wait_for(|| a.metric("sds_agent_sds_bad_requests_total{reason=\"malformed\"}") == 1).await;
+
+    a.agent().manager().rotate_now();
+    assert!(fine.recv().await.is_ok());
 }
