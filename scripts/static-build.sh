@@ -110,7 +110,7 @@ if [ "$smoke" = 1 ]; then
     done
   fi
   if [ -z "$ready" ] || [ ! -S "$dir/sds/socket" ]; then
-    echo "error: the static agent did not become ready with its socket bound within 20 s; its log:" >&2
+    echo "error: the static agent exited, or was not ready with its socket bound within 20 s; its log:" >&2
     cat "$dir/log" >&2
     exit 1
   fi
