@@ -131,9 +131,12 @@ impl Admin {
         } else {
             format!("http://{}", args.admin_addr)
         };
+        // The admin endpoint is plain HTTP: no TLS roots are loaded, so the commands work in
+        // an image without a CA bundle, and a broken bundle cannot stop them.
         let http = reqwest::Client::builder()
             .timeout(args.timeout)
             .no_proxy()
+            .tls_certs_only(std::iter::empty())
             .build()
             .map_err(|e| ClientError::Unreachable {
                 url: base.clone(),

@@ -579,22 +579,39 @@ impl Drop for RunningAgent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before the socket exists: a SIGTERM sent the moment it appears (a quick
+    // restart, a probe that gives up) must shut down cleanly, not kill the process and leave
+    // the socket behind.
+    let signals = Signals::install()?;
     let ca = build_ca(&config)?;
     let agent = RunningAgent::start(&config, Policy::from_config(&config), ca).await?;
-    wait_for_signal().await?;
+    signals.wait().await;
     info!("shutting down");
     agent.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => info!(signal = "SIGINT", "signal received"),
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Waits for the first of them (including one that came before this call).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!(signal = "SIGTERM", "signal received"),
+            _ = self.int.recv() => info!(signal = "SIGINT", "signal received"),
+        }
+    }
 }

@@ -2399,3 +2399,58 @@ fn a_deleted_or_replaced_socket_is_created_again() {
     assert!(a.stop("TERM").success());
     assert!(!socket.exists(), "the socket is removed on shutdown");
 }
+
+/// SIGTERM the moment the socket appears, before the agent is even ready: a clean exit 0 with
+/// the socket removed, every time (signal handlers come before the socket).
+#[test]
+fn sigterm_as_soon_as_the_socket_appears_still_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        let socket = dir.path().join(format!("early-{i}.sock"));
+        let child = agent()
+            .args(["run", "--admin-addr", "127.0.0.1:0", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut child = Guard(Some(child));
+        // A shell loop with builtins notices the socket within microseconds, far sooner than
+        // this process could poll and spawn kill(1).
+        let watcher = Command::new("sh")
+            .args([
+                "-c",
+                r#"while [ ! -S "$1" ]; do kill -0 "$2" 2>/dev/null || exit 1; done; kill -TERM "$2""#,
+                "sh",
+            ])
+            .arg(&socket)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(
+            watcher.success(),
+            "run {i}: the agent exited before its socket appeared"
+        );
+        let status = child.wait(STOP).expect("still running after SIGTERM");
+        assert_eq!(status.code(), Some(0), "run {i}: {status}");
+        assert!(!socket.exists(), "run {i}: socket left behind");
+    }
+}
+
+/// The commands speak plain HTTP to the admin address: no CA bundle is needed, and a broken
+/// one does not stop them (an image may carry none).
+#[test]
+fn status_works_without_any_ca_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Running::start(dir.path(), &dir.path().join("s.sock"), &[]);
+    let out = finish(
+        agent()
+            .args(["status", "--admin-addr", &format!("127.0.0.1:{}", a.admin)])
+            .env("SSL_CERT_FILE", dir.path().join("no-such-bundle.pem"))
+            .env("SSL_CERT_DIR", dir.path().join("no-such-dir")),
+        QUICK,
+    );
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("ready"), "{}", out.stdout);
+    assert!(a.stop("TERM").success());
+}
