@@ -163,6 +163,24 @@ impl Sotw {
     }
 }
 
+/// Opens a SotW stream with `req` as its only request and returns the error it ends with.
+async fn first_error(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    req: DiscoveryRequest,
+) -> tonic::Status {
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(req).await.unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("no answer in time")
+        .expect_err("the request was served")
+}
+
 fn request(names: &[&str], version: &str, nonce: &str, error: Option<&str>) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: version.into(),
@@ -370,19 +388,9 @@ async fn bad_requests_get_clear_errors() {
         err.message()
     );
 
-    let (tx, rx) = mpsc::channel(1);
     let mut wrong = request(&["default"], "", "", None);
     wrong.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
-    tx.send(wrong).await.unwrap();
-    let mut stream = client
-        .stream_secrets(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let err = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = first_error(&mut client, wrong).await;
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let err = client
@@ -782,19 +790,9 @@ async fn an_oversized_request_ends_only_its_own_stream() {
     let mut fine = Sotw::open(&mut client, &["default"]).await;
     fine.recv().await.unwrap();
 
-    let (tx, rx) = mpsc::channel(1);
     let mut big = request(&["default"], "", "", None);
     big.node.as_mut().unwrap().id = "x".repeat(4096);
-    tx.send(big).await.unwrap();
-    let mut stream = client
-        .stream_secrets(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let err = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = first_error(&mut client, big).await;
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     wait_for(|| a.metric("sds_agent_sds_bad_requests_total{reason=\"too_large\"}") == 1).await;
 
