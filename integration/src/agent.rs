@@ -185,6 +185,13 @@ impl Agent {
         &self.spiffe_id
     }
 
+    /// SIGKILLs the agent (see [`ChildGuard::kill_hard`]); its socket file stays behind, as
+    /// after a crash. A new agent started on the same directory and service account replaces
+    /// it.
+    pub fn kill_hard(&mut self) -> Result<(), Error> {
+        self.proc.kill_hard().map(drop)
+    }
+
     /// The process, for its log.
     pub fn process(&self) -> &ChildGuard {
         &self.proc

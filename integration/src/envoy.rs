@@ -12,7 +12,7 @@
 //! [`Envoy::certs`] (`/certs`) and [`Envoy::counter`] (`/stats`).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -49,6 +49,12 @@ pub struct Bootstrap {
 pub struct Envoy {
     proc: ChildGuard,
     admin: SocketAddr,
+    /// What [`Envoy::restart`] starts again: the binary, the bootstrap file, the name.
+    bin: PathBuf,
+    bootstrap: PathBuf,
+    name: String,
+    /// How many times it was restarted, for the log file of the next start.
+    restarts: u32,
 }
 
 /// The certificates of one TLS context, from admin `/certs`.
@@ -104,21 +110,35 @@ impl Envoy {
                 detail: e.to_string(),
             })?;
         std::fs::write(&file, text).map_err(io_error(format!("writing {}", file.display())))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&file)
-            .args(["--base-id", &unique_base_id().to_string()])
-            .args(["--disable-hot-restart", "--concurrency", "1"])
-            .args(["--log-level", "warn"]);
-        let mut proc = ChildGuard::spawn(name, cmd, &dir.join(format!("{name}.log")))?;
-        let admin = bootstrap.admin;
-        proc.wait_ready("GET /ready = 200", READY_LIMIT, || async move {
-            http::get(admin, "/ready")
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
+        let proc = launch(
+            bin,
+            &file,
+            name,
+            &dir.join(format!("{name}.log")),
+            bootstrap.admin,
+        )
         .await?;
-        Ok(Self { proc, admin })
+        Ok(Self {
+            proc,
+            admin: bootstrap.admin,
+            bin: bin.to_owned(),
+            bootstrap: file,
+            name: name.to_owned(),
+            restarts: 0,
+        })
+    }
+
+    /// Kills it with SIGKILL, then starts it again on the same bootstrap file (same admin
+    /// port, listeners and SDS socket), with its log in `<name>-restart<n>.log` beside the
+    /// first, and waits until `/ready` answers `200` as [`Envoy::start`] does.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        self.proc.kill_hard()?;
+        self.restarts += 1;
+        let log = self
+            .bootstrap
+            .with_file_name(format!("{}-restart{}.log", self.name, self.restarts));
+        self.proc = launch(&self.bin, &self.bootstrap, &self.name, &log, self.admin).await?;
+        Ok(())
     }
 
     /// The admin address.
@@ -153,6 +173,30 @@ impl Envoy {
                 detail: format!("no counter {name:?} in:\n{body}"),
             })
     }
+}
+
+/// Starts `bin` on the bootstrap `file` and waits until its admin `/ready` answers `200`.
+async fn launch(
+    bin: &Path,
+    file: &Path,
+    name: &str,
+    log: &Path,
+    admin: SocketAddr,
+) -> Result<ChildGuard, Error> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(file)
+        .args(["--base-id", &unique_base_id().to_string()])
+        .args(["--disable-hot-restart", "--concurrency", "1"])
+        .args(["--log-level", "warn"]);
+    let mut proc = ChildGuard::spawn(name, cmd, log)?;
+    proc.wait_ready("GET /ready = 200", READY_LIMIT, || async move {
+        http::get(admin, "/ready")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await?;
+    Ok(proc)
 }
 
 /// The `sds_config` of every secret: the agent, over gRPC through [`SDS_CLUSTER`].

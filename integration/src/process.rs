@@ -65,6 +65,15 @@ impl ChildGuard {
             .map_err(io_error(format!("polling {}", self.name)))
     }
 
+    /// Kills it with SIGKILL and reaps it, as a crash or the OOM killer would end it: no
+    /// signal handler runs, nothing is cleaned up (an agent leaves its socket file behind).
+    pub fn kill_hard(&mut self) -> Result<ExitStatus, Error> {
+        let what = format!("killing {}", self.name);
+        // An already exited child makes `kill` fail with InvalidInput; `wait` still reaps it.
+        let _ = self.child.kill();
+        self.child.wait().map_err(io_error(what))
+    }
+
     /// The last `lines` lines of its log, under a header naming the process and the file.
     pub fn tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
