@@ -21,7 +21,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sds_integration::agent::{Agent, AgentConfig};
 use sds_integration::envoy::Envoy;
@@ -39,6 +39,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 const RECONNECT_LIMIT: Duration = Duration::from_secs(8);
 
 const RENEWED: &str = "sds_agent_renewals_total{result=\"success\"}";
+const FAILED: &str = "sds_agent_renewals_total{result=\"failure\"}";
+const PUSHES: &str = "sds_agent_sds_pushes_total{api=\"sotw\"}";
 
 /// The value of the sample `series` (name and labels exactly as exposed), if present.
 async fn sample(agent: &Agent, series: &str) -> Option<f64> {
@@ -242,4 +244,127 @@ async fn an_agent_killed_under_traffic_is_replaced_and_envoy_takes_its_certifica
         mesh.diagnostics().await
     );
     traffic_ok(&mesh, Duration::from_secs(1)).await;
+}
+
+/// The `not_after` of the agent's `default` certificate, from `/secrets`, if it serves one.
+async fn not_after(agent: &Agent) -> Option<SystemTime> {
+    let body = agent.secrets_json().await.ok()?;
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let default = json.as_array()?.iter().find(|s| s["name"] == "default")?;
+    humantime::parse_rfc3339(default["not_after"].as_str()?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_outage_past_expiry_withdraws_the_certificate_and_recovers_alone() {
+    let Some(envoy) = envoy_bin() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    // 20 s certificates renew after about 9 to 10 s; the CA goes down at once, so the first
+    // renewal and every retry fail until well after expiry.
+    let (mut ca, _mesh_ca, mesh) = mesh_on_test_ca(dir.path(), &envoy, "20s").await;
+    ca.stop().await;
+    let agent = &mesh.frontend;
+    let held = agent.current_serial().await.unwrap().unwrap();
+    until_envoy_holds(&mesh.client, &held, LIMIT).await;
+    let expiry = not_after(agent)
+        .await
+        .unwrap()
+        .min(not_after(&mesh.backend).await.unwrap());
+    let pushes = sample(agent, PUSHES).await.unwrap();
+    let failures_before = sample(agent, FAILED).await.unwrap_or(0.0);
+
+    // Down until three seconds past expiry: request by request, what the user saw, what the
+    // agent served, what the Envoy held.
+    let down_until = expiry + Duration::from_secs(3);
+    let (mut ok_before_expiry, mut failed_before_expiry, mut failed_after_expiry) = (0, 0, 0);
+    let mut first_failure = None;
+    while SystemTime::now() < down_until {
+        let now = SystemTime::now();
+        let r = http::get(mesh.entry, "/fresh").await;
+        let ok = r.is_ok_and(|r| r.status == 200 && r.body == BODY);
+        // Envoy checks the peer's notAfter to the second; allow that second.
+        let before_expiry = now + Duration::from_secs(1) < expiry;
+        match (ok, before_expiry) {
+            (true, true) => ok_before_expiry += 1,
+            (false, true) => failed_before_expiry += 1,
+            (false, false) => failed_after_expiry += 1,
+            (true, false) => {}
+        }
+        if !ok && first_failure.is_none() {
+            first_failure = Some(now);
+        }
+        if let Some(served) = not_after(agent).await {
+            assert!(
+                served + Duration::from_millis(500) > now,
+                "the agent serves a certificate that expired at {}\n{}",
+                humantime::format_rfc3339(served),
+                agent.process().tail(20)
+            );
+        }
+        if let Some(leaf) = envoy_leaf(&mesh.client).await {
+            assert_eq!(
+                leaf, held,
+                "nothing new can reach Envoy while the CA is down"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls_while_down = sample(agent, FAILED).await.unwrap_or(0.0) - failures_before;
+    eprintln!(
+        "CA down past expiry: {ok_before_expiry} requests ok and {failed_before_expiry} failed \
+         before expiry, {failed_after_expiry} failed after; first failure {:?} after expiry; \
+         {calls_while_down} failed renewals (CA calls) on the frontend agent",
+        first_failure.map(|f| f.duration_since(expiry).unwrap_or_default())
+    );
+    assert_eq!(failed_before_expiry, 0, "{}", mesh.diagnostics().await);
+    assert!(ok_before_expiry > 20);
+
+    // Expired: withdrawn, not ready, negative time left, and nothing pushed.
+    assert!(
+        !agent.is_ready().await,
+        "an agent without a valid certificate is not ready"
+    );
+    assert_eq!(agent.current_serial().await.unwrap(), None);
+    let left = format!(
+        "sds_agent_certificate_expiry_seconds{{resource=\"default\",identity=\"{}\"}}",
+        agent.spiffe_id()
+    );
+    let left = sample(agent, &left).await.unwrap();
+    assert!(left < 0.0, "expiry seconds {left}");
+    assert_eq!(
+        sample(agent, PUSHES).await,
+        Some(pushes),
+        "no push while the CA was down"
+    );
+    assert!(
+        calls_while_down >= 3.0,
+        "retries while down: {calls_while_down}"
+    );
+
+    // The CA is back: renewal within one backoff cap (1 s once expired), then Envoy, then
+    // traffic, all without anyone acting.
+    let renewed_before = sample(agent, RENEWED).await.unwrap();
+    ca.serve().await.unwrap();
+    let back = Instant::now();
+    let deadline = back + LIMIT;
+    while sample(agent, RENEWED).await.unwrap_or(0.0) <= renewed_before {
+        assert!(Instant::now() < deadline, "{}", agent.process().tail(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renewal_delay = back.elapsed();
+    let new = agent.current_serial().await.unwrap().unwrap();
+    until_envoy_holds(&mesh.client, &new, LIMIT).await;
+    first_request(&mesh).await;
+    let recovered = back.elapsed();
+    eprintln!(
+        "CA back: renewed {renewal_delay:?} after it returned; traffic flowing again after \
+         {recovered:?}"
+    );
+    assert!(
+        renewal_delay < Duration::from_millis(1500),
+        "the backoff cap once expired is 1 s: {renewal_delay:?}"
+    );
+    assert!(agent.is_ready().await);
+    traffic_ok(&mesh, Duration::from_secs(2)).await;
 }
