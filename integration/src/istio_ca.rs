@@ -20,6 +20,10 @@
 //!   combined `root-cert.pem`);
 //! - a plugged-in CA (`cacerts`): an intermediate signs, a root above it.
 //!
+//! For fault-injection tests it can also misbehave on purpose ([`IstioTestCa::inject`]):
+//! answer late, answer with a leaf that is not a certificate, or with a certificate for a key
+//! other than the CSR's.
+//!
 //! What it does not reproduce: mTLS client authentication with an existing workload
 //! certificate, `ImpersonatedIdentity` metadata (node agents), JWT validation itself
 //! (audience, expiry: a test removes a token to play an expired one), the multicluster
@@ -76,6 +80,24 @@ pub struct Call {
     pub root: Option<u8>,
 }
 
+/// A way for the CA to misbehave, from [`IstioTestCa::inject`] until the next call of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Answers as istiod does.
+    #[default]
+    None,
+    /// Waits this long before answering: a client whose deadline is shorter gives up first
+    /// (and the call is then missing from [`IstioTestCa::calls`], which records answers).
+    Delay(Duration),
+    /// Signs, then answers with a leaf that is PEM armour around bytes that are not a
+    /// certificate.
+    NotACertificate,
+    /// Answers with a good certificate for the caller's identity, but for a key other than
+    /// the CSR's (signed for a fresh key of its own).
+    WrongKey,
+}
+
 /// A root with an intermediate under it, as a plugged-in CA holds them.
 struct Generation {
     number: u8,
@@ -97,6 +119,9 @@ struct State {
     tokens: Mutex<HashMap<String, SpiffeId>>,
     roots: Mutex<Roots>,
     calls: Mutex<Vec<Call>>,
+    fault: Mutex<Fault>,
+    /// When each request arrived, answered or not.
+    received: Mutex<Vec<tokio::time::Instant>>,
 }
 
 /// The test CA: its TLS material on disk, its fixture of tokens, and its roots. It serves
@@ -140,6 +165,8 @@ impl IstioTestCa {
                     signing_next: false,
                 }),
                 calls: Mutex::new(Vec::new()),
+                fault: Mutex::new(Fault::None),
+                received: Mutex::new(Vec::new()),
             }),
             running: None,
         })
@@ -237,6 +264,17 @@ impl IstioTestCa {
     /// Every call so far.
     pub async fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().await.clone()
+    }
+
+    /// Misbehaves as `fault` says for every request from now on; [`Fault::None`] ends it.
+    pub async fn inject(&self, fault: Fault) {
+        *self.state.fault.lock().await = fault;
+    }
+
+    /// When each request arrived, including those never answered (a [`Fault::Delay`] past
+    /// the client's deadline), for checking the rhythm of retries.
+    pub async fn received(&self) -> Vec<tokio::time::Instant> {
+        self.state.received.lock().await.clone()
     }
 
     /// Serials of the roots it serves now, current first.
@@ -338,9 +376,28 @@ impl IstioCertificateService for Service {
         });
         let cluster_id = header("clusterid");
         let validity = request.get_ref().validity_duration;
-        let outcome = self
-            .sign(token.as_deref(), cluster_id.as_deref(), request.get_ref())
+        self.state
+            .received
+            .lock()
+            .await
+            .push(tokio::time::Instant::now());
+        let fault = *self.state.fault.lock().await;
+        if let Fault::Delay(delay) = fault {
+            tokio::time::sleep(delay).await;
+        }
+        let mut outcome = self
+            .sign(
+                token.as_deref(),
+                cluster_id.as_deref(),
+                request.get_ref(),
+                fault,
+            )
             .await;
+        if let (Fault::NotACertificate, Ok((response, _, _))) = (fault, &mut outcome) {
+            response.cert_chain[0] =
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+                    .to_owned();
+        }
         self.state.calls.lock().await.push(Call {
             token,
             cluster_id,
@@ -361,6 +418,7 @@ impl Service {
         token: Option<&str>,
         cluster_id: Option<&str>,
         req: &IstioCertificateRequest,
+        fault: Fault,
     ) -> Result<(IstioCertificateResponse, Serial, u8), Status> {
         // Authenticate.
         let token = token.ok_or_else(|| {
@@ -449,11 +507,18 @@ impl Service {
             }
             (signer, bundle)
         };
+        let csr_der = if fault == Fault::WrongKey {
+            crate::bench::sign_request(&caller)
+                .map_err(|e| Status::internal(format!("a CSR for another key: {e}")))?
+                .csr_der
+        } else {
+            csr.as_ref().to_vec()
+        };
         let issued = signer
             .ca
             .sign(&SignRequest {
                 identity: caller,
-                csr_der: csr.as_ref().to_vec(),
+                csr_der,
                 ttl,
                 key_type,
             })

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use sds_integration::agent::{Agent, AgentConfig};
 use sds_integration::envoy::Envoy;
-use sds_integration::istio_ca::{CLUSTER_ID, IstioTestCa, mesh_ca};
+use sds_integration::istio_ca::{CLUSTER_ID, Fault, IstioTestCa, mesh_ca};
 use sds_integration::mesh::{BODY, Mesh, MeshCa, NAMESPACE, TRUST_DOMAIN, drive, rotation_paths};
 use sds_integration::process::agent_bin;
 use sds_integration::{Serial, http, test_dir, wait_until};
@@ -366,5 +366,148 @@ async fn a_ca_outage_past_expiry_withdraws_the_certificate_and_recovers_alone() 
         "the backoff cap once expired is 1 s: {renewal_delay:?}"
     );
     assert!(agent.is_ready().await);
+    traffic_ok(&mesh, Duration::from_secs(2)).await;
+}
+
+/// `POST /rotate` on `agent`.
+async fn rotate(agent: &Agent) {
+    let r = http::request(agent.admin(), "POST", "/rotate")
+        .await
+        .unwrap();
+    assert!((200..300).contains(&r.status), "POST /rotate: {r:?}");
+}
+
+/// Waits until the sum of the agent's samples starting with `prefix` exceeds `above`.
+async fn counter_exceeds(agent: &Agent, prefix: &str, above: u64) {
+    let what = format!("{prefix} above {above}");
+    let ok = wait_until(&what, LIMIT, || async {
+        agent.metric_total(prefix).await.unwrap_or(0) > above
+    })
+    .await;
+    if let Err(e) = ok {
+        panic!("{e}\n{}", agent.process().tail(30));
+    }
+}
+
+/// The agent and its Envoy still on `held`, ready, with no push since `pushes`, and traffic
+/// flowing.
+async fn unchanged(mesh: &Mesh, held: &Serial, pushes: f64) {
+    let agent = &mesh.frontend;
+    assert_eq!(agent.current_serial().await.unwrap().as_ref(), Some(held));
+    assert!(agent.is_ready().await);
+    assert_eq!(envoy_leaf(&mesh.client).await.as_ref(), Some(held));
+    assert_eq!(sample(agent, PUSHES).await, Some(pushes), "nothing pushed");
+    traffic_ok(mesh, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_garbage_answering_ca_changes_nothing_served_and_retries_back_off() {
+    let Some(envoy) = envoy_bin() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    let ca = IstioTestCa::start(dir.path()).await.unwrap();
+    let roots = ca.root_serials().await.unwrap();
+    let base = mesh_ca(&ca, dir.path(), Some(CLUSTER_ID), roots.clone())
+        .await
+        .unwrap();
+    // A 2 s limit on each CA call, against a CA that takes 5 s.
+    let with_timeout = MeshCa {
+        agent_args: Box::new(move |sa| {
+            let mut args = (base.agent_args)(sa);
+            args.extend(["--ca-timeout".into(), "2s".into()]);
+            args
+        }),
+        roots,
+        agent_env: Vec::new(),
+    };
+    // Two minutes: no scheduled renewal inside the test; each attempt is one it asks for or
+    // a retry.
+    let mesh = Mesh::start(&envoy, dir.path(), "2m", &rotation_paths(), &with_timeout)
+        .await
+        .unwrap();
+    first_request(&mesh).await;
+    let agent = &mesh.frontend;
+    let held = agent.current_serial().await.unwrap().unwrap();
+    until_envoy_holds(&mesh.client, &held, LIMIT).await;
+    let pushes = sample(agent, PUSHES).await.unwrap();
+
+    // Slow: every call times out; the retries follow the backoff.
+    ca.inject(Fault::Delay(Duration::from_secs(5))).await;
+    let from = ca.received().await.len();
+    let window = Instant::now();
+    rotate(agent).await;
+    let timeouts = "sds_agent_ca_errors_total{backend=\"istiod\",kind=\"timeout\"";
+    counter_exceeds(agent, timeouts, 0).await;
+    tokio::time::sleep_until(window + Duration::from_secs(10)).await;
+    let attempts: Vec<Instant> = ca.received().await[from..].to_vec();
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!(
+        "CA answering in 5 s, agent limit 2 s: {} attempts in 10 s, gaps {gaps:.1?}; {} \
+         timeouts counted",
+        attempts.len(),
+        agent.metric_total(timeouts).await.unwrap()
+    );
+    // Each attempt waits out its 2 s limit, then 0.5-1 s, 1-2 s, 2-4 s of backoff: at most
+    // four in 10 s, never closer than the limit plus half the first backoff.
+    assert!((2..=4).contains(&attempts.len()), "{attempts:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(2400)),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps.windows(2)
+            .all(|w| w[1] + Duration::from_millis(500) >= w[0])
+    );
+    unchanged(&mesh, &held, pushes).await;
+
+    // Garbage: a leaf that is not a certificate, then a certificate for another key; each
+    // counted, neither served.
+    let bad = |reason: &str| -> String {
+        format!("sds_agent_ca_responses_rejected_total{{reason=\"{reason}\"}}")
+    };
+    let bad_response = "sds_agent_ca_errors_total{backend=\"istiod\",kind=\"bad_response\"";
+    let before = agent.metric_total(bad_response).await.unwrap()
+        + agent.metric_total(&bad("unparseable")).await.unwrap();
+    ca.inject(Fault::NotACertificate).await;
+    rotate(agent).await;
+    let deadline = Instant::now() + LIMIT;
+    while agent.metric_total(bad_response).await.unwrap()
+        + agent.metric_total(&bad("unparseable")).await.unwrap()
+        <= before
+    {
+        assert!(Instant::now() < deadline, "{}", agent.process().tail(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a leaf that is not a certificate: counted as ca_errors bad_response {}, rejected \
+         unparseable {}",
+        agent.metric_total(bad_response).await.unwrap(),
+        agent.metric_total(&bad("unparseable")).await.unwrap()
+    );
+    ca.inject(Fault::WrongKey).await;
+    rotate(agent).await;
+    counter_exceeds(agent, &bad("wrong_key"), 0).await;
+    // The CA answers at once now: a retry loop without backoff would call it hundreds of
+    // times in these 4 s.
+    let from = ca.received().await.len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let quick = ca.received().await.len() - from;
+    eprintln!("CA answering garbage at once: {quick} calls in the next 4 s");
+    assert!(quick <= 2, "{quick} calls in 4 s");
+    unchanged(&mesh, &held, pushes).await;
+
+    // The CA behaves again: the agent's own retry renews, Envoy takes it.
+    ca.inject(Fault::None).await;
+    let back = Instant::now();
+    let renewed = agent.metric_total(RENEWED).await.unwrap();
+    counter_exceeds(agent, RENEWED, renewed).await;
+    let new = agent.current_serial().await.unwrap().unwrap();
+    assert_ne!(new, held);
+    until_envoy_holds(&mesh.client, &new, LIMIT).await;
+    eprintln!(
+        "CA well again: renewed and in Envoy {:?} later",
+        back.elapsed()
+    );
     traffic_ok(&mesh, Duration::from_secs(2)).await;
 }
