@@ -141,6 +141,25 @@ impl Envoy {
         Ok(())
     }
 
+    /// Like [`Envoy::restart`], with the bootstrap file first rewritten by `edit`, which
+    /// receives the document as JSON; the change stays for later restarts.
+    pub async fn restart_with(&mut self, edit: impl FnOnce(&mut Value)) -> Result<(), Error> {
+        let file = &self.bootstrap;
+        let text = std::fs::read_to_string(file)
+            .map_err(io_error(format!("reading {}", file.display())))?;
+        let mut config: Value = serde_json::from_str(&text).map_err(|e| Error::Malformed {
+            what: "bootstrap",
+            detail: e.to_string(),
+        })?;
+        edit(&mut config);
+        let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Malformed {
+            what: "bootstrap",
+            detail: e.to_string(),
+        })?;
+        std::fs::write(file, text).map_err(io_error(format!("writing {}", file.display())))?;
+        self.restart().await
+    }
+
     /// The admin address.
     pub fn admin(&self) -> SocketAddr {
         self.admin
