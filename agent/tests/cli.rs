@@ -1894,8 +1894,9 @@ fn status_and_rotate_fail_clearly_without_an_agent_and_status_says_not_ready() {
             .spawn()
             .unwrap(),
     ));
+    // Not ready, and the first failure recorded (the 503 comes before the first answer).
     assert!(wait_until(READY, || get(admin, "/readyz").is_some_and(
-        |(s, body)| s == 503 && body.contains("last_error")
+        |(s, body)| s == 503 && !body.contains(r#""consecutive_failures":0"#)
     )));
     let out = client("status", admin, &[]);
     assert_eq!(out.code(), Some(3), "{}{}", out.stdout, out.stderr);
