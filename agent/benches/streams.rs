@@ -1,0 +1,252 @@
+//! Memory per open SDS stream and rotation fan-out, for the release binary on the embedded
+//! CA: opens 10,000 SotW streams (100 connections of 100 streams, as a node agent serving
+//! many proxies would see them), reading the agent's resident set after every 1,000; then
+//! forces rotations and times how long the new certificate takes to reach the last stream.
+//! Prints figures; `docs/benchmarks.md` records them.
+//!
+//! `cargo build --release -p sds-agent && cargo bench -p sds-agent --bench streams`
+
+// Benches measure wall time, not tokio time; a panic is the failure report.
+#![allow(clippy::disallowed_types, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+const STREAMS: usize = 10_000;
+const PER_CONNECTION: usize = 100;
+const STEP: usize = 1_000;
+const ROTATIONS: usize = 5;
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// Bound on every wait in this bench.
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn main() {
+    let bin = release_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sock");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = Command::new(&bin)
+        .args(["run", "--log-level", "warn", "--max-streams", "20000"])
+        .args(["--admin-addr", &admin.to_string()])
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        wait_ready(admin.port()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = vm_rss_kib(pid);
+        println!("sds-agent stream benchmark: {}", bin.display());
+        println!(
+            "{:>8} {:>12} {:>16}",
+            "streams", "VmRSS KiB", "KiB per stream"
+        );
+        println!("{:>8} {:>12} {:>16}", 0, idle, "-");
+
+        let (events_tx, mut events) = mpsc::unbounded_channel::<(String, Instant)>();
+        let mut streams = Vec::new();
+        let mut client = None;
+        while streams.len() < STREAMS {
+            for _ in 0..STEP {
+                if streams.len() % PER_CONNECTION == 0 {
+                    client = Some(connect(&socket).await);
+                }
+                let c = client.as_mut().unwrap();
+                streams.push(open(c, events_tx.clone()).await);
+            }
+            // Every stream of this step has its first response before memory is read.
+            let mut first = 0;
+            while first < STEP {
+                tokio::time::timeout(LIMIT, events.recv())
+                    .await
+                    .expect("initial responses did not arrive")
+                    .unwrap();
+                first += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rss = vm_rss_kib(pid);
+            println!(
+                "{:>8} {:>12} {:>16.1}",
+                streams.len(),
+                rss,
+                (rss - idle) as f64 / streams.len() as f64
+            );
+        }
+
+        println!();
+        println!(
+            "rotation fan-out to {STREAMS} streams, POST /rotate -> response on the stream (ms):"
+        );
+        println!(
+            "{:>8} {:>10} {:>10} {:>10}",
+            "rotation", "first", "p50", "last"
+        );
+        let mut lasts = Vec::new();
+        let mut current = String::new();
+        for r in 1..=ROTATIONS {
+            // Nothing else is pushed on these streams: every event from here on is the
+            // rotation, and all of them carry one new version.
+            let started = Instant::now();
+            post_rotate(admin.port());
+            let mut arrivals = Vec::with_capacity(STREAMS);
+            let mut versions = std::collections::BTreeSet::new();
+            while arrivals.len() < STREAMS {
+                let (v, at) = tokio::time::timeout(LIMIT, events.recv())
+                    .await
+                    .expect("not every stream got the rotation")
+                    .unwrap();
+                versions.insert(v);
+                arrivals.push(at - started);
+            }
+            assert_eq!(versions.len(), 1, "one version per rotation: {versions:?}");
+            let new = versions.pop_first().unwrap();
+            assert_ne!(new, current, "the rotation changed nothing");
+            current = new;
+            arrivals.sort();
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{r:>8} {:>10.1} {:>10.1} {:>10.1}",
+                ms(arrivals[0]),
+                ms(arrivals[STREAMS / 2]),
+                ms(arrivals[STREAMS - 1])
+            );
+            lasts.push(arrivals[STREAMS - 1]);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        lasts.sort();
+        println!(
+            "median time to the last stream: {:.1} ms; VmRSS after: {} KiB",
+            lasts[lasts.len() / 2].as_secs_f64() * 1e3,
+            vm_rss_kib(pid)
+        );
+        drop(streams);
+    });
+    drop(rt);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "agent exited with {status}");
+}
+
+/// One SotW stream for `default`: every response is reported on `events` and ACKed.
+async fn open(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    events: mpsc::UnboundedSender<(String, Instant)>,
+) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(request("", "")).await.unwrap();
+    let mut responses = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(resp)) = responses.message().await {
+            let _ = events.send((resp.version_info.clone(), Instant::now()));
+            ack(&tx, &resp).await;
+        }
+    })
+}
+
+async fn ack(tx: &mpsc::Sender<DiscoveryRequest>, resp: &DiscoveryResponse) {
+    let _ = tx.send(request(&resp.version_info, &resp.nonce)).await;
+}
+
+fn request(version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        resource_names: vec!["default".into()],
+        type_url: SECRET_TYPE.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+async fn connect(socket: &Path) -> SecretDiscoveryServiceClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    SecretDiscoveryServiceClient::new(channel)
+}
+
+/// One HTTP/1.1 request to the admin port; the status code.
+fn admin(port: u16, method: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split(' ').nth(1)?.parse().ok()
+}
+
+async fn wait_ready(port: u16) {
+    let deadline = Instant::now() + LIMIT;
+    while admin(port, "GET", "/readyz") != Some(200) {
+        assert!(Instant::now() < deadline, "agent not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn post_rotate(port: u16) {
+    assert_eq!(admin(port, "POST", "/rotate"), Some(202));
+}
+
+fn release_binary() -> PathBuf {
+    // target/release/deps/streams-<hash> → target/release/sds-agent
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("sds-agent");
+    if !bin.exists() {
+        eprintln!(
+            "{} not found: run `cargo build --release -p sds-agent` first",
+            bin.display()
+        );
+        std::process::exit(1);
+    }
+    bin
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
