@@ -4,7 +4,9 @@
 #
 #   bash scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default 60 s, every target
 #   FUZZ_CMIN=1 bash scripts/fuzz.sh ...                   then minimize each corpus in place
-#                                                          (cargo fuzz cmin) before commit
+#                                                          (cargo fuzz cmin, set-cover merge)
+#                                                          before commit; the seed-* files,
+#                                                          which cmin renames, come back from git
 #
 # Each target starts from and grows its corpus, fuzz/corpus/<target>/ (the committed seeds
 # are the files named seed-*). A crash, leak, out-of-memory or timeout is written by libFuzzer
@@ -28,7 +30,7 @@ seconds=60
 targets=()
 for arg in "$@"; do
   case "$arg" in
-    -h | --help) sed -n '2,18s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
     [0-9]*) seconds=$arg ;;
     *) targets+=("$arg") ;;
   esac
@@ -86,7 +88,12 @@ done
 if [ "${FUZZ_CMIN:-0}" = 1 ]; then
   for t in "${targets[@]}"; do
     echo "minimizing fuzz/corpus/$t" >&2
-    cargo $TOOLCHAIN fuzz cmin "$t" < /dev/null > "fuzz/target/logs/$t.cmin.log" 2>&1
+    # Set-cover merge keeps every feature in fewer files than the default merge (ca_response:
+    # 1.35 MB instead of 1.8 MB).
+    cargo $TOOLCHAIN fuzz cmin "$t" -- -set_cover_merge=1 < /dev/null \
+      > "fuzz/target/logs/$t.cmin.log" 2>&1
+    seeds=$(git ls-files "fuzz/corpus/$t/seed-*")
+    [ -z "$seeds" ] || git checkout HEAD -- $seeds
     echo "$t: $(find "fuzz/corpus/$t" -type f | wc -l) files, $(du -sb "fuzz/corpus/$t" | cut -f1) B after cmin" >&2
   done
 fi
