@@ -7,19 +7,19 @@
 // Benches measure wall time, not tokio time; a panic is the failure report.
 #![allow(clippy::disallowed_types, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{connect, release_binary, vm_rss_kib};
 use envoy_types::pb::envoy::config::core::v3::DataSource;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     Secret, TlsCertificate, secret,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use hyper_util::rt::TokioIo;
 use prost::Message;
-use tonic::transport::Endpoint;
 
 const RUNS: usize = 20;
 
@@ -142,49 +142,6 @@ fn carries_certificate(resp: &DiscoveryResponse) -> bool {
                 )
         })
     })
-}
-
-async fn connect(
-    socket: &Path,
-) -> Result<SecretDiscoveryServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await?;
-    Ok(SecretDiscoveryServiceClient::new(channel))
-}
-
-fn release_binary() -> PathBuf {
-    // target/release/deps/startup-<hash> → target/release/sds-agent
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("sds-agent");
-    if !bin.exists() {
-        eprintln!(
-            "{} not found: run `cargo build --release -p sds-agent` first",
-            bin.display()
-        );
-        std::process::exit(1);
-    }
-    bin
-}
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 fn row(name: &str, v: &[Duration]) {

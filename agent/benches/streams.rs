@@ -9,17 +9,18 @@
 // Benches measure wall time, not tokio time; a panic is the failure report.
 #![allow(clippy::disallowed_types, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{connect, release_binary, vm_rss_kib};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const STREAMS: usize = 10_000;
 const PER_CONNECTION: usize = 100;
@@ -69,7 +70,7 @@ fn main() {
         while streams.len() < STREAMS {
             for _ in 0..STEP {
                 if streams.len() % PER_CONNECTION == 0 {
-                    client = Some(connect(&socket).await);
+                    client = Some(connect(&socket).await.unwrap());
                 }
                 let c = client.as_mut().unwrap();
                 streams.push(open(c, events_tx.clone()).await);
@@ -184,20 +185,6 @@ fn request(version: &str, nonce: &str) -> DiscoveryRequest {
     }
 }
 
-async fn connect(socket: &Path) -> SecretDiscoveryServiceClient<Channel> {
-    let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
-}
-
 /// One HTTP/1.1 request to the admin port; the status code.
 fn admin(port: u16, method: &str, path: &str) -> Option<u16> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -221,32 +208,4 @@ async fn wait_ready(port: u16) {
 
 fn post_rotate(port: u16) {
     assert_eq!(admin(port, "POST", "/rotate"), Some(202));
-}
-
-fn release_binary() -> PathBuf {
-    // target/release/deps/streams-<hash> → target/release/sds-agent
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("sds-agent");
-    if !bin.exists() {
-        eprintln!(
-            "{} not found: run `cargo build --release -p sds-agent` first",
-            bin.display()
-        );
-        std::process::exit(1);
-    }
-    bin
-}
-
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }

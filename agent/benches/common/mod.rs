@@ -1,0 +1,54 @@
+//! Helpers shared by the bench binaries that run the release agent as a child process.
+
+use std::path::{Path, PathBuf};
+
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// An SDS client on the Unix socket at `socket`.
+pub(crate) async fn connect(
+    socket: &Path,
+) -> Result<SecretDiscoveryServiceClient<Channel>, tonic::transport::Error> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?;
+    Ok(SecretDiscoveryServiceClient::new(channel))
+}
+
+/// `target/release/sds-agent`, next to this bench's own binary; exits with the build command
+/// if it is missing.
+pub(crate) fn release_binary() -> PathBuf {
+    // target/release/deps/<bench>-<hash> → target/release/sds-agent
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("sds-agent");
+    if !bin.exists() {
+        eprintln!(
+            "{} not found: run `cargo build --release -p sds-agent` first",
+            bin.display()
+        );
+        std::process::exit(1);
+    }
+    bin
+}
+
+/// The resident set of process `pid`, KiB.
+pub(crate) fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
