@@ -114,7 +114,9 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
                     )
                 })?;
             info!(cert = %cert.display(), "embedded CA loaded");
-            Ok(Arc::new(ca))
+            // Its only caller is this process's secret manager, which checks every leaf
+            // against its own key.
+            Ok(Arc::new(ca.local_requests_only()))
         }
         CaConfig::Embedded { .. } => {
             let ca = sds_backends::embedded::EmbeddedCa::generate(config.spiffe_id.trust_domain())?;
@@ -122,7 +124,7 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
                 "embedded CA: generated an ephemeral self-signed root for this process; only proxies served by this \
                  agent will trust its certificates. Give --embedded-ca-cert and --embedded-ca-key to share a trust domain"
             );
-            Ok(Arc::new(ca))
+            Ok(Arc::new(ca.local_requests_only()))
         }
         CaConfig::Vault(settings) => build_vault(settings),
         CaConfig::AcmPca(settings) => build_acm_pca(settings),

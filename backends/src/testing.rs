@@ -153,13 +153,13 @@ impl CertificateAuthority for ScriptedCa {
         }
         let fault = self.faults.lock().pop_front();
         let signer = self.signer();
-        let (csr, mut spec) = signer.check_request(req)?;
+        let (public_key, mut spec) = signer.check_request(req)?;
         if let Some(lifetime) = *self.lifetime.lock() {
             spec.not_before = SystemTime::now();
             spec.not_after = spec.not_before + lifetime;
         }
         let mut chain = match fault {
-            None => signer.issue(&csr.public_key, &spec),
+            None => signer.issue(&public_key, &spec),
             Some(Fault::Fail(e)) => Err(e),
             Some(Fault::WrongKey) => {
                 let other = KeyPair::generate().map_err(|e| CaError::BadResponse(e.to_string()))?;
@@ -167,18 +167,18 @@ impl CertificateAuthority for ScriptedCa {
             }
             Some(Fault::WrongSan(id)) => {
                 spec.identity = id;
-                signer.issue(&csr.public_key, &spec)
+                signer.issue(&public_key, &spec)
             }
             Some(Fault::Expired) => {
                 let now = SystemTime::now();
                 spec.not_before = now - Duration::from_secs(3600);
                 spec.not_after = now - Duration::from_secs(60);
-                signer.issue(&csr.public_key, &spec)
+                signer.issue(&public_key, &spec)
             }
-            Some(Fault::UnrelatedChain) => return self.stranger.issue(&csr.public_key, &spec),
+            Some(Fault::UnrelatedChain) => return self.stranger.issue(&public_key, &spec),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                signer.issue(&csr.public_key, &spec)
+                signer.issue(&public_key, &spec)
             }
         }?;
         chain.roots_hint = self.roots();

@@ -474,13 +474,22 @@ impl SecretManager {
         }
     }
 
-    /// One issuance: key, CSR, sign, bundle, validate. Publishes nothing.
-    async fn issue_once(&self) -> Result<ServedCert, IssueError> {
+    /// One issuance: key, CSR, sign, bundle, validate. Publishes the trust bundle if it had
+    /// to be read, and nothing else; [`SecretManager::run`] serves what it returns. Public
+    /// for the issuance benchmark.
+    pub async fn issue_once(&self) -> Result<ServedCert, IssueError> {
         let key_type = self.policy.key_type;
         let started = Instant::now();
-        let key = tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
-            .await
-            .map_err(|e| CaError::Misconfigured(format!("key generation task failed: {e}")))??;
+        // An RSA key takes 50-300 ms of prime search, so it is made on a blocking thread
+        // where it holds up no SDS stream. An EC key takes tens of microseconds, less than
+        // the signature checks below, and less than handing it to another thread and back.
+        let key = if key_type.is_rsa() {
+            tokio::task::spawn_blocking(move || PrivateKey::generate(key_type))
+                .await
+                .map_err(|e| CaError::Misconfigured(format!("key generation task failed: {e}")))??
+        } else {
+            PrivateKey::generate(key_type)?
+        };
         self.metrics
             .key_generation_duration
             .get_or_create(&KeyTypeLabel {

@@ -223,7 +223,7 @@ impl Signer {
                 key_type: KeyType::EcdsaP256,
             })
             .unwrap();
-        let issued = self.ca.issue(&csr.public_key, &spec).unwrap();
+        let issued = self.ca.issue(&csr, &spec).unwrap();
         IstioCertificateResponse {
             cert_chain: vec![
                 encode_certificates([&issued.leaf]),
