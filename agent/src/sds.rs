@@ -1,7 +1,8 @@
 //! `envoy.service.secret.v3.SecretDiscoveryService`: StreamSecrets (state of the world),
 //! DeltaSecrets and FetchSecrets, over the secret manager's `watch` channels.
 //!
-//! Each stream runs in its own task with its own xDS state: the names it subscribed to, the
+//! Each stream has its own xDS state, driven by its response body (no task or channel of
+//! its own; see [`serve_stream`]): the names it subscribed to, the
 //! versions it was last sent, and the nonce of the last response. A response goes out when a
 //! subscribed resource has a version the stream has not been sent; every response carries a
 //! version and a fresh nonce. ACKs are recorded; a NACK is logged and counted and nothing is
@@ -10,7 +11,7 @@
 //! Fetch: `NOT_FOUND`; Delta: the name in `removed_resources`, the delta protocol's "does not
 //! exist"), never a hang.
 //!
-//! A stream that stops reading blocks only its own task: the manager publishes into `watch`
+//! A stream that stops reading stalls only itself: the manager publishes into `watch`
 //! channels and never waits for readers. This module never touches the CA.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,16 +27,13 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
 use parking_lot::Mutex;
 use prost::Name;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
@@ -46,10 +44,11 @@ use crate::identity::{ResourceName, UnknownResource};
 use crate::metrics::{ApiLabel, Metrics};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
 
+mod grpc;
+pub use grpc::SdsServer;
+
 /// How long FetchSecrets waits for a first certificate before answering UNAVAILABLE.
 const FETCH_WAIT: Duration = Duration::from_secs(5);
-/// Responses buffered per stream before its task waits for the client to read.
-const STREAM_BUFFER: usize = 4;
 
 type CertRx = watch::Receiver<Option<Arc<ServedCert>>>;
 type BundleRx = watch::Receiver<Option<Arc<ServedBundle>>>;
@@ -206,9 +205,9 @@ impl SdsService {
     }
 
     /// The tonic server wrapper, refusing requests over `--max-message-size`.
-    pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
+    pub fn into_server(self) -> SdsServer<Self> {
         let max = self.inner.limits.max_message_size;
-        SecretDiscoveryServiceServer::new(self).max_decoding_message_size(max)
+        SdsServer::new(self, max)
     }
 
     /// The streams connected now.
@@ -259,18 +258,7 @@ impl SdsService {
 
     /// Registers a new stream, unless `--max-streams` are open already.
     #[allow(clippy::type_complexity)]
-    fn start_stream<T: Send + 'static>(
-        &self,
-        api: &'static str,
-        caller: Caller,
-    ) -> Result<
-        (
-            StreamGuard,
-            mpsc::Sender<Result<T, Status>>,
-            ResponseStream<T>,
-        ),
-        Status,
-    > {
+    fn start_stream(&self, api: &'static str, caller: Caller) -> Result<StreamGuard, Status> {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let mut proxies = self.inner.proxies.lock();
         if proxies.len() >= self.inner.limits.max_streams {
@@ -308,13 +296,11 @@ impl SdsService {
             },
         );
         drop(proxies);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let guard = StreamGuard {
+        Ok(StreamGuard {
             inner: self.inner.clone(),
             id,
             api,
-        };
-        Ok((guard, tx, Box::pin(ReceiverStream::new(rx))))
+        })
     }
 }
 
@@ -328,10 +314,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let caller = self.authorize(&request)?;
-        let (guard, tx, rx) = self.start_stream(SotwState::API, caller)?;
+        let guard = self.start_stream(SotwState::API, caller)?;
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
-        tokio::spawn(serve_stream::<SotwState>(guard, request.into_inner(), tx).instrument(span));
-        Ok(Response::new(rx))
+        Ok(Response::new(serve_stream::<SotwState>(
+            guard,
+            request.into_inner(),
+            span,
+        )))
     }
 
     async fn delta_secrets(
@@ -339,10 +328,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let caller = self.authorize(&request)?;
-        let (guard, tx, rx) = self.start_stream(DeltaState::API, caller)?;
+        let guard = self.start_stream(DeltaState::API, caller)?;
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
-        tokio::spawn(serve_stream::<DeltaState>(guard, request.into_inner(), tx).instrument(span));
-        Ok(Response::new(rx))
+        Ok(Response::new(serve_stream::<DeltaState>(
+            guard,
+            request.into_inner(),
+            span,
+        )))
     }
 
     async fn fetch_secrets(
@@ -455,75 +447,121 @@ trait XdsState: Default + Send + 'static {
     fn sent_version(&self) -> String;
 }
 
-/// Runs one stream: push what is owed, then wait for a request, a new secret, or shutdown.
-async fn serve_stream<S: XdsState>(
+/// One stream, as the stream of its responses: push what is owed, then wait for a request,
+/// a new secret, or shutdown.
+///
+/// The stream is polled by the HTTP/2 stream's own task when the client has window for more,
+/// so there is no task, channel or buffered response per stream beyond this state. A client
+/// that stops reading stops only its own stream being polled.
+fn serve_stream<S: XdsState>(
     guard: StreamGuard,
-    mut inbound: Streaming<S::Request>,
-    tx: mpsc::Sender<Result<S::Response, Status>>,
-) {
+    inbound: Streaming<S::Request>,
+    span: tracing::Span,
+) -> ResponseStream<S::Response> {
     let inner = guard.inner.clone();
-    let api = ApiLabel { api: S::API };
-    let mut cert_rx = inner.manager.subscribe_cert();
-    let mut bundle_rx = inner.manager.subscribe_bundle();
-    let mut st = S::default();
-    let mut bucket = TokenBucket::new(inner.limits.max_requests_per_second);
-    loop {
-        if let Some(resp) = st.pending(guard.id, &cert_rx, &bundle_rx) {
-            tokio::select! {
-                r = tx.send(Ok(resp)) => if r.is_err() { return },
-                _ = inner.shutdown.cancelled() => return,
+    let driver = StreamDriver::<S> {
+        cert_rx: inner.manager.subscribe_cert(),
+        bundle_rx: inner.manager.subscribe_bundle(),
+        bucket: TokenBucket::new(inner.limits.max_requests_per_second),
+        st: S::default(),
+        guard,
+        inbound,
+        ended: false,
+    };
+    Box::pin(futures::stream::unfold(driver, move |mut d| {
+        async move {
+            let item = d.next().await?;
+            Some((item, d))
+        }
+        .instrument(span.clone())
+    }))
+}
+
+/// The state of one stream between two of its responses.
+struct StreamDriver<S: XdsState> {
+    guard: StreamGuard,
+    inbound: Streaming<S::Request>,
+    cert_rx: CertRx,
+    bundle_rx: BundleRx,
+    st: S,
+    bucket: TokenBucket,
+    /// An error status was returned; the stream is over.
+    ended: bool,
+}
+
+impl<S: XdsState> StreamDriver<S> {
+    /// The next message for the client: a response, or the status that ends the stream.
+    /// `None` ends it with OK (client gone, half-closed, or agent shutting down).
+    async fn next(&mut self) -> Option<Result<S::Response, Status>> {
+        if self.ended {
+            return None;
+        }
+        let inner = self.guard.inner.clone();
+        let api = ApiLabel { api: S::API };
+        loop {
+            if let Some(resp) = self
+                .st
+                .pending(self.guard.id, &self.cert_rx, &self.bundle_rx)
+            {
+                inner.metrics.pushes.get_or_create(&api).inc();
+                let sent = self.st.sent_version();
+                self.guard.update(|p| p.sent_version = Some(sent));
+                return Some(Ok(resp));
             }
-            inner.metrics.pushes.get_or_create(&api).inc();
-            let sent = st.sent_version();
-            guard.update(|p| p.sent_version = Some(sent));
-        }
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => return,
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => {
-                    if !bucket.take(tokio::time::Instant::now()) {
-                        inner.metrics.bad_request(BAD_REQUEST_REASONS[5]);
-                        warn!(
-                            max = inner.limits.max_requests_per_second,
-                            "ending SDS stream: more requests per second than --max-requests-per-second"
-                        );
-                        let _ = tx.send(Err(Status::resource_exhausted(format!(
-                            "more than {} requests per second on one stream",
-                            inner.limits.max_requests_per_second
-                        )))).await;
-                        return;
-                    }
-                    if let Err(e) = st.on_request(&guard, req) {
-                        warn!(error = %e, "refusing SDS request");
-                        let _ = tx.send(Err(e.into_status(&inner.metrics))).await;
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(status) => {
-                    // tonic reports what it could not decode as the stream's error; anything
-                    // else is the client going away.
-                    let reason = match status.code() {
-                        tonic::Code::OutOfRange => Some(BAD_REQUEST_REASONS[6]),
-                        tonic::Code::Internal if status.message().contains("decode") => {
-                            Some(BAD_REQUEST_REASONS[7])
+            tokio::select! {
+                _ = inner.shutdown.cancelled() => return None,
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if !self.bucket.take(tokio::time::Instant::now()) {
+                            inner.metrics.bad_request(BAD_REQUEST_REASONS[5]);
+                            warn!(
+                                max = inner.limits.max_requests_per_second,
+                                "ending SDS stream: more requests per second than --max-requests-per-second"
+                            );
+                            return self.end(Status::resource_exhausted(format!(
+                                "more than {} requests per second on one stream",
+                                inner.limits.max_requests_per_second
+                            )));
                         }
-                        _ => None,
-                    };
-                    match reason {
-                        Some(reason) => {
-                            inner.metrics.bad_request(reason);
-                            warn!(reason, message = status.message(), "ending SDS stream: bad request");
-                            let _ = tx.send(Err(status)).await;
+                        if let Err(e) = self.st.on_request(&self.guard, req) {
+                            warn!(error = %e, "refusing SDS request");
+                            return self.end(e.into_status(&inner.metrics));
                         }
-                        None => debug!(%status, "stream ended by the client"),
                     }
-                    return;
-                }
-            },
-            r = cert_rx.changed() => if r.is_err() { return },
-            r = bundle_rx.changed() => if r.is_err() { return },
+                    Ok(None) => return None,
+                    Err(status) => {
+                        // tonic reports what it could not decode as the stream's error;
+                        // anything else is the client going away.
+                        let reason = match status.code() {
+                            tonic::Code::OutOfRange => Some(BAD_REQUEST_REASONS[6]),
+                            tonic::Code::Internal if status.message().contains("decode") => {
+                                Some(BAD_REQUEST_REASONS[7])
+                            }
+                            _ => None,
+                        };
+                        match reason {
+                            Some(reason) => {
+                                inner.metrics.bad_request(reason);
+                                warn!(reason, message = status.message(), "ending SDS stream: bad request");
+                                return self.end(status);
+                            }
+                            None => {
+                                debug!(%status, "stream ended by the client");
+                                return None;
+                            }
+                        }
+                    }
+                },
+                r = self.cert_rx.changed() => if r.is_err() { return None },
+                r = self.bundle_rx.changed() => if r.is_err() { return None },
+            }
         }
+    }
+
+    /// Ends the stream with `status`.
+    fn end(&mut self, status: Status) -> Option<Result<S::Response, Status>> {
+        self.ended = true;
+        Some(Err(status))
     }
 }
 
