@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, release_binary, vm_rss_kib};
+use common::{connect, release_binary, rss_parts};
 use envoy_types::pb::envoy::config::core::v3::DataSource;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     Secret, TlsCertificate, secret,
@@ -73,7 +73,7 @@ fn main() {
         if i == 0 {
             // Idle with one identity: let it settle, then read its resident set.
             std::thread::sleep(Duration::from_secs(1));
-            rss.push(vm_rss_kib(child.id()));
+            rss.push(rss_parts(child.id()));
         }
         let stop = Instant::now();
         Command::new("kill")
@@ -97,7 +97,10 @@ fn main() {
     row("run: process start -> SDS socket connected", &accepting);
     row("run: process start -> first secret served", &first);
     row("SIGTERM -> exit (socket removed)", &exits);
-    println!("idle RSS with one identity: {} KiB", rss[0]);
+    println!(
+        "idle with one identity, 1 s after the first secret: {}",
+        rss[0]
+    );
 }
 
 /// Connects to the socket as soon as it exists and fetches `default` until it is served.

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, release_binary, vm_rss_kib};
+use common::{connect, release_binary, rss_parts, vm_rss_kib};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tokio::sync::mpsc;
@@ -26,6 +26,9 @@ const STREAMS: usize = 10_000;
 const PER_CONNECTION: usize = 100;
 const STEP: usize = 1_000;
 const ROTATIONS: usize = 5;
+/// Connect/disconnect storm: rounds, and clients at once in each.
+const STORM_ROUNDS: usize = 20;
+const STORM_CLIENTS: usize = 500;
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// Bound on every wait in this bench.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -58,6 +61,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let idle = vm_rss_kib(pid);
         println!("sds-agent stream benchmark: {}", bin.display());
+        println!("idle, one identity: {}", rss_parts(pid));
         println!(
             "{:>8} {:>12} {:>16}",
             "streams", "VmRSS KiB", "KiB per stream"
@@ -140,7 +144,50 @@ fn main() {
             lasts[lasts.len() / 2].as_secs_f64() * 1e3,
             vm_rss_kib(pid)
         );
+
+        // Every client goes away; then a storm of short-lived ones comes and goes.
+        for s in &streams {
+            s.abort();
+        }
         drop(streams);
+        drop(client);
+        wait_streams_open(admin.port(), 0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!();
+        println!("all {STREAMS} streams closed: {}", rss_parts(pid));
+        let started = Instant::now();
+        for _ in 0..STORM_ROUNDS {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..STORM_CLIENTS {
+                let socket = socket.clone();
+                set.spawn(async move {
+                    let mut c = connect(&socket).await.unwrap();
+                    let (tx, rx) = mpsc::channel(1);
+                    tx.send(request("", "")).await.unwrap();
+                    let mut responses = c
+                        .stream_secrets(ReceiverStream::new(rx))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    tokio::time::timeout(LIMIT, responses.message())
+                        .await
+                        .expect("no first response")
+                        .unwrap()
+                        .unwrap();
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap();
+            }
+        }
+        wait_streams_open(admin.port(), 0).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!(
+            "storm of {} connections ({STORM_ROUNDS} rounds of {STORM_CLIENTS} at once: connect, open, first response, hang up) in {:.1} s; after: {}",
+            STORM_ROUNDS * STORM_CLIENTS,
+            started.elapsed().as_secs_f64(),
+            rss_parts(pid)
+        );
     });
     drop(rt);
     Command::new("kill")
@@ -187,6 +234,15 @@ fn request(version: &str, nonce: &str) -> DiscoveryRequest {
 
 /// One HTTP/1.1 request to the admin port; the status code.
 fn admin(port: u16, method: &str, path: &str) -> Option<u16> {
+    admin_response(port, method, path)?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// One HTTP/1.1 request to the admin port; the whole response.
+fn admin_response(port: u16, method: &str, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(
         s,
@@ -195,7 +251,17 @@ fn admin(port: u16, method: &str, path: &str) -> Option<u16> {
     .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
-    buf.split(' ').nth(1)?.parse().ok()
+    Some(buf)
+}
+
+/// Waits until the agent counts `n` open SotW streams.
+async fn wait_streams_open(port: u16, n: u64) {
+    let deadline = Instant::now() + LIMIT;
+    let wanted = format!("sds_agent_sds_streams_open{{api=\"sotw\"}} {n}");
+    while !admin_response(port, "GET", "/metrics").is_some_and(|m| m.lines().any(|l| l == wanted)) {
+        assert!(Instant::now() < deadline, "streams still open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_ready(port: u16) {

@@ -43,11 +43,30 @@ pub(crate) fn release_binary() -> PathBuf {
 }
 
 /// The resident set of process `pid`, KiB.
+#[allow(dead_code)] // not every bench prints it
 pub(crate) fn vm_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// `VmRSS` of process `pid` and its parts, KiB, as one line: anonymous memory (heap, stacks:
+/// what the process itself allocated) and pages of mapped files (the executable and shared
+/// libraries, which the kernel may map a large folio at a time) or tmpfs.
+#[allow(dead_code)] // not every bench prints it
+pub(crate) fn rss_parts(pid: u32) -> String {
+    format!(
+        "VmRSS {} KiB = RssAnon {} + RssFile {} + RssShmem {}",
+        status_kib(pid, "VmRSS"),
+        status_kib(pid, "RssAnon"),
+        status_kib(pid, "RssFile"),
+        status_kib(pid, "RssShmem")
+    )
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
