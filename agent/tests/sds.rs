@@ -108,8 +108,16 @@ impl Agent {
 }
 
 async fn connect(path: &Path) -> SecretDiscoveryServiceClient<Channel> {
+    connect_endpoint(path, Endpoint::from_static("http://localhost")).await
+}
+
+/// An SDS client through `endpoint`'s settings to the Unix socket at `path`.
+async fn connect_endpoint(
+    path: &Path,
+    endpoint: Endpoint,
+) -> SecretDiscoveryServiceClient<Channel> {
     let path = path.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
+    let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -482,18 +490,11 @@ async fn a_thousand_streams_cause_one_csr_and_all_get_the_rotation() {
 /// A client on its own connection that never reads: HTTP/2 lets the agent send it `window`
 /// bytes per stream, and it never gives them back.
 async fn connect_never_reading(path: &Path, window: u32) -> SecretDiscoveryServiceClient<Channel> {
-    let path = path.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .initial_stream_window_size(window)
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
+    connect_endpoint(
+        path,
+        Endpoint::from_static("http://localhost").initial_stream_window_size(window),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
