@@ -257,7 +257,6 @@ impl SdsService {
     }
 
     /// Registers a new stream, unless `--max-streams` are open already.
-    #[allow(clippy::type_complexity)]
     fn start_stream(&self, api: &'static str, caller: Caller) -> Result<StreamGuard, Status> {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let mut proxies = self.inner.proxies.lock();

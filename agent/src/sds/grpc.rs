@@ -77,10 +77,13 @@ impl<T> NamedService for SdsServer<T> {
 /// A prost codec with SDS-sized buffers.
 struct SdsCodec<E, D>(PhantomData<fn(E) -> D>);
 
-impl<E, D> SdsCodec<E, D> {
-    fn new() -> Self {
-        Self(PhantomData)
-    }
+/// tonic's per-call gRPC handler with the SDS codec, refusing messages over `max_decoding`.
+fn grpc<E, D>(max_decoding: usize) -> Grpc<SdsCodec<E, D>>
+where
+    E: prost::Message + Send + 'static,
+    D: prost::Message + Default + Send + 'static,
+{
+    Grpc::new(SdsCodec(PhantomData)).apply_max_message_size_config(Some(max_decoding), None)
 }
 
 impl<E, D> Codec for SdsCodec<E, D>
@@ -151,20 +154,17 @@ impl<T: SecretDiscoveryService> tower::Service<http::Request<Body>> for SdsServe
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let inner = self.inner.clone();
-        let max = Some(self.max_decoding);
+        let max = self.max_decoding;
         match req.uri().path() {
-            STREAM_SECRETS => Box::pin(async move {
-                let mut grpc = Grpc::new(SdsCodec::new()).apply_max_message_size_config(max, None);
-                Ok(grpc.streaming(StreamSecrets(inner), req).await)
-            }),
-            DELTA_SECRETS => Box::pin(async move {
-                let mut grpc = Grpc::new(SdsCodec::new()).apply_max_message_size_config(max, None);
-                Ok(grpc.streaming(DeltaSecrets(inner), req).await)
-            }),
-            FETCH_SECRETS => Box::pin(async move {
-                let mut grpc = Grpc::new(SdsCodec::new()).apply_max_message_size_config(max, None);
-                Ok(grpc.unary(FetchSecrets(inner), req).await)
-            }),
+            STREAM_SECRETS => {
+                Box::pin(async move { Ok(grpc(max).streaming(StreamSecrets(inner), req).await) })
+            }
+            DELTA_SECRETS => {
+                Box::pin(async move { Ok(grpc(max).streaming(DeltaSecrets(inner), req).await) })
+            }
+            FETCH_SECRETS => {
+                Box::pin(async move { Ok(grpc(max).unary(FetchSecrets(inner), req).await) })
+            }
             _ => Box::pin(async move { Ok(Status::unimplemented("").into_http()) }),
         }
     }
