@@ -2057,12 +2057,16 @@ fn file_output_is_replaced_as_a_set_through_twenty_rotations() {
         );
         assert_eq!(mode(&link), want, "{name}");
     }
-    let sets: Vec<_> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("..") && n != "..data")
-        .collect();
-    assert_eq!(sets.len(), 2, "{sets:?}");
+    // The old sets go after `..data` has switched, so the last write may still be removing
+    // them when the new key is already readable: wait (bounded) for it to finish.
+    let sets = || -> Vec<String> {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("..") && n != "..data")
+            .collect()
+    };
+    assert!(wait_until(QUICK, || sets().len() == 2), "{:?}", sets());
     let (_, metrics) = get(a.admin, "/metrics").unwrap();
     let writes = metrics
         .lines()
