@@ -449,6 +449,17 @@ impl RunningAgent {
             shutdown.clone(),
         );
 
+        // Every listener is bound: say so before the first certificate can be served.
+        info!(
+            socket = %config.socket.display(),
+            admin = %admin_addr,
+            status = status_addr.map(tracing::field::display),
+            allowed_uids = ?callers.uids,
+            allowed_gids = ?callers.gids,
+            id = %config.spiffe_id,
+            backend = ca.name(),
+            "serving SDS"
+        );
         let span = info_span!("secret_manager", id = %config.spiffe_id, backend = ca.name());
         let mut tasks = vec![tokio::spawn(
             manager.clone().run(shutdown.clone()).instrument(span),
@@ -514,16 +525,6 @@ impl RunningAgent {
             }
             .instrument(info_span!("sds")),
         ));
-        info!(
-            socket = %config.socket.display(),
-            admin = %admin_addr,
-            status = status_addr.map(tracing::field::display),
-            allowed_uids = ?callers.uids,
-            allowed_gids = ?callers.gids,
-            id = %config.spiffe_id,
-            backend = ca.name(),
-            "serving SDS"
-        );
         Ok(Self {
             manager,
             metrics,

@@ -134,9 +134,10 @@ async fn renewal_time_comes_from_the_certificate_returned() {
         .renew_at
         .duration_since(first.leaf.not_before)
         .unwrap();
-    // Half the real lifetime, less at most 10 % jitter.
+    // Half the real lifetime, less at most 10 % jitter. The plan counts from the moment of
+    // issue; notBefore holds whole seconds, so it can be up to 1 s earlier than that.
     assert!(
-        planned <= Duration::from_secs(50) && planned >= Duration::from_secs(45),
+        planned <= Duration::from_secs(51) && planned >= Duration::from_secs(45),
         "{planned:?}"
     );
 

@@ -239,6 +239,31 @@ impl Agent {
             .find(|s| s.name == "default")
             .map(|s| s.serial))
     }
+
+    /// Waits until it serves a workload certificate other than `previous`, and returns that
+    /// one's serial. Renewals are counted just before the certificate is published, so this,
+    /// not a counter, says a new one is served.
+    pub async fn next_serial(&self, previous: &Serial, limit: Duration) -> Result<Serial, Error> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(serial)) = self.current_serial().await
+                && serial != *previous
+            {
+                return Ok(serial);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{} to serve a certificate other than {previous}; its log ends:\n{}",
+                        self.proc.name(),
+                        self.proc.tail(40)
+                    ),
+                    limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn parse_secrets(body: &str) -> Result<Vec<SecretInfo>, Error> {

@@ -120,8 +120,8 @@ struct State {
     roots: Mutex<Roots>,
     calls: Mutex<Vec<Call>>,
     fault: Mutex<Fault>,
-    /// When each request arrived, answered or not.
-    received: Mutex<Vec<tokio::time::Instant>>,
+    /// When each request arrived, answered or not, and whose token it carried.
+    received: Mutex<Vec<(tokio::time::Instant, Option<SpiffeId>)>>,
 }
 
 /// The test CA: its TLS material on disk, its fixture of tokens, and its roots. It serves
@@ -271,10 +271,19 @@ impl IstioTestCa {
         *self.state.fault.lock().await = fault;
     }
 
-    /// When each request arrived, including those never answered (a [`Fault::Delay`] past
-    /// the client's deadline), for checking the rhythm of retries.
-    pub async fn received(&self) -> Vec<tokio::time::Instant> {
-        self.state.received.lock().await.clone()
+    /// When each request from service account `sa` (by the token it carried) arrived,
+    /// including those never answered (a [`Fault::Delay`] past the client's deadline), for
+    /// checking the rhythm of one agent's retries.
+    pub async fn received_from(&self, sa: &str) -> Vec<tokio::time::Instant> {
+        let path = format!("/ns/{NAMESPACE}/sa/{sa}");
+        self.state
+            .received
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, id)| id.as_ref().is_some_and(|id| id.path() == path))
+            .map(|(at, _)| *at)
+            .collect()
     }
 
     /// Serials of the roots it serves now, current first.
@@ -376,11 +385,12 @@ impl IstioCertificateService for Service {
         });
         let cluster_id = header("clusterid");
         let validity = request.get_ref().validity_duration;
-        self.state
-            .received
-            .lock()
-            .await
-            .push(tokio::time::Instant::now());
+        let at = tokio::time::Instant::now();
+        let caller = match &token {
+            Some(token) => self.state.tokens.lock().await.get(token).cloned(),
+            None => None,
+        };
+        self.state.received.lock().await.push((at, caller));
         let fault = *self.state.fault.lock().await;
         if let Fault::Delay(delay) = fault {
             tokio::time::sleep(delay).await;

@@ -317,18 +317,26 @@ async fn a_sealed_vault_keeps_the_last_certificate_and_the_agent_recovers_alone(
     let first = agent.wait_serial(Duration::from_secs(20)).await;
 
     vault.seal().await.unwrap();
-    // Past the renewal point (~10 s): renewals fail, the certificate stays.
-    tokio::time::sleep(Duration::from_secs(13)).await;
+    // Past the renewal point (~10 s): renewals fail, the certificate stays. Waited for by the
+    // error count, well inside the 20 s lifetime; the log line follows the count.
+    let counted = wait_until("a CA error counted", Duration::from_secs(15), || async {
+        metric(&agent.metrics().await, "sds_agent_ca_errors_total") >= 1.0
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "no CA error counted:\n{}",
+        agent.metrics().await
+    );
+    let logged = wait_until("the failure logged", Duration::from_secs(5), || async {
+        agent.log().contains("retryable=true")
+    })
+    .await;
+    assert!(logged.is_ok(), "{}", agent.log());
     assert_eq!(agent.serial().await.as_deref(), Some(first.as_str()));
     assert!(
         agent.ready().await,
         "not ready while the certificate is valid"
-    );
-    let failures = metric(&agent.metrics().await, "sds_agent_ca_errors_total");
-    assert!(
-        failures >= 1.0,
-        "no CA error counted:\n{}",
-        agent.metrics().await
     );
     let log = agent.log();
     assert!(
