@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, release_binary, rss_parts};
+use common::{connect, free_local_addr, release_binary, rss_parts, terminate};
 use envoy_types::pb::envoy::config::core::v3::DataSource;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     Secret, TlsCertificate, secret,
@@ -41,10 +41,7 @@ fn main() {
 
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sock");
-        let admin = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let admin = free_local_addr();
         // A runtime per run, built before the clock starts and dropped (closing the client's
         // connection, as a proxy that goes away would) before the agent is told to stop.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -76,13 +73,8 @@ fn main() {
             rss.push(rss_parts(child.id()));
         }
         let stop = Instant::now();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = child.wait().unwrap();
+        terminate(&mut child);
         exits.push(stop.elapsed());
-        assert!(status.success(), "agent exited with {status}");
         assert!(!socket.exists(), "socket left behind");
     }
     println!(

@@ -15,11 +15,12 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, release_binary, rss_parts, vm_rss_kib};
+use common::{connect, free_local_addr, release_binary, rss_parts, terminate, vm_rss_kib};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 const STREAMS: usize = 10_000;
@@ -37,10 +38,7 @@ fn main() {
     let bin = release_binary();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("sock");
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let admin = free_local_addr();
     let mut child = Command::new(&bin)
         .args(["run", "--log-level", "warn", "--max-streams", "20000"])
         .args(["--admin-addr", &admin.to_string()])
@@ -162,13 +160,7 @@ fn main() {
                 let socket = socket.clone();
                 set.spawn(async move {
                     let mut c = connect(&socket).await.unwrap();
-                    let (tx, rx) = mpsc::channel(1);
-                    tx.send(request("", "")).await.unwrap();
-                    let mut responses = c
-                        .stream_secrets(ReceiverStream::new(rx))
-                        .await
-                        .unwrap()
-                        .into_inner();
+                    let (_tx, mut responses) = sotw_stream(&mut c).await;
                     tokio::time::timeout(LIMIT, responses.message())
                         .await
                         .expect("no first response")
@@ -190,12 +182,22 @@ fn main() {
         );
     });
     drop(rt);
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "agent exited with {status}");
+    terminate(&mut child);
+}
+
+/// Opens a SotW stream for `default` with its first request sent: the sender that keeps it
+/// open (and carries ACKs), and its responses.
+async fn sotw_stream(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(request("", "")).await.unwrap();
+    let responses = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, responses)
 }
 
 /// One SotW stream for `default`: every response is reported on `events` and ACKed.
@@ -203,13 +205,7 @@ async fn open(
     client: &mut SecretDiscoveryServiceClient<Channel>,
     events: mpsc::UnboundedSender<(String, Instant)>,
 ) -> tokio::task::JoinHandle<()> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(request("", "")).await.unwrap();
-    let mut responses = client
-        .stream_secrets(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut responses) = sotw_stream(client).await;
     tokio::spawn(async move {
         while let Ok(Some(resp)) = responses.message().await {
             let _ = events.send((resp.version_info.clone(), Instant::now()));

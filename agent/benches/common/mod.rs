@@ -1,6 +1,8 @@
 //! Helpers shared by the bench binaries that run the release agent as a child process.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use hyper_util::rt::TokioIo;
@@ -40,6 +42,24 @@ pub(crate) fn release_binary() -> PathBuf {
         std::process::exit(1);
     }
     bin
+}
+
+/// A loopback address with a port free now, for the agent's admin listener.
+pub(crate) fn free_local_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Sends the agent SIGTERM and waits for it to exit; panics unless it exits 0.
+pub(crate) fn terminate(child: &mut Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "agent exited with {status}");
 }
 
 /// The resident set of process `pid`, KiB.
