@@ -53,3 +53,28 @@ impl fmt::Debug for Protocol {
         self.value.fmt(f)
     }
 }
+
+/// sds-agent patch (vendor/README.md): the `:authority` of a request that could not be
+/// parsed as a URI authority, such as the socket path a gRPC client on a Unix socket sends.
+/// The server treated it as absent and stored it here, in the request's extensions.
+#[derive(Clone, Eq, PartialEq)]
+pub struct UnparsedAuthority {
+    value: BytesStr,
+}
+
+impl UnparsedAuthority {
+    pub(crate) fn new(value: BytesStr) -> Self {
+        Self { value }
+    }
+
+    /// The value as the client sent it.
+    pub fn as_str(&self) -> &str {
+        self.value.as_str()
+    }
+}
+
+impl fmt::Debug for UnparsedAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        self.value.fmt(f)
+    }
+}

@@ -1700,15 +1700,32 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // sds-agent patch (vendor/README.md): gRPC clients on a Unix socket send the
+        // socket path as :authority, percent-encoded (gRPC C-core: Envoy's google_grpc,
+        // Python, C++) or raw (grpc-java), which is not a URI authority (hyperium/h2#487).
+        // On a request other than CONNECT, where :authority is optional (RFC 9113,
+        // section 8.3.1), such a value is treated as absent and kept, unparsed, in the
+        // `ext::UnparsedAuthority` extension so the server can decide whether to serve
+        // it. A CONNECT request needs its authority and is still refused.
+        let mut unparsed_authority = None;
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(parsed) => parts.authority = Some(parsed),
+                Err(why) if !is_connect => {
+                    tracing::debug!(
+                        "unparsable authority ({:?}) treated as absent: {}",
+                        authority,
+                        why,
+                    );
+                    unparsed_authority = Some(crate::ext::UnparsedAuthority::new(authority));
+                }
+                Err(why) => malformed!(
                     "malformed headers: malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
@@ -1766,6 +1783,9 @@ impl proto::Peer for Peer {
         };
 
         *request.headers_mut() = fields;
+        if let Some(unparsed) = unparsed_authority {
+            request.extensions_mut().insert(unparsed);
+        }
 
         Ok(request)
     }
