@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["proto/istio/v1/auth/ca.proto"];
+const PROTOS: &[&str] = &[
+    "proto/istio/v1/auth/ca.proto",
+    "proto/spiffe/workload.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -58,7 +58,7 @@ pub struct SecretView {
 pub struct ProxyView {
     /// Stream number.
     pub stream: u64,
-    /// sotw or delta.
+    /// sotw, delta, or workload (the SPIFFE Workload API).
     pub api: String,
     /// Envoy node ID.
     pub node_id: String,
@@ -70,7 +70,7 @@ pub struct ProxyView {
     pub acked_version: Option<String>,
     /// Last NACK's message.
     pub nack: Option<String>,
-    /// acked, nacked, pending or waiting.
+    /// acked, nacked, pending or waiting; streaming for a Workload API stream.
     pub state: String,
 }
 
@@ -306,7 +306,11 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
             },
             p.api.clone(),
             p.resources.join(","),
-            p.acked_version.clone().unwrap_or_else(|| "-".into()),
+            // Workload API streams have no ACKs: their version is the one last sent.
+            p.acked_version
+                .clone()
+                .or_else(|| (p.api == "workload").then(|| p.sent_version.clone()).flatten())
+                .unwrap_or_else(|| "-".into()),
             state,
         ]);
     }

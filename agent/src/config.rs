@@ -132,9 +132,13 @@ pub struct RunArgs {
     /// SDS Unix socket path. [default: ./var/run/secrets/workload-spiffe-uds/socket]
     #[arg(long, env = "SDS_AGENT_SOCKET", value_name = "PATH")]
     pub socket: Option<String>,
-    /// Permissions of the socket file, octal. [default: 0600]
+    /// Permissions of the socket files (SDS and Workload API), octal. [default: 0600]
     #[arg(long, env = "SDS_AGENT_SOCKET_MODE", value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// Also serve the SPIFFE Workload API (X.509-SVIDs, for non-Envoy workloads) on this Unix
+    /// socket, e.g. /tmp/spire-agent/public/api.sock. [default: off]
+    #[arg(long, env = "SDS_AGENT_WORKLOAD_API_SOCKET", value_name = "PATH")]
+    pub workload_api_socket: Option<String>,
     /// User IDs allowed to fetch secrets (SO_PEERCRED of the caller), comma-separated.
     /// [default: the agent's own, unless --allowed-gids is given]
     #[arg(long, env = "SDS_AGENT_ALLOWED_UIDS", value_name = "UIDS")]
@@ -504,6 +508,7 @@ fn parse_ids(text: &str) -> Result<BTreeSet<u32>, String> {
 struct FileConfig {
     socket: Option<String>,
     socket_mode: Option<String>,
+    workload_api_socket: Option<String>,
     allowed_uids: Option<IdList>,
     allowed_gids: Option<IdList>,
     max_streams: Option<u64>,
@@ -576,6 +581,9 @@ pub struct Config {
     /// Socket file permission bits.
     #[serde(serialize_with = "octal")]
     pub socket_mode: u32,
+    /// SPIFFE Workload API socket path, if that API is served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_api_socket: Option<PathBuf>,
     /// Who may fetch secrets.
     #[serde(flatten)]
     pub callers: CallerPolicy,
@@ -869,6 +877,31 @@ impl RunArgs {
             Some(v) => parse_mode(&v).map_err(|r| invalid("socket-mode", &v, r))?,
             None => DEFAULT_SOCKET_MODE,
         };
+        let workload_api_socket = pick(&self.workload_api_socket, &file.workload_api_socket)
+            .map(|raw| {
+                // Clients name it as a `unix:` URI (SPIFFE_ENDPOINT_SOCKET); take that too.
+                let path = raw.strip_prefix("unix://").unwrap_or(&raw);
+                if path.is_empty() {
+                    return Err(invalid("workload-api-socket", &raw, "must not be empty"));
+                }
+                if path.len() > 107 {
+                    return Err(invalid(
+                        "workload-api-socket",
+                        &raw,
+                        "longer than the 107 bytes a Unix socket path may have",
+                    ));
+                }
+                Ok(PathBuf::from(path))
+            })
+            .transpose()?;
+        if workload_api_socket
+            .as_deref()
+            .is_some_and(|p| same_path(p, Path::new(&socket)))
+        {
+            return Err(ConfigError::Conflict(format!(
+                "--workload-api-socket and --socket must be different paths (both are {socket})"
+            )));
+        }
         let ids = |key: &str, flag: &Option<String>, file: &Option<IdList>| {
             flag.clone()
                 .or_else(|| file.clone().map(IdList::into_text))
@@ -1014,6 +1047,7 @@ impl RunArgs {
         Ok(Config {
             socket: PathBuf::from(socket),
             socket_mode,
+            workload_api_socket,
             callers,
             limits,
             spiffe_id,
@@ -1549,6 +1583,16 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 /// Octal permission bits: `0600`, `600` or `0o600`.
+/// Whether two socket paths name the same file, as far as can be told before either exists:
+/// equal once `.` components are dropped.
+fn same_path(a: &Path, b: &Path) -> bool {
+    fn parts(p: &Path) -> impl Iterator<Item = std::path::Component<'_>> {
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+    }
+    parts(a).eq(parts(b))
+}
+
 fn parse_mode(s: &str) -> Result<u32, &'static str> {
     let digits = s.trim().trim_start_matches("0o");
     let mode =

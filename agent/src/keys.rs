@@ -80,6 +80,12 @@ impl PrivateKey {
         Ok(csr.der().to_vec())
     }
 
+    /// The key as PKCS#8 DER, the form the SPIFFE Workload API carries, in a buffer zeroized
+    /// on drop.
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.pair.serialize_der())
+    }
+
     /// The key as a PKCS#8 PEM block, the form Envoy reads, in a buffer zeroized on drop.
     pub fn pkcs8_pem(&self) -> Zeroizing<String> {
         let der = Zeroizing::new(self.pair.serialize_der());

@@ -3,7 +3,7 @@
 //! and rotated well before it expires.
 //!
 //! Data flows one way: [`config`] → [`identity`] → [`secrets`] (keys → CSR → CA → validate →
-//! publish) → [`sds`] streams → Envoy. [`admin`] and [`metrics`] observe; nothing below the
+//! publish) → [`sds`] streams → Envoy, and [`workload_api`] streams → other workloads. [`admin`] and [`metrics`] observe; nothing below the
 //! secret manager knows about SDS, and no backend knows about rotation.
 
 #![forbid(unsafe_code)]
@@ -18,6 +18,7 @@ pub mod output;
 pub mod sds;
 pub mod secrets;
 pub mod socket;
+pub mod workload_api;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -36,6 +37,7 @@ use crate::config::{CaConfig, Config};
 use crate::metrics::Metrics;
 use crate::sds::SdsService;
 use crate::secrets::{Policy, SecretManager};
+use crate::workload_api::WorkloadApiService;
 
 /// The CA backends this binary was built with, as `--ca` names them.
 pub const BACKENDS: &[&str] = &[
@@ -403,7 +405,11 @@ impl RunningAgent {
         ca: Arc<dyn CertificateAuthority>,
     ) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        metrics.prime(ca.name(), config.output_dir.is_some());
+        metrics.prime(
+            ca.name(),
+            config.output_dir.is_some(),
+            config.workload_api_socket.is_some(),
+        );
         let shutdown = CancellationToken::new();
         let manager = SecretManager::new(
             config.spiffe_id.clone(),
@@ -436,6 +442,11 @@ impl RunningAgent {
             })
             .transpose()?;
         let (listener, socket) = socket::bind(&config.socket, config.socket_mode)?;
+        let workload_api = config
+            .workload_api_socket
+            .as_deref()
+            .map(|path| socket::bind(path, config.socket_mode).map(|bound| (path, bound)))
+            .transpose()?;
         // The socket file belongs to the agent's effective uid: the default allowed caller.
         let own_uid = std::fs::symlink_metadata(&config.socket)
             .with_context(|| format!("cannot stat {}", config.socket.display()))?
@@ -452,6 +463,7 @@ impl RunningAgent {
         // Every listener is bound: say so before the first certificate can be served.
         info!(
             socket = %config.socket.display(),
+            workload_api_socket = config.workload_api_socket.as_deref().map(|p| tracing::field::display(p.display())),
             admin = %admin_addr,
             status = status_addr.map(tracing::field::display),
             allowed_uids = ?callers.uids,
@@ -501,6 +513,7 @@ impl RunningAgent {
         let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
         tasks.push(tokio::spawn(
             socket::keep(
+                "SDS",
                 config.socket.clone(),
                 config.socket_mode,
                 listener,
@@ -525,6 +538,36 @@ impl RunningAgent {
             }
             .instrument(info_span!("sds")),
         ));
+        if let Some((path, (listener, socket))) = workload_api {
+            let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
+            tasks.push(tokio::spawn(
+                socket::keep(
+                    "Workload API",
+                    path.to_owned(),
+                    config.socket_mode,
+                    listener,
+                    socket,
+                    conns_tx,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(info_span!("workload_api_socket")),
+            ));
+            let server = tonic::transport::Server::builder()
+                .add_service(WorkloadApiService::new(sds.clone()).into_server())
+                .serve_with_incoming_shutdown(
+                    ReceiverStream::new(conns),
+                    shutdown.clone().cancelled_owned(),
+                );
+            tasks.push(tokio::spawn(
+                async move {
+                    if let Err(error) = server.await {
+                        warn!(%error, "Workload API server failed");
+                    }
+                }
+                .instrument(info_span!("workload_api")),
+            ));
+        }
         Ok(Self {
             manager,
             metrics,

@@ -47,9 +47,9 @@ pub struct Metrics {
     pub cert_expiry_seconds: Family<SecretLabels, FloatGauge>,
     /// When the next renewal (or retry) is scheduled, Unix seconds.
     pub next_renewal_timestamp: Family<IdentityLabel, FloatGauge>,
-    /// SDS streams open, by API (sotw, delta).
+    /// Streams open, by API (sotw, delta, and workload for the SPIFFE Workload API).
     pub streams_open: Family<ApiLabel, Gauge>,
-    /// Responses sent on SDS streams.
+    /// Responses sent on SDS and Workload API streams.
     pub pushes: Family<ApiLabel, Counter>,
     /// ACKs received.
     pub acks: Family<ApiLabel, Counter>,
@@ -63,9 +63,29 @@ pub struct Metrics {
     pub file_writes: Family<ResultLabel, Counter>,
     /// SDS calls refused because the caller's uid and gid are not allowed.
     pub callers_denied: Counter,
+    /// Workload API calls refused, by reason ([`WORKLOAD_API_BAD_REQUEST_REASONS`]).
+    pub workload_bad_requests: Family<ReasonLabel, Counter>,
+    /// Workload API calls refused because the caller's uid and gid are not allowed.
+    pub workload_callers_denied: Counter,
     /// Times the SDS socket was found deleted or replaced and was bound again.
     pub socket_recreated: Counter,
 }
+
+/// The `reason` label values of `sds_agent_workload_api_bad_requests_total`:
+/// - `missing_security_header`: no `workload.spiffe.io: true` metadata (`InvalidArgument`);
+/// - `too_many_streams`: `--max-streams` Workload API streams are open;
+/// - `rate_limited`: a caller opened calls faster than `--max-requests-per-second`;
+/// - `too_large`: a request over `--max-message-size`;
+/// - `malformed`: a request that does not decode;
+/// - `jwt_not_issued`: a JWT-SVID method, which this agent does not serve (`Unimplemented`).
+pub const WORKLOAD_API_BAD_REQUEST_REASONS: [&str; 6] = [
+    "missing_security_header",
+    "too_many_streams",
+    "rate_limited",
+    "too_large",
+    "malformed",
+    "jwt_not_issued",
+];
 
 /// `reason` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -187,6 +207,8 @@ impl Metrics {
             bad_requests: Family::default(),
             file_writes: Family::default(),
             callers_denied: Counter::default(),
+            workload_bad_requests: Family::default(),
+            workload_callers_denied: Counter::default(),
             socket_recreated: Counter::default(),
             registry: Registry::default(),
         };
@@ -286,8 +308,18 @@ impl Metrics {
             m.callers_denied.clone(),
         );
         r.register(
+            "workload_api_bad_requests",
+            "SPIFFE Workload API calls refused, by reason",
+            m.workload_bad_requests.clone(),
+        );
+        r.register(
+            "workload_api_callers_denied",
+            "SPIFFE Workload API calls refused because the caller's uid and gid are not allowed",
+            m.workload_callers_denied.clone(),
+        );
+        r.register(
             "socket_recreated",
-            "Times the SDS socket was found deleted or replaced and was created again",
+            "Times a socket (SDS or Workload API) was found deleted or replaced and was created again",
             m.socket_recreated.clone(),
         );
         Self { registry, ..m }
@@ -306,7 +338,8 @@ impl Metrics {
     /// answers by reason, and the SDS counters by API and reason. A counter that first
     /// appears at 1 is invisible to `increase()` and `rate()`, which need two samples; so an
     /// alert on the first NACK or the first CA error would otherwise never fire.
-    pub fn prime(&self, backend: &'static str, file_output: bool) {
+    /// With `workload_api`, the Workload API's series too.
+    pub fn prime(&self, backend: &'static str, file_output: bool, workload_api: bool) {
         for result in ["success", "failure"] {
             drop(self.renewals.get_or_create(&ResultLabel { result }));
             if file_output {
@@ -353,6 +386,24 @@ impl Metrics {
                 drop(self.stale_nonces.get_or_create(&label));
             }
         }
+        if workload_api {
+            let label = ApiLabel {
+                api: crate::sds::WORKLOAD_API,
+            };
+            drop(self.streams_open.get_or_create(&label));
+            drop(self.pushes.get_or_create(&label));
+            for reason in WORKLOAD_API_BAD_REQUEST_REASONS {
+                drop(self.workload_bad_requests.get_or_create(&ReasonLabel { reason }));
+            }
+        }
+    }
+
+    /// Counts a refused Workload API call; `reason` is one of
+    /// [`WORKLOAD_API_BAD_REQUEST_REASONS`].
+    pub fn workload_bad_request(&self, reason: &'static str) {
+        self.workload_bad_requests
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts a refused SDS request.

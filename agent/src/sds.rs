@@ -45,6 +45,7 @@ use crate::metrics::{ApiLabel, Metrics};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
 
 mod grpc;
+pub(crate) use grpc::grpc;
 pub use grpc::SdsServer;
 
 /// How long FetchSecrets waits for a first certificate before answering UNAVAILABLE.
@@ -68,8 +69,25 @@ struct Inner {
     limits: SdsLimits,
     shutdown: CancellationToken,
     next_stream: AtomicU64,
+    /// SDS streams, by stream number.
     proxies: Mutex<BTreeMap<u64, ProxyState>>,
+    /// Workload API streams (`crate::workload_api`), counted against `--max-streams` apart
+    /// from the SDS ones.
+    workload_clients: Mutex<BTreeMap<u64, ProxyState>>,
 }
+
+/// Which API a call came in on: each has its own stream count, refusal counters and words
+/// in the log, over the same caller rules and limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Surface {
+    /// Envoy's SDS.
+    Sds,
+    /// The SPIFFE Workload API.
+    WorkloadApi,
+}
+
+/// The `api` label and `/proxies` value of Workload API streams.
+pub(crate) const WORKLOAD_API: &str = "workload";
 
 /// What the agent knows of one connected proxy's stream, for `/proxies`.
 #[derive(Debug, Clone, Serialize)]
@@ -78,7 +96,7 @@ pub struct ProxyState {
     pub stream: u64,
     /// "sotw" or "delta".
     pub api: &'static str,
-    /// The Envoy node ID, if the proxy sent one.
+    /// The Envoy node ID, if the proxy sent one (empty on the Workload API).
     pub node_id: String,
     /// Who connected: the process's uid, gid and pid, from SO_PEERCRED.
     pub caller: Caller,
@@ -92,12 +110,19 @@ pub struct ProxyState {
     pub nack: Option<String>,
     /// `acked` (the proxy has ACKed what was last sent), `nacked` (it rejected the last
     /// version), `pending` (a response awaits its ACK) or `waiting` (nothing sent yet).
+    /// Workload API streams have no ACKs: `streaming` once something was sent.
     pub state: &'static str,
 }
 
 impl ProxyState {
     fn with_state(mut self) -> Self {
-        self.state = if self.nack.is_some() {
+        self.state = if self.api == WORKLOAD_API {
+            if self.sent_version.is_some() {
+                "streaming"
+            } else {
+                "waiting"
+            }
+        } else if self.nack.is_some() {
             "nacked"
         } else if self.sent_version.is_none() {
             "waiting"
@@ -112,7 +137,7 @@ impl ProxyState {
 
 /// The process at the other end of a connection, as the kernel recorded it at connect time
 /// (SO_PEERCRED): not something the caller can claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Caller {
     /// Effective user ID.
     pub uid: u32,
@@ -175,7 +200,7 @@ struct DeltaState {
 }
 
 /// Removes a stream's traces when its task ends, however it ends.
-struct StreamGuard {
+pub(crate) struct StreamGuard {
     inner: Arc<Inner>,
     id: u64,
     api: &'static str,
@@ -200,6 +225,7 @@ impl SdsService {
                 shutdown,
                 next_stream: AtomicU64::new(1),
                 proxies: Mutex::new(BTreeMap::new()),
+                workload_clients: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -210,27 +236,62 @@ impl SdsService {
         SdsServer::new(self, max)
     }
 
-    /// The streams connected now.
+    /// The streams connected now, SDS and Workload API, in the order they were opened.
     pub fn proxies(&self) -> Vec<ProxyState> {
-        self.inner
+        let mut all: Vec<ProxyState> = self
+            .inner
             .proxies
             .lock()
             .values()
+            .chain(self.inner.workload_clients.lock().values())
             .map(|p| p.clone().with_state())
-            .collect()
+            .collect();
+        all.sort_by_key(|p| p.stream);
+        all
+    }
+
+    /// The secret manager the streams read.
+    pub(crate) fn manager(&self) -> &Arc<SecretManager> {
+        &self.inner.manager
+    }
+
+    /// The metrics the streams count in.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The limits every stream is held to.
+    pub(crate) fn limits(&self) -> SdsLimits {
+        self.inner.limits
+    }
+
+    /// Fires when the agent shuts down.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
     }
 
     /// The caller of `request`, if it may fetch secrets; `PermissionDenied` otherwise, logged
-    /// and counted. Connections that did not come over the Unix socket carry no
-    /// credentials and are refused too.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    /// and counted (per `surface`). Connections that did not come over a Unix socket carry
+    /// no credentials and are refused too.
+    pub(crate) fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        surface: Surface,
+    ) -> Result<Caller, Status> {
+        let denied = || match surface {
+            Surface::Sds => self.inner.metrics.callers_denied.inc(),
+            Surface::WorkloadApi => self.inner.metrics.workload_callers_denied.inc(),
+        };
         let cred = request
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred);
         let Some(cred) = cred else {
-            self.inner.metrics.callers_denied.inc();
-            warn!("refusing SDS caller: no peer credentials on the connection");
+            denied();
+            warn!(
+                api = surface.name(),
+                "refusing caller: no peer credentials on the connection"
+            );
             return Err(Status::permission_denied(
                 "the caller's credentials are unknown; only local Unix socket callers are served",
             ));
@@ -243,12 +304,14 @@ impl SdsService {
         if self.inner.callers.allows(caller.uid, caller.gid) {
             return Ok(caller);
         }
-        self.inner.metrics.callers_denied.inc();
+        denied();
         warn!(
+            api = surface.name(),
             uid = caller.uid,
             gid = caller.gid,
             pid = caller.pid,
-            "refusing SDS caller: its uid and gid are not allowed (--allowed-uids, --allowed-gids)"
+            "refusing {} caller: its uid and gid are not allowed (--allowed-uids, --allowed-gids)",
+            surface.name()
         );
         Err(Status::permission_denied(format!(
             "uid {} gid {} may not fetch secrets from this agent",
@@ -256,18 +319,28 @@ impl SdsService {
         )))
     }
 
-    /// Registers a new stream, unless `--max-streams` are open already.
-    fn start_stream(&self, api: &'static str, caller: Caller) -> Result<StreamGuard, Status> {
+    /// Registers a new stream, unless `--max-streams` of its API are open already.
+    pub(crate) fn start_stream(
+        &self,
+        api: &'static str,
+        caller: Caller,
+    ) -> Result<StreamGuard, Status> {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
-        let mut proxies = self.inner.proxies.lock();
+        let surface = Surface::of(api);
+        let mut proxies = self.inner.registry(api).lock();
         if proxies.len() >= self.inner.limits.max_streams {
             drop(proxies);
-            self.inner.metrics.bad_request(BAD_REQUEST_REASONS[4]);
+            match surface {
+                Surface::Sds => self.inner.metrics.bad_request(BAD_REQUEST_REASONS[4]),
+                Surface::WorkloadApi => self.inner.metrics.workload_bad_request("too_many_streams"),
+            }
             warn!(
+                api = surface.name(),
                 uid = caller.uid,
                 pid = caller.pid,
                 max = self.inner.limits.max_streams,
-                "refusing SDS stream: --max-streams are open"
+                "refusing {} stream: --max-streams are open",
+                surface.name()
             );
             return Err(Status::resource_exhausted(format!(
                 "this agent serves at most {} streams at once",
@@ -312,7 +385,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = self.authorize(&request)?;
+        let caller = self.authorize(&request, Surface::Sds)?;
         let guard = self.start_stream(SotwState::API, caller)?;
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         Ok(Response::new(serve_stream::<SotwState>(
@@ -326,7 +399,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let caller = self.authorize(&request)?;
+        let caller = self.authorize(&request, Surface::Sds)?;
         let guard = self.start_stream(DeltaState::API, caller)?;
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         Ok(Response::new(serve_stream::<DeltaState>(
@@ -340,7 +413,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Surface::Sds)?;
         let inner = &self.inner;
         let req = request.into_inner();
         let result = async {
@@ -394,16 +467,44 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
+impl Inner {
+    /// The map the streams of `api` are registered in.
+    fn registry(&self, api: &str) -> &Mutex<BTreeMap<u64, ProxyState>> {
+        match Surface::of(api) {
+            Surface::Sds => &self.proxies,
+            Surface::WorkloadApi => &self.workload_clients,
+        }
+    }
+}
+
+impl Surface {
+    fn of(api: &str) -> Self {
+        if api == WORKLOAD_API {
+            Surface::WorkloadApi
+        } else {
+            Surface::Sds
+        }
+    }
+
+    /// How logs name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Surface::Sds => "SDS",
+            Surface::WorkloadApi => "Workload API",
+        }
+    }
+}
+
 /// A token bucket: `rate` requests per second, bursts of up to `rate`.
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     tokens: f64,
     last: tokio::time::Instant,
 }
 
 impl TokenBucket {
-    fn new(rate: u32) -> Self {
+    pub(crate) fn new(rate: u32) -> Self {
         Self {
             rate: f64::from(rate),
             tokens: f64::from(rate),
@@ -412,7 +513,7 @@ impl TokenBucket {
     }
 
     /// Takes a token at `now`, if one is left.
-    fn take(&mut self, now: tokio::time::Instant) -> bool {
+    pub(crate) fn take(&mut self, now: tokio::time::Instant) -> bool {
         let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.rate);
         self.last = now;
@@ -422,6 +523,11 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Whether the bucket has refilled completely by `now`.
+    pub(crate) fn is_full(&self, now: tokio::time::Instant) -> bool {
+        self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate >= self.rate
     }
 }
 
@@ -784,8 +890,14 @@ impl StreamGuard {
         Ok(Admit::Reply)
     }
 
-    fn update(&self, f: impl FnOnce(&mut ProxyState)) {
-        if let Some(p) = self.inner.proxies.lock().get_mut(&self.id) {
+    /// The stream's number.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Changes what `/proxies` shows of the stream.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ProxyState)) {
+        if let Some(p) = self.inner.registry(self.api).lock().get_mut(&self.id) {
             f(p);
         }
     }
@@ -830,7 +942,7 @@ impl Drop for StreamGuard {
             .streams_open
             .get_or_create(&ApiLabel { api: self.api })
             .dec();
-        self.inner.proxies.lock().remove(&self.id);
+        self.inner.registry(self.api).lock().remove(&self.id);
     }
 }
 

@@ -1,4 +1,4 @@
-//! The SDS Unix socket: created with tight permissions, never stolen from a live agent, and
+//! The agent's Unix sockets (SDS, and the Workload API if served): created with tight permissions, never stolen from a live agent, and
 //! removed on shutdown.
 //!
 //! The socket is bound under a temporary name in the same directory, given its mode, then
@@ -87,8 +87,11 @@ impl SocketGuard {
 
 /// Accepts connections on `listener` into `conns` until `shutdown`, and keeps the socket at
 /// `path`: whenever the path no longer names it, binds it again (with `mode`) and accepts on
-/// the new one. Removes the socket when it ends.
+/// the new one. Removes the socket when it ends. `name` ("SDS", "Workload API") is how the
+/// log names the socket.
+#[allow(clippy::too_many_arguments)] // one call per socket, in lib.rs; a struct would only rename them
 pub async fn keep(
+    name: &'static str,
     path: PathBuf,
     mode: u32,
     mut listener: UnixListener,
@@ -111,7 +114,7 @@ pub async fn keep(
                     }
                 }
                 Err(error) => {
-                    warn!(%error, "cannot accept an SDS connection");
+                    warn!(%error, socket = name, "cannot accept a connection");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
@@ -130,7 +133,7 @@ pub async fn keep(
                         (listener, guard) = (l, g);
                         failing = None;
                         metrics.socket_recreated.inc();
-                        warn!(path = %path.display(), "the SDS socket was {gone}; created it again");
+                        warn!(path = %path.display(), "the {name} socket was {gone}; created it again");
                     }
                     Err(e) => {
                         let message = e.to_string();
@@ -138,7 +141,7 @@ pub async fn keep(
                             error!(
                                 path = %path.display(),
                                 error = %message,
-                                "the SDS socket was {gone} and cannot be created again; retrying every second"
+                                "the {name} socket was {gone} and cannot be created again; retrying every second"
                             );
                             failing = Some(message);
                         }
@@ -150,7 +153,7 @@ pub async fn keep(
     drop(guard);
 }
 
-/// Binds the SDS socket at `path` with permission bits `mode`.
+/// Binds a socket at `path` with permission bits `mode`.
 pub fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketGuard), SocketError> {
     fn io_err<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> SocketError + 'a {
         move |source| SocketError::Io {

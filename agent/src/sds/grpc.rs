@@ -74,11 +74,12 @@ impl<T> NamedService for SdsServer<T> {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-/// A prost codec with SDS-sized buffers.
-struct SdsCodec<E, D>(PhantomData<fn(E) -> D>);
+/// A prost codec with SDS-sized buffers. The Workload API's messages (a chain, a key and a
+/// bundle; an empty request) are the same size, so `crate::workload_api` uses it too.
+pub(crate) struct SdsCodec<E, D>(PhantomData<fn(E) -> D>);
 
 /// tonic's per-call gRPC handler with the SDS codec, refusing messages over `max_decoding`.
-fn grpc<E, D>(max_decoding: usize) -> Grpc<SdsCodec<E, D>>
+pub(crate) fn grpc<E, D>(max_decoding: usize) -> Grpc<SdsCodec<E, D>>
 where
     E: prost::Message + Send + 'static,
     D: prost::Message + Default + Send + 'static,

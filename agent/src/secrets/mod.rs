@@ -71,7 +71,10 @@ pub struct ServedCert {
     pub version: u64,
     /// Leaf then intermediates, PEM.
     pub chain_pem: String,
+    /// Leaf then intermediates, DER certificates concatenated (the Workload API's form).
+    pub chain_der: Vec<u8>,
     key_pem: Zeroizing<String>,
+    key_der: Zeroizing<Vec<u8>>,
     /// Serial and validity of the leaf.
     pub leaf: LeafInfo,
     /// When the manager plans to renew it.
@@ -87,6 +90,8 @@ pub struct ServedBundle {
     pub version: u64,
     /// The roots, PEM.
     pub pem: String,
+    /// The roots, DER certificates concatenated (the Workload API's form).
+    pub der: Vec<u8>,
     roots: Vec<CertificateDer<'static>>,
     /// Serial and validity of each root.
     pub root_info: Vec<LeafInfo>,
@@ -556,8 +561,10 @@ impl SecretManager {
         Ok(ServedCert {
             identity: self.identity.clone(),
             version: self.cert_version.fetch_add(1, Ordering::Relaxed) + 1,
+            chain_der: pem_chain.iter().flat_map(|c| c.iter().copied()).collect(),
             chain_pem: sds_backends::pem::encode_certificates(pem_chain),
             key_pem: key.pkcs8_pem(),
+            key_der: key.pkcs8_der(),
             leaf,
             renew_at,
             backend: self.ca.name(),
@@ -581,6 +588,7 @@ impl SecretManager {
         let served = Arc::new(ServedBundle {
             version,
             pem: sds_backends::pem::encode_certificates(bundle.roots()),
+            der: bundle.roots().iter().flat_map(|c| c.iter().copied()).collect(),
             roots: bundle.roots().to_vec(),
             root_info,
         });
@@ -606,6 +614,11 @@ impl ServedCert {
     /// The private key, PKCS#8 PEM. Only the SDS encoder reads it.
     pub(crate) fn key_pem(&self) -> &str {
         &self.key_pem
+    }
+
+    /// The private key, PKCS#8 DER. Only the Workload API encoder reads it.
+    pub(crate) fn key_der(&self) -> &[u8] {
+        &self.key_der
     }
 }
 
