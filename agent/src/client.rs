@@ -309,7 +309,11 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
             // Workload API streams have no ACKs: their version is the one last sent.
             p.acked_version
                 .clone()
-                .or_else(|| (p.api == "workload").then(|| p.sent_version.clone()).flatten())
+                .or_else(|| {
+                    (p.api == "workload")
+                        .then(|| p.sent_version.clone())
+                        .flatten()
+                })
                 .unwrap_or_else(|| "-".into()),
             state,
         ]);

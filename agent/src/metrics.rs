@@ -393,7 +393,10 @@ impl Metrics {
             drop(self.streams_open.get_or_create(&label));
             drop(self.pushes.get_or_create(&label));
             for reason in WORKLOAD_API_BAD_REQUEST_REASONS {
-                drop(self.workload_bad_requests.get_or_create(&ReasonLabel { reason }));
+                drop(
+                    self.workload_bad_requests
+                        .get_or_create(&ReasonLabel { reason }),
+                );
             }
         }
     }

@@ -45,8 +45,8 @@ use crate::metrics::{ApiLabel, Metrics};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
 
 mod grpc;
-pub(crate) use grpc::grpc;
 pub use grpc::SdsServer;
+pub(crate) use grpc::grpc;
 
 /// How long FetchSecrets waits for a first certificate before answering UNAVAILABLE.
 const FETCH_WAIT: Duration = Duration::from_secs(5);

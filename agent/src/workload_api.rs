@@ -32,9 +32,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use sds_proto::pb::spiffe_workload::spiffe_workload_api_server::{
-    SERVICE_NAME, SpiffeWorkloadApi,
-};
+use sds_proto::pb::spiffe_workload::spiffe_workload_api_server::{SERVICE_NAME, SpiffeWorkloadApi};
 use sds_proto::pb::spiffe_workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
@@ -162,7 +160,11 @@ impl WorkloadApiService {
     ) -> Result<ResponseStream<D::Message>, Status> {
         let guard = self.sds.start_stream(WORKLOAD_API, caller)?;
         guard.update(|p| p.resources = vec![D::RESOURCE]);
-        let span = info_span!("workload_api_stream", method = D::RESOURCE, stream = guard.id());
+        let span = info_span!(
+            "workload_api_stream",
+            method = D::RESOURCE,
+            stream = guard.id()
+        );
         let manager = self.sds.manager();
         let state = StreamState {
             driver: make(guard, manager.subscribe_cert(), manager.subscribe_bundle()),
@@ -438,11 +440,7 @@ impl tower::Service<http::Request<Body>> for WorkloadApiServer {
         Box::pin(async move {
             let response = match path.as_str() {
                 FETCH_X509_SVID => grpc(max).server_streaming(FetchX509Svid(svc), req).await,
-                FETCH_X509_BUNDLES => {
-                    grpc(max)
-                        .server_streaming(FetchX509Bundles(svc), req)
-                        .await
-                }
+                FETCH_X509_BUNDLES => grpc(max).server_streaming(FetchX509Bundles(svc), req).await,
                 FETCH_JWT_BUNDLES => grpc(max).server_streaming(FetchJwtBundles(svc), req).await,
                 FETCH_JWT_SVID => grpc(max).unary(FetchJwtSvid(svc), req).await,
                 VALIDATE_JWT_SVID => grpc(max).unary(ValidateJwtSvid(svc), req).await,

@@ -588,7 +588,11 @@ impl SecretManager {
         let served = Arc::new(ServedBundle {
             version,
             pem: sds_backends::pem::encode_certificates(bundle.roots()),
-            der: bundle.roots().iter().flat_map(|c| c.iter().copied()).collect(),
+            der: bundle
+                .roots()
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .collect(),
             roots: bundle.roots().to_vec(),
             root_info,
         });
