@@ -522,6 +522,14 @@ mod tests {
                     state: "nacked".into(),
                     ..ProxyView::default()
                 },
+                ProxyView {
+                    stream: 3,
+                    api: "workload".into(),
+                    resources: vec!["x509-svid".into()],
+                    sent_version: Some("default:2,ROOTCA:1".into()),
+                    state: "streaming".into(),
+                    ..ProxyView::default()
+                },
             ],
         };
         let mut out = Vec::new();
@@ -542,5 +550,13 @@ mod tests {
         }
         assert!(text.contains("ACKED"), "{text}");
         assert!(text.contains("NACKED: bad key"), "{text}");
+        // A Workload API stream has no ACKs: its version is the one sent.
+        let row = text
+            .lines()
+            .find(|l| l.starts_with('3'))
+            .unwrap_or_default();
+        for cell in ["workload", "x509-svid", "default:2,ROOTCA:1", "STREAMING"] {
+            assert!(row.contains(cell), "{cell} missing from {row:?}");
+        }
     }
 }
