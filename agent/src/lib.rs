@@ -22,6 +22,7 @@ pub mod workload_api;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -508,64 +509,25 @@ impl RunningAgent {
             }
             .instrument(info_span!("admin")),
         ));
-        // Connections come from the socket keeper, which re-creates the socket if it is
-        // deleted or replaced while the agent runs.
-        let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
-        tasks.push(tokio::spawn(
-            socket::keep(
-                "SDS",
-                config.socket.clone(),
+        tasks.extend(serve_socket(
+            "SDS",
+            &config.socket,
+            config.socket_mode,
+            (listener, socket),
+            tonic::transport::Server::builder().add_service(sds.clone().into_server()),
+            &metrics,
+            &shutdown,
+        ));
+        if let Some((path, bound)) = workload_api {
+            let service = WorkloadApiService::new(sds.clone()).into_server();
+            tasks.extend(serve_socket(
+                "Workload API",
+                path,
                 config.socket_mode,
-                listener,
-                socket,
-                conns_tx,
-                metrics.clone(),
-                shutdown.clone(),
-            )
-            .instrument(info_span!("socket")),
-        ));
-        let server = tonic::transport::Server::builder()
-            .add_service(sds.clone().into_server())
-            .serve_with_incoming_shutdown(
-                ReceiverStream::new(conns),
-                shutdown.clone().cancelled_owned(),
-            );
-        tasks.push(tokio::spawn(
-            async move {
-                if let Err(error) = server.await {
-                    warn!(%error, "SDS server failed");
-                }
-            }
-            .instrument(info_span!("sds")),
-        ));
-        if let Some((path, (listener, socket))) = workload_api {
-            let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
-            tasks.push(tokio::spawn(
-                socket::keep(
-                    "Workload API",
-                    path.to_owned(),
-                    config.socket_mode,
-                    listener,
-                    socket,
-                    conns_tx,
-                    metrics.clone(),
-                    shutdown.clone(),
-                )
-                .instrument(info_span!("workload_api_socket")),
-            ));
-            let server = tonic::transport::Server::builder()
-                .add_service(WorkloadApiService::new(sds.clone()).into_server())
-                .serve_with_incoming_shutdown(
-                    ReceiverStream::new(conns),
-                    shutdown.clone().cancelled_owned(),
-                );
-            tasks.push(tokio::spawn(
-                async move {
-                    if let Err(error) = server.await {
-                        warn!(%error, "Workload API server failed");
-                    }
-                }
-                .instrument(info_span!("workload_api")),
+                bound,
+                tonic::transport::Server::builder().add_service(service),
+                &metrics,
+                &shutdown,
             ));
         }
         Ok(Self {
@@ -621,6 +583,47 @@ impl Drop for RunningAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Serves `router` on the bound Unix socket at `path` until `shutdown`, as two tasks: the
+/// socket keeper, which accepts and re-creates the socket (with `mode`) if it is deleted or
+/// replaced while the agent runs, and the gRPC server it feeds. `name` is how logs name it.
+fn serve_socket(
+    name: &'static str,
+    path: &Path,
+    mode: u32,
+    (listener, guard): (tokio::net::UnixListener, socket::SocketGuard),
+    router: tonic::transport::server::Router,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> [JoinHandle<()>; 2] {
+    let (conns_tx, conns) = tokio::sync::mpsc::channel(64);
+    let keeper = tokio::spawn(
+        socket::keep(
+            name,
+            path.to_owned(),
+            mode,
+            listener,
+            guard,
+            conns_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("socket", socket = name)),
+    );
+    let server = router.serve_with_incoming_shutdown(
+        ReceiverStream::new(conns),
+        shutdown.clone().cancelled_owned(),
+    );
+    let server = tokio::spawn(
+        async move {
+            if let Err(error) = server.await {
+                warn!(%error, "{name} server failed");
+            }
+        }
+        .instrument(info_span!("grpc", socket = name)),
+    );
+    [keeper, server]
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

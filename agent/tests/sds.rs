@@ -4,11 +4,14 @@
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::RawCodec;
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -945,56 +948,6 @@ async fn an_oversized_request_ends_only_its_own_stream() {
     assert!(fine.recv().await.is_ok());
 }
 
-/// Bytes sent as they are, for requests that are not valid protobuf.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-#[derive(Debug)]
-struct RawEncoder;
-
-#[derive(Debug)]
-struct ResponseDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for ResponseDecoder {
-    type Item = DiscoveryResponse;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<DiscoveryResponse>, tonic::Status> {
-        DiscoveryResponse::decode(src)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = DiscoveryResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> ResponseDecoder {
-        ResponseDecoder
-    }
-}
-
 #[tokio::test]
 async fn a_request_that_is_not_protobuf_ends_its_stream_with_a_clear_error() {
     let a = Agent::ready().await;
@@ -1020,7 +973,11 @@ async fn a_request_that_is_not_protobuf_ends_its_stream_with_a_clear_error() {
         "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
     );
     let mut responses = grpc
-        .streaming(tonic::Request::new(garbage), path, RawCodec)
+        .streaming(
+            tonic::Request::new(garbage),
+            path,
+            RawCodec::<DiscoveryResponse>::default(),
+        )
         .await
         .unwrap()
         .into_inner();

@@ -6,13 +6,15 @@
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::RawCodec;
 use hyper_util::rt::TokioIo;
-use prost::Message;
 use sds_agent::RunningAgent;
 use sds_agent::config::RunArgs;
 use sds_agent::secrets::Policy;
@@ -524,62 +526,16 @@ async fn a_process_opening_calls_faster_than_the_rate_limit_is_refused() {
     assert!(a.metric("sds_agent_workload_api_bad_requests_total{reason=\"rate_limited\"}") >= 1);
 }
 
-/// Bytes sent as they are, for requests that are not valid protobuf or are too large.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-#[derive(Debug)]
-struct RawEncoder;
-
-#[derive(Debug)]
-struct SvidDecoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for SvidDecoder {
-    type Item = X509svidResponse;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<X509svidResponse>, tonic::Status> {
-        X509svidResponse::decode(src)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = X509svidResponse;
-    type Encoder = RawEncoder;
-    type Decoder = SvidDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> SvidDecoder {
-        SvidDecoder
-    }
-}
-
 async fn raw_fetch(a: &Agent, body: Vec<u8>) -> tonic::Status {
     let mut grpc = tonic::client::Grpc::new(channel(&a.workload).await);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static("/SpiffeWorkloadAPI/FetchX509SVID");
     match grpc
-        .server_streaming(with_header(body), path, RawCodec)
+        .server_streaming(
+            with_header(body),
+            path,
+            RawCodec::<X509svidResponse>::default(),
+        )
         .await
     {
         Err(status) => status,
