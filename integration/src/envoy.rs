@@ -230,6 +230,53 @@ pub fn sds_config() -> Value {
     })
 }
 
+/// The `sds_config` of a secret fetched with Envoy's other gRPC client, `google_grpc` (gRPC's
+/// C-core inside Envoy), straight from the agent's socket `socket` with no cluster: the client
+/// sends the percent-encoded socket path as `:authority`, where `envoy_grpc` sends the
+/// cluster's name.
+pub fn sds_config_google_grpc(socket: &Path) -> Value {
+    json!({
+        "resource_api_version": "V3",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [ { "google_grpc": {
+                "target_uri": format!("unix://{}", socket.display()),
+                "stat_prefix": GOOGLE_GRPC_STAT_PREFIX,
+            } } ],
+        },
+    })
+}
+
+/// The `stat_prefix` of [`sds_config_google_grpc`]: its client's counters are
+/// `grpc.<prefix>.streams_total`, `grpc.<prefix>.streams_closed_<status>`, ...
+pub const GOOGLE_GRPC_STAT_PREFIX: &str = "sds";
+
+/// Rewrites `bootstrap` to take every secret with [`sds_config_google_grpc`] from `socket`
+/// instead of through [`SDS_CLUSTER`], which it removes, so nothing is left that uses
+/// `envoy_grpc`.
+pub fn use_google_grpc(bootstrap: &mut Bootstrap, socket: &Path) {
+    fn rewrite(value: &mut Value, sds: &Value) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if k == "sds_config" {
+                        *v = sds.clone();
+                    } else {
+                        rewrite(v, sds);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| rewrite(v, sds)),
+            _ => {}
+        }
+    }
+    rewrite(&mut bootstrap.config, &sds_config_google_grpc(socket));
+    if let Some(clusters) = bootstrap.config["static_resources"]["clusters"].as_array_mut() {
+        clusters.retain(|c| c["name"] != SDS_CLUSTER);
+    }
+}
+
 /// The [`SDS_CLUSTER`]: HTTP/2 to the agent's Unix socket.
 pub fn sds_cluster(socket: &Path) -> Value {
     json!({
@@ -495,6 +542,49 @@ mod tests {
         assert!(serial_of_peer_cert("%zz").is_err());
         assert!(serial_of_peer_cert("%4").is_err());
         assert!(serial_of_peer_cert("-").is_err());
+    }
+
+    #[test]
+    fn google_grpc_replaces_every_sds_config_and_the_sds_cluster() {
+        let socket = Path::new("/tmp/x/agent.sock");
+        let mut bootstrap = Bootstrap::new(
+            "n",
+            "c",
+            vec![http_listener(
+                "in",
+                1,
+                Some(downstream_tls("spiffe://td/ns/a/sa/b")),
+                vec![],
+                &[],
+            )],
+            vec![
+                sds_cluster(socket),
+                static_cluster(
+                    "up",
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, 2)),
+                    Some(upstream_tls("spiffe://td/ns/a/sa/c")),
+                    false,
+                ),
+            ],
+        )
+        .unwrap();
+        use_google_grpc(&mut bootstrap, socket);
+        let text = bootstrap.config.to_string();
+        assert!(!text.contains("envoy_grpc"), "{text}");
+        assert!(!text.contains(SDS_CLUSTER), "{text}");
+        // Two secrets on the listener, two on the cluster.
+        assert_eq!(
+            text.matches("\"target_uri\":\"unix:///tmp/x/agent.sock\"")
+                .count(),
+            4
+        );
+        assert_eq!(
+            bootstrap.config["static_resources"]["clusters"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

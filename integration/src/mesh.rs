@@ -168,15 +168,38 @@ impl ClientPath {
     }
 }
 
+/// Which of Envoy's two gRPC clients the Envoys of a mesh fetch their secrets with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdsClient {
+    /// `envoy_grpc` through [`envoy::SDS_CLUSTER`], as the shipped bootstraps do.
+    EnvoyGrpc,
+    /// `google_grpc` (gRPC's C-core) straight to the agent's socket
+    /// ([`envoy::use_google_grpc`]).
+    GoogleGrpc,
+}
+
 impl Mesh {
     /// Starts everything in `dir` with certificates of `cert_ttl` from `ca`; the client
-    /// Envoy gets one cluster and one route per entry of `paths`, in order.
+    /// Envoy gets one cluster and one route per entry of `paths`, in order. The Envoys fetch
+    /// their secrets with `envoy_grpc`.
     pub async fn start(
         envoy_bin: &Path,
         dir: &Path,
         cert_ttl: &str,
         paths: &[ClientPath],
         ca: &MeshCa,
+    ) -> Result<Self, Error> {
+        Self::start_with_sds(envoy_bin, dir, cert_ttl, paths, ca, SdsClient::EnvoyGrpc).await
+    }
+
+    /// Like [`Mesh::start`], with the Envoys fetching their secrets with `sds_client`.
+    pub async fn start_with_sds(
+        envoy_bin: &Path,
+        dir: &Path,
+        cert_ttl: &str,
+        paths: &[ClientPath],
+        ca: &MeshCa,
+        sds_client: SdsClient,
     ) -> Result<Self, Error> {
         let agent_bin = agent_bin()?;
         let config = |service_account| AgentConfig {
@@ -207,7 +230,7 @@ impl Mesh {
         let upstream = Upstream::start(BODY).await?;
 
         let server_port = free_port()?;
-        let server_bootstrap = Bootstrap::new(
+        let mut server_bootstrap = Bootstrap::new(
             "server-envoy",
             "backend",
             vec![http_listener(
@@ -237,7 +260,7 @@ impl Mesh {
                 p.fresh_connections,
             )
         }));
-        let client_bootstrap = Bootstrap::new(
+        let mut client_bootstrap = Bootstrap::new(
             "client-envoy",
             "frontend",
             vec![http_listener(
@@ -252,6 +275,10 @@ impl Mesh {
             )],
             clusters,
         )?;
+        if sds_client == SdsClient::GoogleGrpc {
+            envoy::use_google_grpc(&mut server_bootstrap, backend.socket());
+            envoy::use_google_grpc(&mut client_bootstrap, frontend.socket());
+        }
 
         let (server, client) = tokio::try_join!(
             Envoy::start(envoy_bin, dir, "envoy-server", &server_bootstrap),
