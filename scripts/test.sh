@@ -93,6 +93,22 @@ export KUBERNETES_VALIDATE_BIN
 export SDS_AGENT_REQUIRE_KUBECTL=1
 "$KUBECTL_BIN" version --client
 
+# Clients nobody here wrote, for the interop tests (integration/tests/interop_e2e.rs runs
+# integration/python/ with this interpreter): grpcio, gRPC's C-core, which sends the socket
+# path as :authority on a Unix socket, and py-spiffe, the SPIFFE Workload API client (its
+# dependencies come with it); into the same virtualenv.
+GRPCIO_VERSION=1.85.1
+SPIFFE_VERSION=0.3.2
+if ! .venv-test/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('grpcio') != '${GRPCIO_VERSION}' or m.version('spiffe') != '${SPIFFE_VERSION}')" 2>/dev/null; then
+  echo "installing grpcio==${GRPCIO_VERSION} spiffe==${SPIFFE_VERSION} into .venv-test" >&2
+  [ -x .venv-test/bin/pip ] || python3 -m venv .venv-test
+  .venv-test/bin/pip install --quiet --disable-pip-version-check "grpcio==${GRPCIO_VERSION}" "spiffe==${SPIFFE_VERSION}"
+fi
+export SDS_AGENT_PYTHON="$PWD/.venv-test/bin/python"
+# The interop tests skip without this interpreter, except here.
+export SDS_AGENT_REQUIRE_PYTHON=1
+"$SDS_AGENT_PYTHON" -c "import grpc, spiffe; print('grpcio', grpc.__version__)"
+
 # The end-to-end tests run the agent binary; build it first so they find it.
 cargo build --workspace --bins
 log=$(mktemp)

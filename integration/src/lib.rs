@@ -16,6 +16,7 @@
 //!   with tokens mapped to identities and root rotation;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
 //! - [`moto`]: a real AWS ACM PCA API (moto's server) with a root CA set up as on AWS;
+//! - [`python`]: the Python clients of the interop tests (grpcio, py-spiffe) and running them;
 //! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
 //!   Kubernetes TokenReview stand-in for its Kubernetes auth.
 //!
@@ -35,6 +36,7 @@ pub mod mesh;
 pub mod moto;
 pub mod pki;
 pub mod process;
+pub mod python;
 pub mod vault;
 
 use std::fmt;
