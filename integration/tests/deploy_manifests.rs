@@ -1,12 +1,13 @@
 //! The Kubernetes manifests in `deploy/kubernetes`, rendered and checked offline.
 //!
 //! Every directory there with a `kustomization.yaml` (the base, each overlay under
-//! `overlays/`, the optional `monitoring/`) is found by walking the tree, not listed here. Each
-//! is rendered with `kubectl kustomize` (`KUBECTL_BIN`, else `kubectl` on `PATH`:
-//! `scripts/test.sh` unpacks Debian 12's kubectl 1.20, whose built-in kustomize is the oldest
-//! the manifests promise to work with) and validated with `kubernetes-validate --strict`
-//! (`KUBERNETES_VALIDATE_BIN`; unknown fields fail) against the API schemas of the oldest
-//! Kubernetes the manifests support (1.29, native sidecars on by default) and of later ones.
+//! `overlays/`, the optional `monitoring/`, the examples under `examples/`) is found by walking
+//! the tree, not listed here. Each is rendered with `kubectl kustomize` (`KUBECTL_BIN`, else
+//! `kubectl` on `PATH`: `scripts/test.sh` unpacks Debian 12's kubectl 1.20, whose built-in
+//! kustomize is the oldest the manifests promise to work with) and validated with
+//! `kubernetes-validate --strict` (`KUBERNETES_VALIDATE_BIN`; unknown fields fail) against the
+//! API schemas of the oldest Kubernetes the manifests support (1.29, native sidecars on by
+//! default) and of later ones.
 //! kubernetes-validate knows only the built-in kinds; the Prometheus Operator's PodMonitor is
 //! the one custom kind allowed, and its fields are checked here by hand.
 //!
@@ -23,6 +24,18 @@
 //! overlay's, with what that backend needs (IRSA, RBAC equal to `deploy/cert-manager/rbac.yaml`,
 //! the Istio root ConfigMap). Finally the agent's own `validate` reads each overlay's
 //! environment, as kubelet would hand it over, and must accept it.
+//!
+//! `examples/workload-api` has no Envoy, so the Envoy checks are not applied to it; it gets
+//! its own: the same hardening, resources, pinned images, flags, Downward API, probes and
+//! files as the overlays, and the Workload API's wiring. The agent serves it
+//! (`SDS_AGENT_WORKLOAD_API_SOCKET`) on an emptyDir, the SDS socket is on another that only the
+//! agent mounts, spiffe-helper's `agent_address` (read from its ConfigMap, whose keys must be
+//! spiffe-helper's) is that very file through spiffe-helper's own mount of that volume, no
+//! other container mounts it, and spiffe-helper passes the socket's mode and the agent's caller
+//! check; `validate` with the pod's environment resolves that socket and, by its own reading,
+//! admits spiffe-helper's uid. `other-clients.yaml` there is merged into the example the way an
+//! overlay would merge it, and its linkerd2-proxy and go-spiffe settings are held to the same
+//! wiring, each client's address read in that client's own syntax.
 //!
 //! The checks are shown to fail: a broken kustomization, an unknown field, a kind without a
 //! schema, and a pod weakened in each checked way are all refused.
@@ -74,6 +87,42 @@ const TOKEN_AUDIENCES: [(&str, &str); 2] = [
     ("SDS_AGENT_VAULT_JWT_FILE", "vault"),
 ];
 
+/// The sockets the agent creates itself: an emptyDir is where they belong.
+const AGENT_SOCKETS: [&str; 2] = ["SDS_AGENT_SOCKET", "SDS_AGENT_WORKLOAD_API_SOCKET"];
+
+/// The workload without Envoy that takes its identity from the agent's Workload API, through
+/// spiffe-helper.
+const WORKLOAD_API_EXAMPLE: &str = "examples/workload-api";
+
+/// In that directory, outside its kustomization: a patch adding linkerd2-proxy and a go-spiffe
+/// program as further Workload API clients.
+const OTHER_CLIENTS: &str = "other-clients.yaml";
+
+/// spiffe-helper's configuration keys (spiffe/spiffe-helper: cmd/spiffe-helper/config/config.go,
+/// the health checks and hint from README.md). It refuses to start on any other key.
+const SPIFFE_HELPER_KEYS: [&str; 20] = [
+    "add_intermediates_to_bundle",
+    "agent_address",
+    "cmd",
+    "cmd_args",
+    "pid_file_name",
+    "cert_dir",
+    "cert_file_mode",
+    "key_file_mode",
+    "jwt_bundle_file_mode",
+    "jwt_svid_file_mode",
+    "include_federated_domains",
+    "renew_signal",
+    "daemon_mode",
+    "svid_file_name",
+    "svid_key_file_name",
+    "svid_bundle_file_name",
+    "jwt_svids",
+    "jwt_bundle_file_name",
+    "health_checks",
+    "hint",
+];
+
 /// Where kube clients look for in-cluster credentials.
 const IN_CLUSTER_CREDENTIALS: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -98,7 +147,7 @@ fn every_kustomization_renders_and_passes_strict_validation() {
     let Some(tools) = Tools::find() else { return };
     let dirs = kustomizations();
     let names: BTreeSet<String> = dirs.iter().map(|d| relative(d)).collect();
-    for expected in ["base", "monitoring"]
+    for expected in ["base", "monitoring", WORKLOAD_API_EXAMPLE]
         .into_iter()
         .map(str::to_owned)
         .chain(OVERLAYS.iter().map(|(o, _)| format!("overlays/{o}")))
@@ -285,14 +334,18 @@ fn the_envoy_bootstrap_is_deploy_envoy_sidecar_yaml() {
     );
 }
 
-/// The optional PodMonitor selects the pods of every overlay and scrapes their status port.
+/// The optional PodMonitor selects the pods of every overlay and of the Workload API example,
+/// and scrapes their status port.
 #[test]
 fn the_pod_monitor_scrapes_the_status_port_of_every_overlay() {
     let Some(tools) = Tools::find() else { return };
     let monitors =
         parse_docs(&tools.render(&kubernetes_dir().join("monitoring")).unwrap()).unwrap();
     let mut failures = Vec::new();
-    for dir in overlays() {
+    for dir in overlays()
+        .into_iter()
+        .chain([kubernetes_dir().join(WORKLOAD_API_EXAMPLE)])
+    {
         let docs = parse_docs(&tools.render(&dir).unwrap()).unwrap();
         for pod in pod_templates(&docs) {
             for problem in check_pod_monitor(&monitors, &pod) {
@@ -515,6 +568,336 @@ fn the_semantic_checks_catch_a_weakened_pod() {
     );
 }
 
+/// The Workload API example (`examples/workload-api`): the base pod's hardening, the agent's
+/// settings, and spiffe-helper wired to the agent's Workload API socket (see
+/// [`check_workload_api_pod`]). The Envoy checks of the overlays are not applied to it: it has
+/// no Envoy.
+#[test]
+fn the_workload_api_example_wires_spiffe_helper_to_the_agent() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let docs = workload_api_example(&tools);
+    let problems = check_workload_api_example(&docs, &flags);
+    assert!(
+        problems.is_empty(),
+        "{WORKLOAD_API_EXAMPLE}:\n  {}",
+        problems.join("\n  ")
+    );
+    eprintln!("{WORKLOAD_API_EXAMPLE}: ok");
+}
+
+/// `sds-agent validate`, given the environment kubelet would give the example's agent, serves
+/// the Workload API on the very path spiffe-helper's `agent_address` names, keeps the SDS
+/// socket apart, and by its own reading of the caller check (allowed uids and gids, socket
+/// mode) admits spiffe-helper's uid.
+#[test]
+fn the_agent_accepts_the_workload_api_examples_configuration() {
+    let Some(tools) = Tools::find() else { return };
+    let docs = workload_api_example(&tools);
+    let pods = pod_templates(&docs);
+    assert_eq!(pods.len(), 1, "one pod template in {WORKLOAD_API_EXAMPLE}");
+    let pod = &pods[0];
+    let agent = container(pod.spec, "sds-agent").expect("an sds-agent container");
+    let helper = container(pod.spec, "spiffe-helper").expect("a spiffe-helper container");
+    let conf = spiffe_helper_conf(&docs, pod.spec, helper).unwrap();
+    let Some(HclValue::Str(dialled)) = conf.get("agent_address") else {
+        panic!("helper.conf has no agent_address: {conf:?}");
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let (env, resolved) = agent_validate(pod, scratch.path());
+
+    let sa = pod.spec["serviceAccountName"].as_str().unwrap();
+    let expected = [
+        ("workload-api-socket", dialled.clone()),
+        ("socket", env["SDS_AGENT_SOCKET"].clone()),
+        ("socket-mode", env["SDS_AGENT_SOCKET_MODE"].clone()),
+        (
+            "spiffe-id",
+            format!("spiffe://cluster.local/ns/{SAMPLE_NAMESPACE}/sa/{sa}"),
+        ),
+        ("admin-addr", "127.0.0.1:15020".to_owned()),
+        ("status-addr", "0.0.0.0:15021".to_owned()),
+        ("log-format", "json".to_owned()),
+    ];
+    for (key, want) in expected {
+        assert_eq!(
+            resolved[key].as_str(),
+            Some(want.as_str()),
+            "validate resolved {key} = {}",
+            resolved[key]
+        );
+    }
+    assert_eq!(resolved["ca"]["backend"], "embedded");
+    assert_ne!(resolved["socket"], resolved["workload-api-socket"]);
+
+    assert!(
+        agent_admits(&resolved, agent, helper),
+        "the agent, as validate reads its settings, would refuse spiffe-helper ({:?}): {resolved}",
+        helper["securityContext"]
+    );
+    eprintln!(
+        "{WORKLOAD_API_EXAMPLE}: sds-agent validate: Workload API on {} for {}",
+        resolved["workload-api-socket"], resolved["spiffe-id"]
+    );
+}
+
+/// `other-clients.yaml`, merged into the example as an overlay would merge it, renders and
+/// passes strict validation; linkerd2-proxy and the go-spiffe program each name the agent's
+/// Workload API socket in their own syntax, on the same volume, with the hardened security
+/// context; linkerd2-proxy asks for the SPIFFE ID the agent issues; and the agent, by its own
+/// `validate`, admits linkerd2-proxy's uid on a 0660 socket of its group.
+#[test]
+fn the_other_clients_patch_dials_the_same_workload_api() {
+    let Some(tools) = Tools::find() else { return };
+    let yaml = render_with_other_clients(&tools).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let passed = tools.validate(&yaml, scratch.path()).unwrap();
+    eprintln!("{WORKLOAD_API_EXAMPLE} + {OTHER_CLIENTS}: {passed} resource validations passed");
+    let docs = parse_docs(&yaml).unwrap();
+    let (problems, clients) = check_other_clients(&docs);
+    assert!(
+        problems.is_empty(),
+        "{WORKLOAD_API_EXAMPLE} + {OTHER_CLIENTS}:\n  {}",
+        problems.join("\n  ")
+    );
+    assert_eq!(clients, ["app", "linkerd-proxy", "spiffe-helper"]);
+
+    let pod = &pod_templates(&docs)[0];
+    let (_, resolved) = agent_validate(pod, scratch.path());
+    assert_eq!(resolved["socket-mode"], "0660");
+    let agent = container(pod.spec, "sds-agent").unwrap();
+    for name in &clients {
+        let c = container(pod.spec, name).unwrap();
+        assert!(
+            agent_admits(&resolved, agent, c),
+            "the agent, as validate reads its settings, would refuse {name} ({:?}): {resolved}",
+            c["securityContext"]
+        );
+    }
+    let linkerd = container(pod.spec, "linkerd-proxy").unwrap();
+    let id = container_env(pod.spec, linkerd)["LINKERD2_PROXY_IDENTITY_SERVER_ID"].clone();
+    assert_eq!(
+        id.as_deref(),
+        resolved["spiffe-id"].as_str(),
+        "linkerd2-proxy would wait for an SVID the agent never issues"
+    );
+}
+
+/// Each Workload API check fails on a pod miswired in the way it guards against, and the
+/// alternative the example's comments describe (a client of its own uid, in the agent's group,
+/// on a 0660 socket, allowed by uid) passes.
+#[test]
+fn the_workload_api_checks_catch_a_miswired_pod() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let good = workload_api_example(&tools);
+    assert_eq!(
+        check_workload_api_example(&good, &flags),
+        Vec::<String>::new(),
+        "{WORKLOAD_API_EXAMPLE} must pass unchanged"
+    );
+
+    type Mutation = fn(&mut [Value]);
+    let cases: [(&str, Mutation); 16] = [
+        // spiffe-helper mounts the socket's volume somewhere else: agent_address leads nowhere.
+        (
+            "spiffe-helper: helper.conf agent_address names /run/spiffe/workload/api.sock, on no volume",
+            |docs| {
+                mount_mut(deployment_mut(docs), "spiffe-helper", "workload-api")["mountPath"] =
+                    "/run/spiffe/agent".into();
+            },
+        ),
+        // ... or the same path, but another volume.
+        ("which is not the agent's Workload API socket", |docs| {
+            mount_mut(deployment_mut(docs), "spiffe-helper", "workload-api")["name"] =
+                "svids".into();
+        }),
+        ("which is not the agent's Workload API socket", |docs| {
+            set_helper_conf(
+                docs,
+                "/run/spiffe/workload/api.sock",
+                "/run/spiffe/workload/agent.sock",
+            )
+        }),
+        ("must be a bare path", |docs| {
+            set_helper_conf(
+                docs,
+                "\"/run/spiffe/workload/api.sock\"",
+                "\"unix:///run/spiffe/workload/api.sock\"",
+            )
+        }),
+        ("unknown key agentAddress", |docs| {
+            set_helper_conf(docs, "agent_address =", "agentAddress =")
+        }),
+        ("daemon_mode", |docs| {
+            set_helper_conf(docs, "daemon_mode = true", "daemon_mode = false")
+        }),
+        ("cert_dir", |docs| {
+            mount_mut(deployment_mut(docs), "spiffe-helper", "svids")["readOnly"] = true.into();
+        }),
+        // Another uid: the 0600 socket keeps it out, and so would the agent.
+        ("spiffe-helper cannot open a 0600 socket", |docs| {
+            container_mut(deployment_mut(docs), "spiffe-helper")["securityContext"]["runAsUser"] =
+                65534.into();
+        }),
+        ("the agent would refuse spiffe-helper", |docs| {
+            push_env(
+                agent_mut(deployment_mut(docs)),
+                "SDS_AGENT_ALLOWED_UIDS",
+                "1000",
+            )
+        }),
+        ("SDS_AGENT_WORKLOAD_API_SOCKET must be set", |docs| {
+            agent_mut(deployment_mut(docs))["env"]
+                .as_sequence_mut()
+                .unwrap()
+                .retain(|e| e["name"] != "SDS_AGENT_WORKLOAD_API_SOCKET");
+        }),
+        ("must be an emptyDir", |docs| {
+            let volumes = deployment_mut(docs)["spec"]["template"]["spec"]["volumes"]
+                .as_sequence_mut()
+                .unwrap();
+            let v = volumes
+                .iter_mut()
+                .find(|v| v["name"] == "workload-api")
+                .unwrap();
+            *v = serde_norway::from_str(
+                "{name: workload-api, hostPath: {path: /run/spire/agent-sockets, type: Directory}}",
+            )
+            .unwrap();
+        }),
+        (
+            "the SDS socket /run/spiffe/workload/socket is on the Workload API's volume",
+            |docs| {
+                set_env(
+                    agent_mut(deployment_mut(docs)),
+                    "SDS_AGENT_SOCKET",
+                    "/run/spiffe/workload/socket",
+                )
+            },
+        ),
+        // A container that is no client mounting the socket.
+        (
+            "other mounts the Workload API socket's volume workload-api",
+            |docs| {
+                let spec = &mut deployment_mut(docs)["spec"]["template"]["spec"];
+                let mut other = spec["containers"][0].clone();
+                other["name"] = "other".into();
+                other["args"] = Value::Sequence(vec![]);
+                other["image"] = "registry.example.com/other:1.0.0".into();
+                spec["containers"].as_sequence_mut().unwrap().push(other);
+            },
+        ),
+        (
+            "spiffe-helper mounts the SDS socket's volume sds-socket",
+            |docs| {
+                let mut mount = serde_norway::Mapping::new();
+                mount.insert("name".into(), "sds-socket".into());
+                mount.insert(
+                    "mountPath".into(),
+                    "/var/run/secrets/workload-spiffe-uds".into(),
+                );
+                container_mut(deployment_mut(docs), "spiffe-helper")["volumeMounts"]
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push(Value::Mapping(mount));
+            },
+        ),
+        // The base pod's hardening holds here too.
+        (
+            "spiffe-helper: readOnlyRootFilesystem must be true",
+            |docs| {
+                container_mut(deployment_mut(docs), "spiffe-helper")["securityContext"]
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("readOnlyRootFilesystem");
+            },
+        ),
+        ("is not a flag", |docs| {
+            push_env(
+                agent_mut(deployment_mut(docs)),
+                "SDS_AGENT_WORKLOAD_API_SOCKET_MODE",
+                "0600",
+            )
+        }),
+    ];
+    for (expected, mutate) in cases {
+        let mut docs = good.clone();
+        mutate(&mut docs);
+        let problems = check_workload_api_example(&docs, &flags);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
+        );
+    }
+
+    // The alternative: spiffe-helper under a uid of its own, in the agent's group, the socket
+    // 0660, that uid allowed.
+    let mut docs = good.clone();
+    let d = deployment_mut(&mut docs);
+    container_mut(d, "spiffe-helper")["securityContext"]["runAsUser"] = 1000.into();
+    set_env(agent_mut(d), "SDS_AGENT_SOCKET_MODE", "0660");
+    push_env(agent_mut(d), "SDS_AGENT_ALLOWED_UIDS", "1000");
+    assert_eq!(
+        check_workload_api_example(&docs, &flags),
+        Vec::<String>::new(),
+        "a 0660 socket shared by group, the client's uid allowed, must pass"
+    );
+
+    // The other clients' settings, merged, and broken one at a time.
+    let merged = parse_docs(&render_with_other_clients(&tools).unwrap()).unwrap();
+    assert_eq!(check_other_clients(&merged).0, Vec::<String>::new());
+    let cases: [(&str, Mutation); 5] = [
+        ("must be a unix:// URI", |docs| {
+            set_env(
+                container_mut(deployment_mut(docs), "app"),
+                "SPIFFE_ENDPOINT_SOCKET",
+                "/run/spiffe/workload/api.sock",
+            )
+        }),
+        ("must not be opaque", |docs| {
+            set_env(
+                container_mut(deployment_mut(docs), "app"),
+                "SPIFFE_ENDPOINT_SOCKET",
+                "unix:run/spiffe/workload/api.sock",
+            )
+        }),
+        ("the agent would refuse linkerd-proxy", |docs| {
+            set_env(
+                agent_mut(deployment_mut(docs)),
+                "SDS_AGENT_ALLOWED_UIDS",
+                "65532",
+            )
+        }),
+        ("linkerd-proxy cannot open a 0600 socket", |docs| {
+            set_env(
+                agent_mut(deployment_mut(docs)),
+                "SDS_AGENT_SOCKET_MODE",
+                "0600",
+            )
+        }),
+        (
+            "LINKERD2_PROXY_IDENTITY_SERVER_ID must be the SPIFFE ID the agent issues",
+            |docs| {
+                set_env(
+                    container_mut(deployment_mut(docs), "linkerd-proxy"),
+                    "LINKERD2_PROXY_IDENTITY_SERVER_ID",
+                    "spiffe://root.linkerd.cluster.local/ns/$(_pod_ns)/sa/$(_pod_sa)",
+                )
+            },
+        ),
+    ];
+    for (expected, mutate) in cases {
+        let mut docs = merged.clone();
+        mutate(&mut docs);
+        let (problems, _) = check_other_clients(&docs);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{OTHER_CLIENTS}: a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tools
 
@@ -685,35 +1068,7 @@ fn check_pod(
         return;
     };
 
-    // A native sidecar: an init container that kubelet keeps running.
-    let is_init = seq(&spec["initContainers"])
-        .iter()
-        .any(|c| c["name"] == "sds-agent");
-    if !is_init || agent["restartPolicy"] != "Always" {
-        p.push(
-            "sds-agent must be a native sidecar: in initContainers with restartPolicy: Always"
-                .to_owned(),
-        );
-    }
-
-    // Every container locked down.
-    for c in all_containers(spec) {
-        check_security(spec, c, p);
-        check_resources(c, p);
-        check_image(c, p);
-    }
-
-    // The environment: real flags only, no duplicates, identity from the Downward API.
-    let env = env_of(agent);
-    let mut seen = BTreeSet::new();
-    for (key, _) in &env {
-        if !seen.insert(key.as_str()) {
-            p.push(format!("{key} is set twice"));
-        }
-        if key.starts_with("SDS_AGENT_") && !flags.contains(key) {
-            p.push(format!("{key} is not a flag of `sds-agent run --help`"));
-        }
-    }
+    let env = check_agent_and_containers(spec, agent, flags, p);
     let literal = |key: &str| {
         env.iter()
             .find(|(k, _)| k == key)
@@ -722,19 +1077,6 @@ fn check_pod(
                 _ => None,
             })
     };
-    for (key, field) in [
-        ("SDS_AGENT_NAMESPACE", "metadata.namespace"),
-        ("SDS_AGENT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        ("SDS_AGENT_POD_NAME", "metadata.name"),
-        ("SDS_AGENT_POD_UID", "metadata.uid"),
-    ] {
-        if !env
-            .iter()
-            .any(|(k, v)| k == key && *v == EnvValue::Field(field.to_owned()))
-        {
-            p.push(format!("{key} must come from the Downward API ({field})"));
-        }
-    }
 
     // The backend.
     let expected_ca = OVERLAYS
@@ -853,6 +1195,61 @@ fn check_pod(
         }
         _ => {}
     }
+}
+
+/// What every pod with the agent must satisfy, whatever talks to it: the agent is a native
+/// sidecar; every container is locked down, with resources and a pinned image; the agent's
+/// environment holds real flags only, none twice, and its identity from the Downward API.
+/// Returns the agent's environment.
+fn check_agent_and_containers(
+    spec: &Value,
+    agent: &Value,
+    flags: &BTreeSet<String>,
+    p: &mut Vec<String>,
+) -> Vec<(String, EnvValue)> {
+    // A native sidecar: an init container that kubelet keeps running.
+    let is_init = seq(&spec["initContainers"])
+        .iter()
+        .any(|c| c["name"] == "sds-agent");
+    if !is_init || agent["restartPolicy"] != "Always" {
+        p.push(
+            "sds-agent must be a native sidecar: in initContainers with restartPolicy: Always"
+                .to_owned(),
+        );
+    }
+
+    // Every container locked down.
+    for c in all_containers(spec) {
+        check_security(spec, c, p);
+        check_resources(c, p);
+        check_image(c, p);
+    }
+
+    // The environment: real flags only, no duplicates, identity from the Downward API.
+    let env = env_of(agent);
+    let mut seen = BTreeSet::new();
+    for (key, _) in &env {
+        if !seen.insert(key.as_str()) {
+            p.push(format!("{key} is set twice"));
+        }
+        if key.starts_with("SDS_AGENT_") && !flags.contains(key) {
+            p.push(format!("{key} is not a flag of `sds-agent run --help`"));
+        }
+    }
+    for (key, field) in [
+        ("SDS_AGENT_NAMESPACE", "metadata.namespace"),
+        ("SDS_AGENT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ("SDS_AGENT_POD_NAME", "metadata.name"),
+        ("SDS_AGENT_POD_UID", "metadata.uid"),
+    ] {
+        if !env
+            .iter()
+            .any(|(k, v)| k == key && *v == EnvValue::Field(field.to_owned()))
+        {
+            p.push(format!("{key} must come from the Downward API ({field})"));
+        }
+    }
+    env
 }
 
 /// Non-root, read-only root filesystem, no privilege escalation, no capabilities, the
@@ -1020,7 +1417,27 @@ fn check_socket(
         }
     }
 
-    // Who may open the socket.
+    check_caller(spec, agent, envoy, env, "an SDS caller", p);
+}
+
+/// Whether `caller` can open the agent's sockets (`--socket-mode` applies to both) and is then
+/// served: the agent checks the caller's uid and primary gid from the kernel (SO_PEERCRED)
+/// against `--allowed-uids` / `--allowed-gids`, by default its own uid only. `role` names the
+/// caller in the message ("an SDS caller", "a Workload API caller").
+fn check_caller(
+    spec: &Value,
+    agent: &Value,
+    caller: &Value,
+    env: &[(String, EnvValue)],
+    role: &str,
+    p: &mut Vec<String>,
+) {
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
+    let name = caller["name"].as_str().unwrap_or("?");
     let mode = literal("SDS_AGENT_SOCKET_MODE").unwrap_or("0600");
     let Ok(mode) = u32::from_str_radix(mode.trim_start_matches("0o"), 8) else {
         p.push(format!("SDS_AGENT_SOCKET_MODE {mode:?} is not octal"));
@@ -1032,17 +1449,16 @@ fn check_socket(
             .or_else(|| spec["securityContext"][key].as_u64())
     };
     let same_user =
-        id(agent, "runAsUser").is_some() && id(agent, "runAsUser") == id(envoy, "runAsUser");
+        id(agent, "runAsUser").is_some() && id(agent, "runAsUser") == id(caller, "runAsUser");
     let same_group =
-        id(agent, "runAsGroup").is_some() && id(agent, "runAsGroup") == id(envoy, "runAsGroup");
+        id(agent, "runAsGroup").is_some() && id(agent, "runAsGroup") == id(caller, "runAsGroup");
     let shared_group = same_group || spec["securityContext"]["fsGroup"].as_u64().is_some();
     let ok = same_user || (mode & 0o060 == 0o060 && shared_group) || mode & 0o006 == 0o006;
     if !ok {
-        p.push(format!("envoy cannot open a {mode:04o} socket: run it as the same user as the agent, or use 0660 and a shared group"));
+        p.push(format!("{name} cannot open a {mode:04o} socket: run it as the same user as the agent, or use 0660 and a shared group"));
     }
 
-    // Who the agent serves once connected: the caller's uid and primary gid (SO_PEERCRED)
-    // against --allowed-uids / --allowed-gids; by default only its own uid.
+    // Who the agent serves once connected.
     let ids = |key: &str| -> Option<Vec<u64>> {
         literal(key).map(|list| {
             list.split(',')
@@ -1051,19 +1467,19 @@ fn check_socket(
         })
     };
     let (uids, gids) = (ids("SDS_AGENT_ALLOWED_UIDS"), ids("SDS_AGENT_ALLOWED_GIDS"));
-    let envoy_uid = id(envoy, "runAsUser");
-    let envoy_gid = id(envoy, "runAsGroup");
+    let caller_uid = id(caller, "runAsUser");
+    let caller_gid = id(caller, "runAsGroup");
     let uid_allowed = match (&uids, &gids) {
-        (Some(uids), _) => envoy_uid.is_some_and(|u| uids.contains(&u)),
+        (Some(uids), _) => caller_uid.is_some_and(|u| uids.contains(&u)),
         (None, Some(_)) => false,
         (None, None) => same_user,
     };
     let gid_allowed = gids
         .as_ref()
-        .is_some_and(|gids| envoy_gid.is_some_and(|g| gids.contains(&g)));
+        .is_some_and(|gids| caller_gid.is_some_and(|g| gids.contains(&g)));
     if !uid_allowed && !gid_allowed {
         p.push(format!(
-            "the agent would refuse envoy (uid {envoy_uid:?}, gid {envoy_gid:?}) as an SDS caller: \
+            "the agent would refuse {name} (uid {caller_uid:?}, gid {caller_gid:?}) as {role}: \
              SDS_AGENT_ALLOWED_UIDS {uids:?}, SDS_AGENT_ALLOWED_GIDS {gids:?}, default the agent's own uid"
         ));
     }
@@ -1074,7 +1490,17 @@ fn check_socket(
 /// tokens with their flag's audience.
 fn check_files(spec: &Value, agent: &Value, env: &[(String, EnvValue)], p: &mut Vec<String>) {
     for (key, value) in env {
-        let Some(path) = value.literal().filter(|v| v.starts_with('/')) else {
+        let Some(path) = value
+            .literal()
+            .map(|v| {
+                if key == "SDS_AGENT_WORKLOAD_API_SOCKET" {
+                    v.strip_prefix("unix://").unwrap_or(v)
+                } else {
+                    v
+                }
+            })
+            .filter(|v| v.starts_with('/'))
+        else {
             continue;
         };
         if !key.starts_with("SDS_AGENT_") {
@@ -1097,7 +1523,7 @@ fn check_files(spec: &Value, agent: &Value, env: &[(String, EnvValue)], p: &mut 
                 "{key}={path} must be a projected token of audience {want:?}, is {other:?}"
             )),
             (Some(FileSource::EmptyDir), None)
-                if key != "SDS_AGENT_SOCKET" && !key.ends_with("_DIR") =>
+                if !AGENT_SOCKETS.contains(&key.as_str()) && !key.ends_with("_DIR") =>
             {
                 p.push(format!(
                     "{key}={path} is on an emptyDir: nothing puts the file there"
@@ -1326,6 +1752,536 @@ fn check_pod_monitor(monitors: &[Value], pod: &PodTemplate<'_>) -> Vec<String> {
     p
 }
 
+/// Everything wrong with the Workload API example's rendering; empty when all is well.
+fn check_workload_api_example(docs: &[Value], flags: &BTreeSet<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pods = pod_templates(docs);
+    if pods.is_empty() {
+        problems.push("no workload with a pod template".to_owned());
+    }
+    for pod in &pods {
+        let mut p = Vec::new();
+        check_workload_api_pod(docs, pod, flags, &mut p);
+        problems.extend(p.into_iter().map(|m| format!("{}: {m}", pod.owner)));
+    }
+    problems
+}
+
+/// The checks of a pod whose application takes its identity from the Workload API: what every
+/// agent pod needs ([`check_agent_and_containers`]: native sidecar, hardening, resources,
+/// pinned images, real flags, the Downward API), the agent's files, probes and ports, the
+/// disruption budget, and [`check_workload_api`]; spiffe-helper is the application.
+fn check_workload_api_pod(
+    docs: &[Value],
+    pod: &PodTemplate<'_>,
+    flags: &BTreeSet<String>,
+    p: &mut Vec<String>,
+) {
+    let spec = pod.spec;
+    let Some(agent) = container(spec, "sds-agent") else {
+        p.push("no container named sds-agent".to_owned());
+        return;
+    };
+    let env = check_agent_and_containers(spec, agent, flags, p);
+    let ca = env
+        .iter()
+        .find(|(k, _)| k == "SDS_AGENT_CA")
+        .and_then(|(_, v)| v.literal())
+        .unwrap_or("embedded");
+    if !OVERLAYS.iter().any(|(_, c)| *c == ca) {
+        p.push(format!("SDS_AGENT_CA {ca:?} is not a backend"));
+    }
+    check_files(spec, agent, &env, p);
+    check_ports_and_probes(pod, agent, &env, p);
+    check_disruption_budget(docs, pod, p);
+    let sa_name = spec["serviceAccountName"].as_str().unwrap_or("default");
+    if !docs
+        .iter()
+        .any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == sa_name)
+    {
+        p.push(format!(
+            "the service account {sa_name} is not in the rendering"
+        ));
+    }
+    check_workload_api(docs, spec, agent, &env, p);
+    if !all_containers(spec).any(is_spiffe_helper) {
+        p.push("no spiffe-helper container, the example's application".to_owned());
+    }
+}
+
+/// [`other-clients.yaml`](OTHER_CLIENTS) merged into the example: its containers are hardened
+/// like the example's and wired to the agent's Workload API ([`check_workload_api`]). Images
+/// and resources are the user's to add, so they are not checked. The problems, and the
+/// Workload API clients found.
+fn check_other_clients(docs: &[Value]) -> (Vec<String>, Vec<String>) {
+    let mut p = Vec::new();
+    let pods = pod_templates(docs);
+    let Some(pod) = pods.first() else {
+        return (
+            vec!["no workload with a pod template".to_owned()],
+            Vec::new(),
+        );
+    };
+    let Some(agent) = container(pod.spec, "sds-agent") else {
+        return (vec!["no container named sds-agent".to_owned()], Vec::new());
+    };
+    for c in all_containers(pod.spec) {
+        check_security(pod.spec, c, &mut p);
+    }
+    let clients = check_workload_api(docs, pod.spec, agent, &env_of(agent), &mut p);
+    (p, clients)
+}
+
+/// The Workload API's wiring: the agent serves it on an absolute path
+/// (`SDS_AGENT_WORKLOAD_API_SOCKET`, `unix://` allowed) on an emptyDir; the SDS socket is on
+/// another volume that only the agent mounts; every client ([`workload_api_clients`]) names,
+/// in its own syntax, a path that is that very file through its own mount of that volume, and
+/// passes the socket's mode and the agent's caller check ([`check_caller`]); linkerd2-proxy
+/// asks for the SPIFFE ID the agent issues; and no container but the agent and its clients
+/// mounts the volume. Returns the clients' names, sorted.
+fn check_workload_api(
+    docs: &[Value],
+    spec: &Value,
+    agent: &Value,
+    env: &[(String, EnvValue)],
+    p: &mut Vec<String>,
+) -> Vec<String> {
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
+    let Some(raw) = literal("SDS_AGENT_WORKLOAD_API_SOCKET") else {
+        p.push(
+            "SDS_AGENT_WORKLOAD_API_SOCKET must be set: without it the agent serves no Workload API"
+                .to_owned(),
+        );
+        return Vec::new();
+    };
+    let served = raw.strip_prefix("unix://").unwrap_or(raw);
+    if !served.starts_with('/') {
+        p.push(format!(
+            "SDS_AGENT_WORKLOAD_API_SOCKET must be an absolute path, unix:// in front or not, is {raw:?}"
+        ));
+        return Vec::new();
+    }
+    let Some(socket) = socket_file(spec, agent, served) else {
+        p.push(format!(
+            "the agent has no volume at {served}, its Workload API socket"
+        ));
+        return Vec::new();
+    };
+    let (socket_volume, socket_name) = (&socket.0, &socket.1);
+    if volume(spec, socket_volume).is_none_or(|v| v.get("emptyDir").is_none()) {
+        p.push(format!(
+            "the Workload API socket's volume {socket_volume} must be an emptyDir of the pod"
+        ));
+    }
+
+    // SDS apart: nothing here speaks it, and a Workload API client must not reach it.
+    if let Some(sds) = literal("SDS_AGENT_SOCKET")
+        && let Some((sds_volume, _)) = socket_file(spec, agent, sds)
+    {
+        if sds_volume == *socket_volume {
+            p.push(format!(
+                "the SDS socket {sds} is on the Workload API's volume {sds_volume}: every Workload API \
+                 client could open SDS too; give it an emptyDir of its own"
+            ));
+        } else {
+            for c in all_containers(spec).filter(|c| c["name"] != "sds-agent") {
+                if mounts(c, &sds_volume) {
+                    p.push(format!(
+                        "{} mounts the SDS socket's volume {sds_volume}; only the agent should",
+                        c["name"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+    }
+
+    let clients = workload_api_clients(docs, spec, p);
+    if clients.is_empty() {
+        p.push(
+            "no container calls the Workload API (spiffe-helper's agent_address, \
+             SPIFFE_ENDPOINT_SOCKET, LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS)"
+                .to_owned(),
+        );
+    }
+    let td = literal("SDS_AGENT_TRUST_DOMAIN").unwrap_or("cluster.local");
+    let sa = spec["serviceAccountName"].as_str().unwrap_or("default");
+    let mut names = BTreeSet::new();
+    for client in &clients {
+        let name = client.container["name"].as_str().unwrap_or("?");
+        match &client.path {
+            Err(e) => p.push(format!("{name}: {e}")),
+            Ok(path) => match socket_file(spec, client.container, path) {
+                None => p.push(format!(
+                    "{name}: {} names {path}, on no volume of {name}",
+                    client.setting
+                )),
+                Some((v, f)) if v != *socket_volume || f != *socket_name => p.push(format!(
+                    "{name}: {} names {path}, which is not the agent's Workload API socket {served} \
+                     (file {f} of volume {v}, not {socket_name} of {socket_volume})",
+                    client.setting
+                )),
+                Some(_) => {}
+            },
+        }
+        if client.setting.starts_with("LINKERD2_PROXY_") {
+            check_linkerd_identity(spec, client.container, td, sa, p);
+        }
+        if names.insert(name.to_owned()) {
+            check_caller(
+                spec,
+                agent,
+                client.container,
+                env,
+                "a Workload API caller",
+                p,
+            );
+        }
+    }
+
+    // Nobody else.
+    for c in all_containers(spec) {
+        let name = c["name"].as_str().unwrap_or("?");
+        if name != "sds-agent" && !names.contains(name) && mounts(c, socket_volume) {
+            p.push(format!(
+                "{name} mounts the Workload API socket's volume {socket_volume} but calls no \
+                 Workload API; only the agent and its clients should"
+            ));
+        }
+    }
+    names.into_iter().collect()
+}
+
+/// A container that calls the agent's Workload API, and how it names the socket.
+#[derive(Debug)]
+struct WorkloadApiClient<'a> {
+    container: &'a Value,
+    /// Where the address is set: `helper.conf agent_address`, or the variable's name.
+    setting: String,
+    /// The socket's path as the client resolves it, or why it cannot reach a Unix socket.
+    path: Result<String, String>,
+}
+
+/// Every container configured to call a Workload API: spiffe-helper by the `agent_address` of
+/// its configuration (checked by [`check_spiffe_helper_conf`]), go-spiffe, py-spiffe and
+/// java-spiffe programs by `SPIFFE_ENDPOINT_SOCKET`, linkerd2-proxy by
+/// `LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS` (or the older
+/// `LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET`).
+fn workload_api_clients<'a>(
+    docs: &[Value],
+    spec: &'a Value,
+    p: &mut Vec<String>,
+) -> Vec<WorkloadApiClient<'a>> {
+    let mut clients = Vec::new();
+    for c in all_containers(spec).filter(|c| c["name"] != "sds-agent") {
+        let name = c["name"].as_str().unwrap_or("?");
+        if is_spiffe_helper(c) {
+            // spiffe-helper reads SPIFFE_ENDPOINT_SOCKET only when agent_address is not set.
+            match spiffe_helper_conf(docs, spec, c) {
+                Err(e) => p.push(format!("{name}: {e}")),
+                Ok(conf) => {
+                    check_spiffe_helper_conf(c, &conf, p);
+                    let path = match conf.get("agent_address") {
+                        Some(HclValue::Str(a)) => spiffe_helper_path(a),
+                        None => Err(
+                            "helper.conf sets no agent_address: spiffe-helper would dial \
+                                     SPIFFE_ENDPOINT_SOCKET or /tmp/spire-agent/public/api.sock"
+                                .to_owned(),
+                        ),
+                        Some(other) => Err(format!("agent_address is {other:?}, not a string")),
+                    };
+                    clients.push(WorkloadApiClient {
+                        container: c,
+                        setting: "helper.conf agent_address".to_owned(),
+                        path,
+                    });
+                }
+            }
+            continue;
+        }
+        for (key, value) in env_of(c) {
+            let resolve: fn(&str) -> Result<String, String> = match key.as_str() {
+                "SPIFFE_ENDPOINT_SOCKET" => spiffe_endpoint_path,
+                "LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS"
+                | "LINKERD2_PROXY_IDENTITY_SPIRE_SOCKET" => linkerd_path,
+                _ => continue,
+            };
+            let path = match &value {
+                EnvValue::Literal(v) => resolve(v),
+                _ => Err(format!("{key} is not a literal value this test can follow")),
+            };
+            clients.push(WorkloadApiClient {
+                container: c,
+                setting: key,
+                path,
+            });
+        }
+    }
+    clients
+}
+
+/// A container running spiffe-helper's image.
+fn is_spiffe_helper(c: &Value) -> bool {
+    let image = c["image"].as_str().unwrap_or_default();
+    let image = image.split('@').next().unwrap_or_default();
+    let repo = match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => image,
+    };
+    repo.ends_with("spiffe/spiffe-helper")
+}
+
+/// spiffe-helper's configuration: the file its `-config` names (`helper.conf` in its working
+/// directory, the image's `/`, without one), read from the ConfigMap mounted there.
+fn spiffe_helper_conf(
+    docs: &[Value],
+    spec: &Value,
+    c: &Value,
+) -> Result<BTreeMap<String, HclValue>, String> {
+    let args: Vec<&str> = seq(&c["command"])
+        .iter()
+        .chain(seq(&c["args"]))
+        .filter_map(Value::as_str)
+        .collect();
+    let config = args
+        .windows(2)
+        .find(|w| w[0] == "-config" || w[0] == "--config")
+        .map(|w| w[1])
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("-config=").or(a.strip_prefix("--config=")))
+        })
+        .unwrap_or("helper.conf");
+    let config = if config.starts_with('/') {
+        config.to_owned()
+    } else {
+        let workdir = c["workingDir"].as_str().unwrap_or("/");
+        format!("{}/{config}", workdir.trim_end_matches('/'))
+    };
+    match file_source(spec, c, &config) {
+        Some(FileSource::ConfigMap { name, key }) => {
+            let map = docs
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name.as_str())
+                .ok_or(format!(
+                    "the ConfigMap {name} of {config} is not in the rendering"
+                ))?;
+            let text = map["data"][key.as_str()]
+                .as_str()
+                .ok_or(format!("ConfigMap {name} has no {key}"))?;
+            parse_hcl(text).map_err(|e| format!("{config}: {e}"))
+        }
+        other => Err(format!(
+            "its configuration {config} is not a ConfigMap file: {other:?}"
+        )),
+    }
+}
+
+/// What spiffe-helper refuses or what would stop it serving the files: an unknown key; the
+/// three X.509 file names not all set; not a daemon (it would write the files once and exit);
+/// a certificate directory that is not a writable emptyDir mounted there (the root filesystem
+/// is read-only, and spiffe-helper does not create the directory).
+fn check_spiffe_helper_conf(c: &Value, conf: &BTreeMap<String, HclValue>, p: &mut Vec<String>) {
+    let name = c["name"].as_str().unwrap_or("?");
+    for key in conf.keys() {
+        if !SPIFFE_HELPER_KEYS.contains(&key.as_str()) {
+            p.push(format!(
+                "{name}: helper.conf: unknown key {key}, which stops spiffe-helper at start"
+            ));
+        }
+    }
+    for key in [
+        "svid_file_name",
+        "svid_key_file_name",
+        "svid_bundle_file_name",
+    ] {
+        if !matches!(conf.get(key), Some(HclValue::Str(f)) if !f.is_empty()) {
+            p.push(format!(
+                "{name}: helper.conf must set {key}: the SVID, its key and the bundle are the point"
+            ));
+        }
+    }
+    if conf.get("daemon_mode") != Some(&HclValue::Bool(true)) {
+        p.push(format!(
+            "{name}: helper.conf must set daemon_mode = true, or spiffe-helper writes the files once \
+             and exits, and they are not renewed"
+        ));
+    }
+    let cert_dir = match conf.get("cert_dir") {
+        Some(HclValue::Str(d)) => d.trim_end_matches('/'),
+        _ => "",
+    };
+    let writable = cert_dir.starts_with('/')
+        && mount_for(c, &format!("{cert_dir}/svid.pem")).is_some_and(|(m, rest)| {
+            rest == "svid.pem" && m["readOnly"] != true && m["subPath"].is_null()
+        });
+    if !writable {
+        p.push(format!(
+            "{name}: helper.conf cert_dir {cert_dir:?} must be the mount path of a writable volume \
+             of spiffe-helper (its root filesystem is read-only, and it does not create the directory)"
+        ));
+    }
+}
+
+/// `agent_address` as spiffe-helper dials it: it puts `unix://` in front itself, so the value
+/// is a bare path (spiffe/spiffe-helper, pkg/sidecar/util_posix.go).
+fn spiffe_helper_path(address: &str) -> Result<String, String> {
+    if address.starts_with("unix:") || address.contains("://") {
+        return Err(format!(
+            "helper.conf agent_address {address:?} must be a bare path: spiffe-helper puts unix:// in \
+             front of it itself"
+        ));
+    }
+    if !address.starts_with('/') {
+        return Err(format!(
+            "helper.conf agent_address {address:?} must be an absolute path"
+        ));
+    }
+    Ok(address.to_owned())
+}
+
+/// `SPIFFE_ENDPOINT_SOCKET` as go-spiffe parses it (spiffe/go-spiffe,
+/// v2/workloadapi/addr_posix.go): a `unix:` URI, `unix:///path` or `unix:/path`; a bare path,
+/// an opaque `unix:path`, a query or a fragment are refused. A host would not name a local file.
+fn spiffe_endpoint_path(address: &str) -> Result<String, String> {
+    let Some(rest) = address.strip_prefix("unix:") else {
+        return Err(if address.starts_with("tcp:") {
+            format!(
+                "SPIFFE_ENDPOINT_SOCKET {address:?} is TCP; the agent serves a Unix socket only"
+            )
+        } else {
+            format!(
+                "SPIFFE_ENDPOINT_SOCKET {address:?} must be a unix:// URI: go-spiffe refuses an address \
+                 without a tcp:// or unix:// scheme"
+            )
+        });
+    };
+    if rest.contains('?') || rest.contains('#') {
+        return Err(format!(
+            "SPIFFE_ENDPOINT_SOCKET {address:?}: a unix URI must not have a query or a fragment"
+        ));
+    }
+    let path = match rest.strip_prefix("//") {
+        Some(authority_and_path) => {
+            let at = authority_and_path
+                .find('/')
+                .unwrap_or(authority_and_path.len());
+            let (host, path) = authority_and_path.split_at(at);
+            if !host.is_empty() {
+                return Err(format!(
+                    "SPIFFE_ENDPOINT_SOCKET {address:?} names a host, {host:?}: unix:///absolute/path"
+                ));
+            }
+            path
+        }
+        None => rest,
+    };
+    if !path.starts_with('/') {
+        return Err(format!(
+            "SPIFFE_ENDPOINT_SOCKET {address:?}: a unix URI must not be opaque (go-spiffe); \
+             unix:///absolute/path"
+        ));
+    }
+    Ok(path.to_owned())
+}
+
+/// `LINKERD2_PROXY_IDENTITY_SPIRE_WORKLOAD_API_ADDRESS` as linkerd2-proxy dials it: `unix:` is
+/// stripped and the rest connected to as a path (linkerd/linkerd2-proxy,
+/// linkerd/app/src/spire.rs), so `unix:///p`, `unix:/p` and `/p` all reach `/p` (the kernel
+/// reads several leading slashes as one).
+fn linkerd_path(address: &str) -> Result<String, String> {
+    let rest = address.strip_prefix("unix:").unwrap_or(address);
+    if !rest.starts_with('/') {
+        return Err(format!(
+            "the Workload API address {address:?} must be an absolute path, with or without unix: \
+             (linkerd2-proxy connects to what follows unix: as a path)"
+        ));
+    }
+    Ok(format!("/{}", rest.trim_start_matches('/')))
+}
+
+/// linkerd2-proxy picks, among the SVIDs it is sent, the one whose SPIFFE ID is
+/// `LINKERD2_PROXY_IDENTITY_SERVER_ID`: it must be the ID the agent issues (with the sample
+/// namespace for the Downward API's). It also needs a server name and its trust anchors.
+fn check_linkerd_identity(spec: &Value, c: &Value, td: &str, sa: &str, p: &mut Vec<String>) {
+    let name = c["name"].as_str().unwrap_or("?");
+    let env = container_env(spec, c);
+    let want = format!("spiffe://{td}/ns/{SAMPLE_NAMESPACE}/sa/{sa}");
+    let id = env.get("LINKERD2_PROXY_IDENTITY_SERVER_ID");
+    if id != Some(&Some(want.clone())) {
+        p.push(format!(
+            "{name}: LINKERD2_PROXY_IDENTITY_SERVER_ID must be the SPIFFE ID the agent issues, {want} \
+             here, is {id:?}"
+        ));
+    }
+    for key in [
+        "LINKERD2_PROXY_IDENTITY_SERVER_NAME",
+        "LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS",
+    ] {
+        if !env.contains_key(key) {
+            p.push(format!("{name}: linkerd2-proxy needs {key}"));
+        }
+    }
+}
+
+/// The file a container reaches at `path`: the volume, and the file's path inside it (below
+/// the mount's subPath, if any).
+fn socket_file(spec: &Value, c: &Value, path: &str) -> Option<(String, String)> {
+    let (mount, rest) = mount_for(c, path)?;
+    let name = mount["name"].as_str()?;
+    volume(spec, name)?;
+    let file = match mount["subPath"].as_str() {
+        Some(sub) => format!("{}/{rest}", sub.trim_end_matches('/')),
+        None => rest,
+    };
+    Some((name.to_owned(), file))
+}
+
+fn mounts(c: &Value, volume: &str) -> bool {
+    seq(&c["volumeMounts"]).iter().any(|m| m["name"] == volume)
+}
+
+/// Whether the agent, with the settings `validate` resolved, serves `caller`: the socket's
+/// mode lets the caller's uid or primary gid connect (connecting takes write permission), and
+/// its uid or gid passes `--allowed-uids` / `--allowed-gids`, whose default is the agent's own
+/// uid unless `--allowed-gids` is given.
+fn agent_admits(resolved: &serde_json::Value, agent: &Value, caller: &Value) -> bool {
+    let id = |c: &Value, key: &str| c["securityContext"][key].as_u64();
+    let (agent_uid, agent_gid) = (id(agent, "runAsUser"), id(agent, "runAsGroup"));
+    let (uid, gid) = (id(caller, "runAsUser"), id(caller, "runAsGroup"));
+    let Some(mode) = resolved["socket-mode"]
+        .as_str()
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+    else {
+        return false;
+    };
+    let can_connect = if uid.is_some() && uid == agent_uid {
+        mode & 0o200 != 0
+    } else if gid.is_some() && gid == agent_gid {
+        mode & 0o020 != 0
+    } else {
+        mode & 0o002 != 0
+    };
+    let listed = |key: &str, id: Option<u64>| {
+        resolved[key].as_array().is_some_and(|ids| {
+            ids.iter()
+                .any(|i| i.as_u64().is_some_and(|i| Some(i) == id))
+        })
+    };
+    let no_gids = resolved["allowed-gids"]
+        .as_array()
+        .is_none_or(|g| g.is_empty());
+    let uid_ok = if resolved["allowed-uids"].is_null() {
+        no_gids && uid.is_some() && uid == agent_uid
+    } else {
+        listed("allowed-uids", uid)
+    };
+    can_connect && (uid_ok || listed("allowed-gids", gid))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading the rendered objects
 
@@ -1447,6 +2403,120 @@ fn kubelet_env(spec: &Value, agent: &Value) -> Result<BTreeMap<String, String>, 
         env.insert(name, value);
     }
     Ok(env)
+}
+
+/// A container's environment as kubelet sets it: Downward API fields get the sample values,
+/// `$(NAME)` is replaced by an earlier variable's value (a later or unknown one is left as
+/// written, as kubelet leaves it), and `None` stands for a source this test cannot read (a
+/// ConfigMap key, a Secret, ...).
+fn container_env(spec: &Value, c: &Value) -> BTreeMap<String, Option<String>> {
+    let mut env: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for e in seq(&c["env"]) {
+        let name = e["name"].as_str().unwrap_or_default().to_owned();
+        let value = if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            match field {
+                "metadata.namespace" => Some(SAMPLE_NAMESPACE.to_owned()),
+                "metadata.name" => Some(SAMPLE_POD_NAME.to_owned()),
+                "metadata.uid" => Some(SAMPLE_POD_UID.to_owned()),
+                "spec.serviceAccountName" => Some(
+                    spec["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_owned(),
+                ),
+                _ => None,
+            }
+        } else if e["valueFrom"].is_null() {
+            let mut value = e["value"].as_str().unwrap_or_default().to_owned();
+            for (k, v) in &env {
+                if let Some(v) = v {
+                    value = value.replace(&format!("$({k})"), v);
+                }
+            }
+            Some(value)
+        } else {
+            None
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// A value of an HCL file as this test reads spiffe-helper's: strings, booleans, integers;
+/// lists and objects on one line are kept as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HclValue {
+    Str(String),
+    Bool(bool),
+    Int(i64),
+    Other(String),
+}
+
+/// The `key = value` lines of an HCL file written as spiffe-helper's configurations are: one
+/// assignment a line, `#` and `//` comments. Anything else (a block over several lines, a key
+/// set twice) is an error rather than a guess.
+fn parse_hcl(text: &str) -> Result<BTreeMap<String, HclValue>, String> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with("//") {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {n}: not `key = value`: {line}"));
+        };
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("line {n}: not a key: {key:?}"));
+        }
+        let value = value.trim();
+        let parsed = if let Some(rest) = value.strip_prefix('"') {
+            let mut s = String::new();
+            let mut chars = rest.chars();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => s.push(chars.next().ok_or(format!("line {n}: a lone backslash"))?),
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    c => s.push(c),
+                }
+            }
+            let tail: String = chars.collect();
+            let tail = tail.trim();
+            if !closed || !(tail.is_empty() || tail.starts_with('#') || tail.starts_with("//")) {
+                return Err(format!("line {n}: cannot read the string {value}"));
+            }
+            HclValue::Str(s)
+        } else {
+            let v = value
+                .split('#')
+                .next()
+                .unwrap_or_default()
+                .split("//")
+                .next()
+                .unwrap_or_default()
+                .trim();
+            match v {
+                "true" => HclValue::Bool(true),
+                "false" => HclValue::Bool(false),
+                _ if v.parse::<i64>().is_ok() => HclValue::Int(v.parse().unwrap()),
+                _ if (v.starts_with('[') && v.ends_with(']'))
+                    || (v.starts_with('{') && v.ends_with('}')) =>
+                {
+                    HclValue::Other(v.to_owned())
+                }
+                _ => return Err(format!("line {n}: cannot read the value {v}")),
+            }
+        };
+        if out.insert(key.to_owned(), parsed).is_some() {
+            return Err(format!("line {n}: {key} is set twice"));
+        }
+    }
+    Ok(out)
 }
 
 /// The deepest volume mount of `c` holding `path`, and the path below it.
@@ -1670,6 +2740,69 @@ fn to_yaml(docs: &[Value]) -> String {
     out
 }
 
+/// The Workload API example, rendered.
+fn workload_api_example(tools: &Tools) -> Vec<Value> {
+    parse_docs(
+        &tools
+            .render(&kubernetes_dir().join(WORKLOAD_API_EXAMPLE))
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The Workload API example with [`OTHER_CLIENTS`] merged, as an overlay of a user's would
+/// merge it: a kustomization in a scratch directory with the example as its base and a copy
+/// of the patch (kustomize reads no file outside the kustomization's directory, and takes a
+/// base by a relative path only).
+fn render_with_other_clients(tools: &Tools) -> Result<String, String> {
+    let example = kubernetes_dir().join(WORKLOAD_API_EXAMPLE);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    std::fs::copy(example.join(OTHER_CLIENTS), dir.path().join(OTHER_CLIENTS))
+        .map_err(|e| e.to_string())?;
+    let up = "../".repeat(dir.path().components().count() - 1);
+    let base = format!(
+        "{up}{}",
+        example
+            .strip_prefix("/")
+            .map_err(|e| e.to_string())?
+            .display()
+    );
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             bases:\n  - {base}\npatchesStrategicMerge:\n  - {OTHER_CLIENTS}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    tools.render(dir.path())
+}
+
+/// `sds-agent validate` with exactly the environment kubelet would give the pod's agent: that
+/// environment, and what the agent resolved. Panics when the agent refuses it.
+fn agent_validate(
+    pod: &PodTemplate<'_>,
+    scratch: &Path,
+) -> (BTreeMap<String, String>, serde_json::Value) {
+    let agent = container(pod.spec, "sds-agent").expect("an sds-agent container");
+    let env = kubelet_env(pod.spec, agent).unwrap();
+    let out = Command::new(agent_bin().unwrap())
+        .arg("validate")
+        .env_clear()
+        .envs(&env)
+        .current_dir(scratch)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sds-agent validate refused the environment {env:?} ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resolved = serde_json::from_slice(&out.stdout).unwrap();
+    (env, resolved)
+}
+
 /// A kubeconfig that points nowhere, for `validate` with `--ca cert-manager` outside a pod.
 const KUBECONFIG: &str = "apiVersion: v1
 kind: Config
@@ -1727,4 +2860,29 @@ fn set_env(c: &mut Value, name: &str, value: &str) {
         .find(|e| e["name"] == name)
         .unwrap();
     entry["value"] = value.into();
+}
+
+fn deployment_mut(docs: &mut [Value]) -> &mut Value {
+    docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap()
+}
+
+/// The mount of `volume` in container `name`.
+fn mount_mut<'a>(deployment: &'a mut Value, name: &str, volume: &str) -> &'a mut Value {
+    container_mut(deployment, name)["volumeMounts"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["name"] == volume)
+        .unwrap()
+}
+
+/// Replaces `from` by `to` in the ConfigMap holding helper.conf.
+fn set_helper_conf(docs: &mut [Value], from: &str, to: &str) {
+    let map = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["helper.conf"].is_string())
+        .unwrap();
+    let text = map["data"]["helper.conf"].as_str().unwrap().to_owned();
+    assert!(text.contains(from), "helper.conf has no {from:?}");
+    map["data"]["helper.conf"] = text.replace(from, to).into();
 }
