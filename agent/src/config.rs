@@ -879,8 +879,12 @@ impl RunArgs {
         };
         let workload_api_socket = pick(&self.workload_api_socket, &file.workload_api_socket)
             .map(|raw| {
-                // Clients name it as a `unix:` URI (SPIFFE_ENDPOINT_SOCKET); take that too.
-                let path = raw.strip_prefix("unix://").unwrap_or(&raw);
+                // Clients name it as a `unix:` URI (SPIFFE_ENDPOINT_SOCKET: `unix:///p` or
+                // `unix:/p`); take that too.
+                let path = raw
+                    .strip_prefix("unix://")
+                    .or_else(|| raw.strip_prefix("unix:"))
+                    .unwrap_or(&raw);
                 if path.is_empty() {
                     return Err(invalid("workload-api-socket", &raw, "must not be empty"));
                 }
@@ -1584,13 +1588,17 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 /// Octal permission bits: `0600`, `600` or `0o600`.
 /// Whether two socket paths name the same file, as far as can be told before either exists:
-/// equal once `.` components are dropped.
+/// equal once made absolute (relative to the working directory) and `.` components are
+/// dropped.
 fn same_path(a: &Path, b: &Path) -> bool {
-    fn parts(p: &Path) -> impl Iterator<Item = std::path::Component<'_>> {
-        p.components()
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let absolute = |p: &Path| -> PathBuf {
+        cwd.join(p)
+            .components()
             .filter(|c| !matches!(c, std::path::Component::CurDir))
-    }
-    parts(a).eq(parts(b))
+            .collect()
+    };
+    absolute(a) == absolute(b)
 }
 
 fn parse_mode(s: &str) -> Result<u32, &'static str> {

@@ -658,6 +658,28 @@ fn the_workload_api_socket_must_differ_from_the_sds_socket_and_may_be_a_unix_uri
         RunArgs::default().resolve().unwrap().workload_api_socket,
         None
     );
+    let one_slash = RunArgs {
+        workload_api_socket: Some("unix:/run/spiffe/api.sock".into()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(
+        one_slash.workload_api_socket.as_deref(),
+        Some(Path::new("/run/spiffe/api.sock"))
+    );
+
+    // The default SDS socket is relative to the working directory: its absolute spelling
+    // is the same file.
+    let cwd = std::env::current_dir().unwrap();
+    let absolute = cwd.join("var/run/secrets/workload-spiffe-uds/socket");
+    let err = RunArgs {
+        workload_api_socket: Some(absolute.to_string_lossy().into_owned()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap_err();
+    assert!(err.to_string().contains("must be different paths"), "{err}");
 
     let err = RunArgs {
         workload_api_socket: Some("".into()),
