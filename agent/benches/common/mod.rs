@@ -12,16 +12,20 @@ use tonic::transport::{Channel, Endpoint};
 pub(crate) async fn connect(
     socket: &Path,
 ) -> Result<SecretDiscoveryServiceClient<Channel>, tonic::transport::Error> {
+    Ok(SecretDiscoveryServiceClient::new(channel(socket).await?))
+}
+
+/// One HTTP/2 connection to the Unix socket at `socket`, for any gRPC client.
+pub(crate) async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
                 Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
             }
         }))
-        .await?;
-    Ok(SecretDiscoveryServiceClient::new(channel))
+        .await
 }
 
 /// `target/release/sds-agent`, next to this bench's own binary; exits with the build command
@@ -66,6 +70,12 @@ pub(crate) fn terminate(child: &mut Child) {
 #[allow(dead_code)] // not every bench prints it
 pub(crate) fn vm_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
+}
+
+/// The anonymous part of process `pid`'s resident set (heap, stacks), KiB.
+#[allow(dead_code)] // not every bench prints it
+pub(crate) fn rss_anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon")
 }
 
 /// `VmRSS` of process `pid` and its parts, KiB, as one line: anonymous memory (heap, stacks:
