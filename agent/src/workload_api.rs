@@ -169,6 +169,7 @@ impl WorkloadApiService {
         let state = StreamState {
             driver: make(guard, manager.subscribe_cert(), manager.subscribe_bundle()),
             service: self.clone(),
+            trust_domain_id: format!("spiffe://{}", manager.identity().trust_domain()),
         };
         Ok(Box::pin(futures::stream::unfold(state, move |mut st| {
             async move {
@@ -197,15 +198,16 @@ trait Driver: Send + 'static {
 struct StreamState<D> {
     driver: D,
     service: WorkloadApiService,
+    /// `spiffe://<trust-domain>`, the key of the bundles.
+    trust_domain_id: String,
 }
 
 impl<D: Driver> StreamState<D> {
     /// The next message, or `None` once the client is gone or the agent shuts down.
     async fn next(&mut self) -> Option<D::Message> {
         let sds = &self.service.sds;
-        let td = format!("spiffe://{}", sds.manager().identity().trust_domain());
         loop {
-            if let Some(message) = self.driver.owed(&td) {
+            if let Some(message) = self.driver.owed(&self.trust_domain_id) {
                 sds.metrics()
                     .pushes
                     .get_or_create(&ApiLabel { api: WORKLOAD_API })
