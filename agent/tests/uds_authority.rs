@@ -568,3 +568,27 @@ async fn a_connect_with_an_unparsable_authority_is_refused() {
         "CONNECT localhost:1 not answered: {outcome:?}"
     );
 }
+
+#[tokio::test]
+async fn an_authority_that_is_not_a_valid_field_value_is_still_refused() {
+    // RFC 9113, section 8.2.1: NUL, CR, LF and leading or trailing whitespace make a field
+    // malformed; the patch treats only well-formed values that are not URI authorities as
+    // absent.
+    let a = Agent::ready().await;
+    let bad = [
+        "a\r\nx-injected: 1".to_owned(),
+        "a\0b".to_owned(),
+        "a\x7fb".to_owned(),
+        format!(" {}", a.java_authority()),
+        format!("{} ", a.java_authority()),
+    ];
+    for authority in bad {
+        let h = grpc_headers(FETCH, Some(&authority));
+        let outcome = a.exchange(&h, true).await;
+        assert_refused(
+            outcome,
+            Refusal::Stream,
+            &format!(":authority {authority:?}"),
+        );
+    }
+}

@@ -1712,7 +1712,10 @@ impl proto::Peer for Peer {
         if let Some(authority) = pseudo.authority {
             match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
                 Ok(parsed) => parts.authority = Some(parsed),
-                Err(why) if !is_connect => {
+                // Only a value that is a valid field value (as h2 requires of every
+                // regular field: no NUL, CR, LF or other controls but HTAB) and does not
+                // start or end with whitespace (RFC 9113, section 8.2.1).
+                Err(why) if !is_connect && is_valid_field_value(authority.as_str()) => {
                     tracing::debug!(
                         "unparsable authority ({:?}) treated as absent: {}",
                         authority,
@@ -1789,6 +1792,15 @@ impl proto::Peer for Peer {
 
         Ok(request)
     }
+}
+
+/// sds-agent patch: RFC 9113, section 8.2.1, for an `:authority` that is kept unparsed.
+fn is_valid_field_value(value: &str) -> bool {
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let bytes = value.as_bytes();
+    http::HeaderValue::from_bytes(bytes).is_ok()
+        && !bytes.first().is_some_and(ws)
+        && !bytes.last().is_some_and(ws)
 }
 
 // ===== impl Handshaking =====
