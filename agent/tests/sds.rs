@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::RawCodec;
+use common::{RawCodec, uds_channel, uds_channel_with};
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -19,7 +19,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::rpc;
-use hyper_util::rt::TokioIo;
 use prost::Message;
 use sds_agent::RunningAgent;
 use sds_agent::config::RunArgs;
@@ -119,17 +118,7 @@ async fn connect_endpoint(
     path: &Path,
     endpoint: Endpoint,
 ) -> SecretDiscoveryServiceClient<Channel> {
-    let path = path.to_owned();
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
+    SecretDiscoveryServiceClient::new(uds_channel_with(path, endpoint).await)
 }
 
 /// One SotW stream: requests go in through `tx`, responses come out of `rx`.
@@ -956,16 +945,7 @@ async fn a_request_that_is_not_protobuf_ends_its_stream_with_a_clear_error() {
     fine.recv().await.unwrap();
 
     let path = std::fs::canonicalize(&a.socket).unwrap();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(uds_channel(&path).await);
     grpc.ready().await.unwrap();
     // Field 15 with wire type 7, which does not exist.
     let garbage = tokio_stream::iter(vec![vec![0x7f_u8, 0xff, 0xff, 0xff]]);

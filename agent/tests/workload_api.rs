@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::RawCodec;
-use hyper_util::rt::TokioIo;
+use common::{RawCodec, uds_channel as channel};
 use sds_agent::RunningAgent;
 use sds_agent::config::RunArgs;
 use sds_agent::secrets::Policy;
@@ -25,7 +24,7 @@ use sds_proto::pb::spiffe_workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest,
     X509BundlesResponse, X509svidRequest, X509svidResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
@@ -129,19 +128,6 @@ impl Agent {
             .serial
             .clone()
     }
-}
-
-async fn channel(path: &Path) -> Channel {
-    let path = path.to_owned();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 /// `message` with the metadata every Workload API call must carry.

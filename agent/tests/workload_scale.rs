@@ -7,16 +7,17 @@
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::uds_channel as channel;
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use futures::future::join_all;
-use hyper_util::rt::TokioIo;
 use prost::Message;
 use sds_agent::RunningAgent;
 use sds_agent::config::RunArgs;
@@ -27,7 +28,7 @@ use sds_proto::pb::spiffe_workload::{X509svidRequest, X509svidResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Streams per API.
 const STREAMS: usize = 1_000;
@@ -182,20 +183,6 @@ async fn a_thousand_streams_on_each_api_get_every_rotation_for_one_csr_each() {
         );
     }
     agent.shutdown().await;
-}
-
-/// A channel (one HTTP/2 connection) to the Unix socket at `path`.
-async fn channel(path: &Path) -> Channel {
-    let path = path.to_owned();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 async fn open_svid(mut client: SpiffeWorkloadApiClient<Channel>) -> Streaming<X509svidResponse> {

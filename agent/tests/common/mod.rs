@@ -1,6 +1,30 @@
-//! What more than one test binary needs.
+//! What more than one test binary needs. Not every binary uses every item.
+#![allow(dead_code)]
 
 use std::marker::PhantomData;
+use std::path::Path;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// One HTTP/2 connection to the Unix socket at `path`, with `endpoint`'s settings.
+pub(crate) async fn uds_channel_with(path: &Path, endpoint: Endpoint) -> Channel {
+    let path = path.to_owned();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// One HTTP/2 connection to the Unix socket at `path`.
+pub(crate) async fn uds_channel(path: &Path) -> Channel {
+    uds_channel_with(path, Endpoint::from_static("http://localhost")).await
+}
 
 /// A gRPC codec that sends its request bytes as they are (for requests that are not valid
 /// protobuf, or are too large) and decodes responses as `D`.
