@@ -87,6 +87,27 @@ pub struct MeshCa {
     pub agent_env: Vec<(String, String)>,
 }
 
+impl MeshCa {
+    /// Every agent on the embedded CA with one shared root (written under `dir`), as an
+    /// operator would hand it out.
+    pub fn shared_root(dir: &Path) -> Result<Self, Error> {
+        let ca = crate::pki::SharedCa::write(dir)?;
+        let roots = vec![ca.serial.clone()];
+        Ok(Self {
+            agent_env: Vec::new(),
+            agent_args: Box::new(move |_| {
+                vec![
+                    "--embedded-ca-cert".into(),
+                    ca.cert.clone().into(),
+                    "--embedded-ca-key".into(),
+                    ca.key.clone().into(),
+                ]
+            }),
+            roots,
+        })
+    }
+}
+
 impl std::fmt::Debug for MeshCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshCa")

@@ -19,28 +19,9 @@ use sds_integration::mesh::{
     BODY, ClientPath, Mesh, MeshCa, TRAFFIC, check_rotation_under_traffic, rotation_paths,
     spiffe_id,
 };
-use sds_integration::pki::SharedCa;
 use sds_integration::process::envoy_bin;
 use sds_integration::{test_dir, wait_until};
 use tokio::time::Instant;
-
-/// Both agents on the embedded CA with one shared root, as an operator would hand out.
-fn shared_root(dir: &std::path::Path) -> MeshCa {
-    let ca = SharedCa::write(dir).unwrap();
-    let roots = vec![ca.serial.clone()];
-    MeshCa {
-        agent_env: Vec::new(),
-        agent_args: Box::new(move |_| {
-            vec![
-                "--embedded-ca-cert".into(),
-                ca.cert.clone().into(),
-                "--embedded-ca-key".into(),
-                ca.key.clone().into(),
-            ]
-        }),
-        roots,
-    }
-}
 
 /// Client and server certificates rotate at least twice each while requests flow through
 /// both Envoys, half of them on a new mTLS connection each, half on a reused one; not one
@@ -51,7 +32,7 @@ async fn mtls_through_rotations_with_zero_failed_requests() {
         return;
     };
     let dir = test_dir().unwrap();
-    let ca = shared_root(dir.path());
+    let ca = MeshCa::shared_root(dir.path()).unwrap();
     let mesh = Mesh::start(&envoy_bin, dir.path(), "20s", &rotation_paths(), &ca)
         .await
         .unwrap();
@@ -70,7 +51,7 @@ async fn envoy_rejects_a_peer_with_the_wrong_spiffe_id() {
         return;
     };
     let dir = test_dir().unwrap();
-    let ca = shared_root(dir.path());
+    let ca = MeshCa::shared_root(dir.path()).unwrap();
     let mesh = Mesh::start(
         &envoy_bin,
         dir.path(),

@@ -509,24 +509,6 @@ async fn py_spiffe_from_a_refused_uid_gets_permission_denied() {
     );
 }
 
-/// Both agents on the embedded CA with one shared root, as an operator would hand out.
-fn shared_root(dir: &Path) -> MeshCa {
-    let ca = SharedCa::write(dir).unwrap();
-    let roots = vec![ca.serial.clone()];
-    MeshCa {
-        agent_env: Vec::new(),
-        agent_args: Box::new(move |_| {
-            vec![
-                "--embedded-ca-cert".into(),
-                ca.cert.clone().into(),
-                "--embedded-ca-key".into(),
-                ca.key.clone().into(),
-            ]
-        }),
-        roots,
-    }
-}
-
 /// The streams Envoy's google_grpc client opened for `default` and for `ROOTCA`: each secret
 /// has its own subscription, counted as `sds.<secret>.grpc.<stat_prefix>.streams_total`.
 async fn sds_streams(envoy: &Envoy) -> [u64; 2] {
@@ -547,7 +529,7 @@ async fn envoy_google_grpc_mtls_through_rotations() {
         return;
     };
     let dir = test_dir().unwrap();
-    let ca = shared_root(dir.path());
+    let ca = MeshCa::shared_root(dir.path()).unwrap();
     let mesh = Mesh::start_with_sds(
         &envoy_bin,
         dir.path(),
