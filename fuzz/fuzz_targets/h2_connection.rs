@@ -22,14 +22,15 @@
 
 #![no_main]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use common::{assert_serves, connect};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use sds_agent::RunningAgent;
 use sds_agent::config::RunArgs;
@@ -37,9 +38,8 @@ use sds_agent::secrets::Policy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::runtime::Runtime;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How long the agent may be quiet before the input is taken as answered. A served request
 /// is answered within a millisecond; a connection the agent fails is closed at once.
@@ -50,8 +50,6 @@ const READ_BOUND: Duration = Duration::from_millis(50);
 const WRITE_BOUND: Duration = Duration::from_secs(1);
 /// Every this many inputs, check that a good request is still served.
 const HEALTH_EVERY: u64 = 256;
-/// Bound on the health check and on start-up.
-const HEALTH_WAIT: Duration = Duration::from_secs(10);
 
 struct Harness {
     rt: Runtime,
@@ -107,43 +105,6 @@ fn harness() -> &'static Harness {
         h.rt.block_on(assert_serves(h.client.clone()));
         h
     })
-}
-
-async fn connect(path: PathBuf) -> SecretDiscoveryServiceClient<Channel> {
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connect to the agent");
-    SecretDiscoveryServiceClient::new(channel)
-}
-
-/// A well-formed `FetchSecrets` for `default` is answered with that secret (retried while the
-/// first certificate is being issued).
-async fn assert_serves(mut client: SecretDiscoveryServiceClient<Channel>) {
-    let req = DiscoveryRequest {
-        resource_names: vec!["default".into()],
-        type_url: SECRET_TYPE.into(),
-        ..Default::default()
-    };
-    let deadline = tokio::time::Instant::now() + HEALTH_WAIT;
-    loop {
-        let answer = tokio::time::timeout(HEALTH_WAIT, client.fetch_secrets(req.clone())).await;
-        if let Ok(Ok(resp)) = answer {
-            let resp = resp.into_inner();
-            assert_eq!(resp.resources.len(), 1, "health check: {resp:?}");
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent no longer serves a good request: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Reads until the end of the connection or an error (true), or until the agent is quiet

@@ -14,14 +14,15 @@
 
 #![no_main]
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::{assert_serves, connect};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sds_agent::RunningAgent;
@@ -30,9 +31,8 @@ use sds_agent::secrets::Policy;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// How long to wait for each response to a fuzzed request. Most bad requests are answered at
 /// once (an error status); an ACK or an unknown name is answered with nothing, so this bounds
 /// an input's time.
@@ -41,8 +41,6 @@ const ANSWER_WAIT: Duration = Duration::from_millis(5);
 const MAX_MESSAGES: usize = 16;
 /// Every this many inputs, check that a good request is still served.
 const HEALTH_EVERY: u64 = 256;
-/// Bound on the health check and on start-up.
-const HEALTH_WAIT: Duration = Duration::from_secs(10);
 
 struct Harness {
     rt: Runtime,
@@ -95,43 +93,6 @@ fn harness() -> &'static Harness {
         h.rt.block_on(assert_serves(h.client.clone()));
         h
     })
-}
-
-async fn connect(path: PathBuf) -> SecretDiscoveryServiceClient<Channel> {
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .expect("connect to the agent");
-    SecretDiscoveryServiceClient::new(channel)
-}
-
-/// A well-formed `FetchSecrets` for `default` is answered with that secret (retried while the
-/// first certificate is being issued).
-async fn assert_serves(mut client: SecretDiscoveryServiceClient<Channel>) {
-    let req = DiscoveryRequest {
-        resource_names: vec!["default".into()],
-        type_url: SECRET_TYPE.into(),
-        ..Default::default()
-    };
-    let deadline = tokio::time::Instant::now() + HEALTH_WAIT;
-    loop {
-        let answer = tokio::time::timeout(HEALTH_WAIT, client.fetch_secrets(req.clone())).await;
-        if let Ok(Ok(resp)) = answer {
-            let resp = resp.into_inner();
-            assert_eq!(resp.resources.len(), 1, "health check: {resp:?}");
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent no longer serves a good request: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The input's messages: length-delimited ones while they decode, else the whole as one.
