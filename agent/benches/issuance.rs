@@ -192,7 +192,7 @@ fn throughput(rt: &tokio::runtime::Runtime) {
     let agent_batch = |n: usize| {
         rt.block_on(async {
             for _ in 0..n {
-                black_box(manager.issue_once().await.unwrap());
+                black_box(manager.issue_once(&config.spiffe_id).await.unwrap());
             }
         })
     };

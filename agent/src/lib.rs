@@ -81,6 +81,8 @@ impl Policy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             bundle_refresh: Duration::from_secs(300),
+            ca_concurrency: 8,
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -455,6 +457,7 @@ impl RunningAgent {
         let callers = config.callers.resolve(own_uid);
         let sds = SdsService::new(
             manager.clone(),
+            sds::Identify::Workload(config.spiffe_id.clone()),
             metrics.clone(),
             callers.clone(),
             config.limits,

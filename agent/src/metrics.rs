@@ -17,8 +17,6 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use sds_backends::CaError;
 
-use crate::sds::{APIS, BAD_REQUEST_REASONS};
-use crate::secrets::validate::Rejection;
 
 /// A float gauge.
 pub type FloatGauge = Gauge<f64, AtomicU64>;
@@ -69,7 +67,48 @@ pub struct Metrics {
     pub workload_callers_denied: Counter,
     /// Times the SDS socket was found deleted or replaced and was bound again.
     pub socket_recreated: Counter,
+    /// Identities served now (one in per-pod mode; one per pod asking in node mode).
+    pub identities: Gauge,
+    /// Identities dropped because nobody asked for them in `--identity-idle-timeout`.
+    pub identities_dropped: Counter,
+    /// CA calls running now (at most `--ca-concurrency`).
+    pub ca_in_flight: Gauge,
+    /// Renewals waiting for the CA, by priority (realtime, background).
+    pub renewal_queue: Family<PriorityLabel, Gauge>,
 }
+
+/// The `reason` label values of `sds_agent_sds_bad_requests_total`, in the order the SDS
+/// server indexes them.
+pub const BAD_REQUEST_REASONS: [&str; 10] = [
+    "unknown_resource",
+    "wildcard",
+    "type_url",
+    "not_ready",
+    "too_many_streams",
+    "rate_limited",
+    "too_large",
+    "malformed",
+    "unauthenticated",
+    "not_authorized",
+];
+
+/// The `api` label values of the SDS stream metrics.
+pub const APIS: [&str; 3] = ["sotw", "delta", "fetch"];
+
+/// The `api` label value (and `/proxies` value) of SPIFFE Workload API streams.
+pub const WORKLOAD_API: &str = "workload";
+
+/// The `reason` label values of `sds_agent_ca_responses_rejected_total`: why a CA answer
+/// was refused by validation (`secrets::validate::Rejection::reason`).
+pub const REJECTION_REASONS: [&str; 7] = [
+    "unparseable",
+    "wrong_key",
+    "wrong_san",
+    "not_yet_valid",
+    "expired",
+    "is_ca",
+    "chain",
+];
 
 /// The `reason` label values of `sds_agent_workload_api_bad_requests_total`:
 /// - `missing_security_header`: no `workload.spiffe.io: true` metadata (`InvalidArgument`);
@@ -92,6 +131,13 @@ pub const WORKLOAD_API_BAD_REQUEST_REASONS: [&str; 6] = [
 pub struct ReasonLabel {
     /// Why.
     pub reason: &'static str,
+}
+
+/// `priority` label of the renewal queue: `realtime` (someone waits) or `background`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PriorityLabel {
+    /// realtime or background.
+    pub priority: &'static str,
 }
 
 /// `result` label.
@@ -210,6 +256,10 @@ impl Metrics {
             workload_bad_requests: Family::default(),
             workload_callers_denied: Counter::default(),
             socket_recreated: Counter::default(),
+            identities: Gauge::default(),
+            identities_dropped: Counter::default(),
+            ca_in_flight: Gauge::default(),
+            renewal_queue: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -322,6 +372,26 @@ impl Metrics {
             "Times a socket (SDS or Workload API) was found deleted or replaced and was created again",
             m.socket_recreated.clone(),
         );
+        r.register(
+            "identities",
+            "Identities whose certificates the agent serves now",
+            m.identities.clone(),
+        );
+        r.register(
+            "identities_dropped",
+            "Identities dropped, key and all, because nobody asked for them in --identity-idle-timeout",
+            m.identities_dropped.clone(),
+        );
+        r.register(
+            "ca_in_flight",
+            "CA calls running now, at most --ca-concurrency",
+            m.ca_in_flight.clone(),
+        );
+        r.register(
+            "renewal_queue",
+            "Issuances waiting for the CA, by priority (realtime: someone waits; background: renewals)",
+            m.renewal_queue.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -366,11 +436,14 @@ impl Metrics {
                 retryable: if retryable { "true" } else { "false" },
             }));
         }
-        for reason in Rejection::REASONS {
+        for reason in REJECTION_REASONS {
             drop(
                 self.ca_responses_rejected
                     .get_or_create(&ReasonLabel { reason }),
             );
+        }
+        for priority in ["realtime", "background"] {
+            drop(self.renewal_queue.get_or_create(&PriorityLabel { priority }));
         }
         for reason in BAD_REQUEST_REASONS {
             drop(self.bad_requests.get_or_create(&ReasonLabel { reason }));
@@ -388,7 +461,7 @@ impl Metrics {
         }
         if workload_api {
             let label = ApiLabel {
-                api: crate::sds::WORKLOAD_API,
+                api: WORKLOAD_API,
             };
             drop(self.streams_open.get_or_create(&label));
             drop(self.pushes.get_or_create(&label));

@@ -160,7 +160,13 @@ impl FileOutput {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
-        let mut cert_rx = manager.subscribe_cert();
+        // File output is per-pod mode's: the workload's own identity (config refuses it in
+        // node mode).
+        let Some(identity) = manager.workload_identity().cloned() else {
+            error!("file output needs a workload identity; none in node mode");
+            return;
+        };
+        let mut cert_rx = manager.subscribe_cert(&identity);
         let mut bundle_rx = manager.subscribe_bundle();
         let mut written: Option<(u64, u64)> = None;
         let mut retry = RETRY_FIRST;

@@ -40,8 +40,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::{ResolvedCallers, SdsLimits};
-use crate::identity::{ResourceName, UnknownResource};
-use crate::metrics::{ApiLabel, Metrics};
+use crate::identity::{NameError, ResourceName, SpiffeId, UnknownResource};
+use crate::metrics::{ApiLabel, BAD_REQUEST_REASONS, Metrics, WORKLOAD_API};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
 
 mod grpc;
@@ -64,6 +64,7 @@ pub struct SdsService {
 #[derive(Debug)]
 struct Inner {
     manager: Arc<SecretManager>,
+    identify: Identify,
     metrics: Arc<Metrics>,
     callers: ResolvedCallers,
     limits: SdsLimits,
@@ -76,6 +77,25 @@ struct Inner {
     workload_clients: Mutex<BTreeMap<u64, ProxyState>>,
 }
 
+/// Whose certificate a caller is served.
+#[derive(Debug, Clone)]
+pub enum Identify {
+    /// Per-pod mode: every allowed caller is the workload, and is served its identity.
+    Workload(SpiffeId),
+}
+
+/// An admitted caller and the identity it is served.
+#[derive(Debug, Clone)]
+pub(crate) struct Admitted {
+    /// Who connected.
+    pub(crate) caller: Caller,
+    /// The identity whose certificate it gets.
+    pub(crate) identity: SpiffeId,
+    /// Node mode: names other than `default`, `ROOTCA` and the caller's own ID are refused
+    /// as unauthorized rather than unknown.
+    pub(crate) strict: bool,
+}
+
 /// Which API a call came in on: each has its own stream count, refusal counters and words
 /// in the log, over the same caller rules and limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +106,6 @@ pub(crate) enum Surface {
     WorkloadApi,
 }
 
-/// The `api` label and `/proxies` value of Workload API streams.
-pub(crate) const WORKLOAD_API: &str = "workload";
 
 /// What the agent knows of one connected proxy's stream, for `/proxies`.
 #[derive(Debug, Clone, Serialize)]
@@ -100,8 +118,10 @@ pub struct ProxyState {
     pub node_id: String,
     /// Who connected: the process's uid, gid and pid, from SO_PEERCRED.
     pub caller: Caller,
+    /// The SPIFFE ID the stream is served.
+    pub identity: String,
     /// Resource names subscribed.
-    pub resources: Vec<&'static str>,
+    pub resources: Vec<String>,
     /// The version last sent (`default:3,ROOTCA:1`).
     pub sent_version: Option<String>,
     /// The version last ACKed.
@@ -160,22 +180,9 @@ enum SdsError {
     WrongType(String),
     #[error("no certificate has been issued yet; retry shortly")]
     NotReady,
+    #[error("{0}")]
+    NotAuthorized(String),
 }
-
-/// The `reason` label values of `sds_agent_sds_bad_requests_total`.
-pub const BAD_REQUEST_REASONS: [&str; 8] = [
-    "unknown_resource",
-    "wildcard",
-    "type_url",
-    "not_ready",
-    "too_many_streams",
-    "rate_limited",
-    "too_large",
-    "malformed",
-];
-
-/// The `api` label values of the stream metrics.
-pub const APIS: [&str; 3] = ["sotw", "delta", "fetch"];
 
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
@@ -204,6 +211,8 @@ pub(crate) struct StreamGuard {
     inner: Arc<Inner>,
     id: u64,
     api: &'static str,
+    identity: SpiffeId,
+    strict: bool,
 }
 
 impl SdsService {
@@ -211,6 +220,7 @@ impl SdsService {
     /// streams end when `shutdown` fires.
     pub fn new(
         manager: Arc<SecretManager>,
+        identify: Identify,
         metrics: Arc<Metrics>,
         callers: ResolvedCallers,
         limits: SdsLimits,
@@ -219,6 +229,7 @@ impl SdsService {
         Self {
             inner: Arc::new(Inner {
                 manager,
+                identify,
                 metrics,
                 callers,
                 limits,
@@ -319,12 +330,33 @@ impl SdsService {
         )))
     }
 
+    /// The identity `caller` is served (node mode: proven from its process and pod).
+    pub(crate) async fn identify(
+        &self,
+        caller: Caller,
+        surface: Surface,
+    ) -> Result<Admitted, Status> {
+        let _ = surface;
+        match &self.inner.identify {
+            Identify::Workload(id) => Ok(Admitted {
+                caller,
+                identity: id.clone(),
+                strict: false,
+            }),
+        }
+    }
+
     /// Registers a new stream, unless `--max-streams` of its API are open already.
     pub(crate) fn start_stream(
         &self,
         api: &'static str,
-        caller: Caller,
+        admitted: Admitted,
     ) -> Result<StreamGuard, Status> {
+        let Admitted {
+            caller,
+            identity,
+            strict,
+        } = admitted;
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let surface = Surface::of(api);
         let mut proxies = self.inner.registry(api).lock();
@@ -360,6 +392,7 @@ impl SdsService {
                 // Filled in from the first request that names its node.
                 node_id: String::new(),
                 caller,
+                identity: identity.to_string(),
                 resources: vec![],
                 sent_version: None,
                 acked_version: None,
@@ -372,6 +405,8 @@ impl SdsService {
             inner: self.inner.clone(),
             id,
             api,
+            identity,
+            strict,
         })
     }
 }
@@ -386,7 +421,8 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let caller = self.authorize(&request, Surface::Sds)?;
-        let guard = self.start_stream(SotwState::API, caller)?;
+        let admitted = self.identify(caller, Surface::Sds).await?;
+        let guard = self.start_stream(SotwState::API, admitted)?;
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         Ok(Response::new(serve_stream::<SotwState>(
             guard,
@@ -400,7 +436,8 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let caller = self.authorize(&request, Surface::Sds)?;
-        let guard = self.start_stream(DeltaState::API, caller)?;
+        let admitted = self.identify(caller, Surface::Sds).await?;
+        let guard = self.start_stream(DeltaState::API, admitted)?;
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         Ok(Response::new(serve_stream::<DeltaState>(
             guard,
@@ -413,7 +450,8 @@ impl SecretDiscoveryService for SdsService {
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        self.authorize(&request, Surface::Sds)?;
+        let caller = self.authorize(&request, Surface::Sds)?;
+        let admitted = self.identify(caller, Surface::Sds).await?;
         let inner = &self.inner;
         let req = request.into_inner();
         let result = async {
@@ -421,8 +459,8 @@ impl SecretDiscoveryService for SdsService {
             if req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*") {
                 return Err(SdsError::Wildcard);
             }
-            let names = parse_names(&req.resource_names)?;
-            let mut cert_rx = inner.manager.subscribe_cert();
+            let names = parse_names(&req.resource_names, &admitted)?;
+            let mut cert_rx = inner.manager.subscribe_cert(&admitted.identity);
             let mut bundle_rx = inner.manager.subscribe_bundle();
             let deadline = tokio::time::Instant::now() + FETCH_WAIT;
             loop {
@@ -565,7 +603,7 @@ fn serve_stream<S: XdsState>(
 ) -> ResponseStream<S::Response> {
     let inner = guard.inner.clone();
     let driver = StreamDriver::<S> {
-        cert_rx: inner.manager.subscribe_cert(),
+        cert_rx: inner.manager.subscribe_cert(&guard.identity),
         bundle_rx: inner.manager.subscribe_bundle(),
         bucket: TokenBucket::new(inner.limits.max_requests_per_second),
         st: S::default(),
@@ -692,9 +730,9 @@ impl XdsState for SotwState {
         {
             return Err(SdsError::Wildcard);
         }
-        let names = parse_names(&req.resource_names)?;
+        let names = parse_names(&req.resource_names, g)?;
         self.sent.retain(|n, _| names.contains(n));
-        g.update(|p| p.resources = names.iter().map(|n| n.as_str()).collect());
+        g.update(|p| p.resources = names.iter().map(|n| n.wire_name(&g.identity).into()).collect());
         self.names = Some(names);
         Ok(())
     }
@@ -766,7 +804,7 @@ impl XdsState for DeltaState {
             }
             // Versions the client already holds (after a reconnect): do not resend them.
             for (name, version) in &req.initial_resource_versions {
-                if let Ok(n) = name.parse::<ResourceName>() {
+                if let Ok(n) = g.name(name) {
                     self.sent.insert(n, version.clone());
                 }
             }
@@ -775,24 +813,31 @@ impl XdsState for DeltaState {
             if name == "*" {
                 return Err(SdsError::Wildcard);
             }
-            match name.parse::<ResourceName>() {
+            match g.name(name) {
                 Ok(n) => {
                     self.subscribed.insert(n);
                 }
-                Err(e) => {
+                Err(NameError::Unknown(e)) => {
                     g.inner.metrics.bad_request(BAD_REQUEST_REASONS[0]);
                     warn!(error = %e, "subscription to an unknown secret; answering that it does not exist");
                     self.removed.push(e.0);
                 }
+                Err(e) => return Err(e.into()),
             }
         }
         for name in &req.resource_names_unsubscribe {
-            if let Ok(n) = name.parse::<ResourceName>() {
+            if let Ok(n) = g.name(name) {
                 self.subscribed.remove(&n);
                 self.sent.remove(&n);
             }
         }
-        g.update(|p| p.resources = self.subscribed.iter().map(|n| n.as_str()).collect());
+        g.update(|p| {
+            p.resources = self
+                .subscribed
+                .iter()
+                .map(|n| n.wire_name(&g.identity).into())
+                .collect();
+        });
         Ok(())
     }
 
@@ -811,7 +856,7 @@ impl XdsState for DeltaState {
                 if self.sent.get(n) != Some(&v) {
                     self.sent.insert(*n, v.clone());
                     resources.push(Resource {
-                        name: n.as_str().into(),
+                        name: wire_name(*n, &cert).into_owned(),
                         version: v,
                         resource: Some(any),
                         ..Default::default()
@@ -895,6 +940,16 @@ impl StreamGuard {
         self.id
     }
 
+    /// The identity the stream is served.
+    pub(crate) fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    /// A resource name as this stream's caller may ask for it.
+    fn name(&self, name: &str) -> Result<ResourceName, NameError> {
+        ResourceName::for_caller(name, &self.identity, self.strict)
+    }
+
     /// Changes what `/proxies` shows of the stream.
     pub(crate) fn update(&self, f: impl FnOnce(&mut ProxyState)) {
         if let Some(p) = self.inner.registry(self.api).lock().get_mut(&self.id) {
@@ -954,6 +1009,7 @@ impl SdsError {
             SdsError::Wildcard => BAD_REQUEST_REASONS[1],
             SdsError::WrongType(_) => BAD_REQUEST_REASONS[2],
             SdsError::NotReady => BAD_REQUEST_REASONS[3],
+            SdsError::NotAuthorized(_) => BAD_REQUEST_REASONS[9],
         }
     }
 
@@ -962,7 +1018,7 @@ impl SdsError {
         let reason = self.reason();
         let status = match &self {
             SdsError::Unknown(_) => Status::not_found(self.to_string()),
-            SdsError::Wildcard | SdsError::WrongType(_) => {
+            SdsError::Wildcard | SdsError::WrongType(_) | SdsError::NotAuthorized(_) => {
                 Status::invalid_argument(self.to_string())
             }
             SdsError::NotReady => Status::unavailable(self.to_string()),
@@ -980,11 +1036,42 @@ fn check_type(type_url: &str) -> Result<(), SdsError> {
     }
 }
 
-fn parse_names(names: &[String]) -> Result<BTreeSet<ResourceName>, SdsError> {
+/// The names of a SotW or Fetch request, as `caller` may ask for them.
+fn parse_names(
+    names: &[String],
+    caller: &impl AsCaller,
+) -> Result<BTreeSet<ResourceName>, SdsError> {
+    let (own, strict) = caller.own();
     names
         .iter()
-        .map(|n| n.parse().map_err(SdsError::from))
+        .map(|n| ResourceName::for_caller(n, own, strict).map_err(SdsError::from))
         .collect()
+}
+
+/// Whose names a request's resource names are read as: a stream's or a Fetch caller's.
+trait AsCaller {
+    fn own(&self) -> (&SpiffeId, bool);
+}
+
+impl AsCaller for StreamGuard {
+    fn own(&self) -> (&SpiffeId, bool) {
+        (&self.identity, self.strict)
+    }
+}
+
+impl AsCaller for Admitted {
+    fn own(&self) -> (&SpiffeId, bool) {
+        (&self.identity, self.strict)
+    }
+}
+
+impl From<NameError> for SdsError {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::Unknown(u) => SdsError::Unknown(u),
+            NameError::NotAuthorized(n) => SdsError::NotAuthorized(NameError::NotAuthorized(n).to_string()),
+        }
+    }
 }
 
 fn version(
@@ -993,7 +1080,7 @@ fn version(
     bundle: &Option<Arc<ServedBundle>>,
 ) -> Option<u64> {
     match name {
-        ResourceName::Default => cert.as_ref().map(|c| c.version),
+        ResourceName::Default | ResourceName::OwnId => cert.as_ref().map(|c| c.version),
         ResourceName::RootCa => bundle.as_ref().map(|b| b.version),
     }
 }
@@ -1019,6 +1106,14 @@ fn encode_all(
         .unzip()
 }
 
+/// The name a resource goes by on the wire: the caller's own ID is the certificate's.
+fn wire_name(name: ResourceName, cert: &Option<Arc<ServedCert>>) -> std::borrow::Cow<'static, str> {
+    match cert {
+        Some(c) => name.wire_name(&c.identity),
+        None => name.as_str().into(),
+    }
+}
+
 /// The resource's version and its encoding, if it exists now.
 fn resource(
     name: ResourceName,
@@ -1032,7 +1127,7 @@ fn resource(
         })
     };
     let (v, ty) = match name {
-        ResourceName::Default => {
+        ResourceName::Default | ResourceName::OwnId => {
             let c = cert.as_ref()?;
             let tls = TlsCertificate {
                 certificate_chain: inline(c.chain_pem.as_bytes()),
@@ -1051,7 +1146,7 @@ fn resource(
         }
     };
     let secret = Secret {
-        name: name.as_str().into(),
+        name: wire_name(name, cert).into_owned(),
         r#type: Some(ty),
     };
     Some((

@@ -45,8 +45,8 @@ use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::metrics::ApiLabel;
-use crate::sds::{Caller, SdsService, StreamGuard, Surface, TokenBucket, WORKLOAD_API, grpc};
+use crate::metrics::{ApiLabel, WORKLOAD_API};
+use crate::sds::{Admitted, Caller, SdsService, StreamGuard, Surface, TokenBucket, grpc};
 use crate::secrets::{ServedBundle, ServedCert};
 
 /// The metadata key every Workload API call must carry, with the value `true`.
@@ -155,21 +155,22 @@ impl WorkloadApiService {
     /// client leaves or the agent shuts down.
     fn stream<D: Driver>(
         &self,
-        caller: Caller,
+        admitted: Admitted,
         make: impl FnOnce(StreamGuard, CertRx, BundleRx) -> D,
     ) -> Result<ResponseStream<D::Message>, Status> {
-        let guard = self.sds.start_stream(WORKLOAD_API, caller)?;
-        guard.update(|p| p.resources = vec![D::RESOURCE]);
+        let guard = self.sds.start_stream(WORKLOAD_API, admitted)?;
+        guard.update(|p| p.resources = vec![D::RESOURCE.into()]);
         let span = info_span!(
             "workload_api_stream",
             method = D::RESOURCE,
             stream = guard.id()
         );
         let manager = self.sds.manager();
+        let cert_rx = manager.subscribe_cert(guard.identity());
         let state = StreamState {
-            driver: make(guard, manager.subscribe_cert(), manager.subscribe_bundle()),
+            trust_domain_id: format!("spiffe://{}", manager.trust_domain()),
+            driver: make(guard, cert_rx, manager.subscribe_bundle()),
             service: self.clone(),
-            trust_domain_id: format!("spiffe://{}", manager.identity().trust_domain()),
         };
         Ok(Box::pin(futures::stream::unfold(state, move |mut st| {
             async move {
@@ -315,7 +316,8 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&request)?;
-        let stream = self.stream(caller, |guard, cert_rx, bundle_rx| SvidStream {
+        let admitted = self.sds.identify(caller, Surface::WorkloadApi).await?;
+        let stream = self.stream(admitted, |guard, cert_rx, bundle_rx| SvidStream {
             guard,
             cert_rx,
             bundle_rx,
@@ -329,7 +331,8 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.admit(&request)?;
-        let stream = self.stream(caller, |guard, cert_rx, bundle_rx| BundlesStream {
+        let admitted = self.sds.identify(caller, Surface::WorkloadApi).await?;
+        let stream = self.stream(admitted, |guard, cert_rx, bundle_rx| BundlesStream {
             guard,
             cert_rx,
             bundle_rx,

@@ -29,6 +29,8 @@ fn policy() -> Policy {
         backoff_initial: Duration::from_secs(1),
         backoff_max: Duration::from_secs(300),
         bundle_refresh: Duration::from_secs(3600),
+        ca_concurrency: 8,
+        idle_timeout: Duration::from_secs(3600),
     }
 }
 
@@ -46,7 +48,7 @@ impl Harness {
         let manager = SecretManager::new(id(), policy, ca.clone(), metrics.clone());
         let shutdown = CancellationToken::new();
         tokio::spawn(manager.clone().run(shutdown.clone()));
-        let certs = manager.subscribe_cert();
+        let certs = manager.subscribe_cert(&id());
         Self {
             ca,
             manager,

@@ -120,7 +120,7 @@ impl Agent {
     fn serial(&self) -> String {
         self.agent()
             .manager()
-            .subscribe_cert()
+            .subscribe_cert(&self.agent().manager().workload_identity().unwrap().clone())
             .borrow()
             .as_ref()
             .unwrap()

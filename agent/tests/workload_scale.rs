@@ -81,7 +81,7 @@ async fn a_thousand_streams_on_each_api_get_every_rotation_for_one_csr_each() {
         .await
         .unwrap();
     let manager = agent.manager().clone();
-    let mut cert_rx = manager.subscribe_cert();
+    let mut cert_rx = manager.subscribe_cert(&config.spiffe_id);
     let mut bundle_rx = manager.subscribe_bundle();
     tokio::time::timeout(WAIT, async {
         cert_rx.wait_for(Option::is_some).await.unwrap();

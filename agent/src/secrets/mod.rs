@@ -1,20 +1,29 @@
-//! The secret manager: one rotation task per identity, the last good certificate, the trust
-//! bundle, and the `watch` channels SDS streams subscribe to.
+//! The secret manager: the certificates of a set of identities (one in per-pod mode, one per
+//! attested pod in node mode), each with its last good certificate, its own backoff and its
+//! `watch` channel; the trust bundle they share; and one scheduler that renews them all.
 //!
-//! It keeps the rules of DESIGN.md:
+//! The scheduler has ztunnel's shape: a queue of due renewals ([`queue`]) in which real-time
+//! work (an identity someone waits for) goes ahead of background renewals, and at most
+//! `--ca-concurrency` CA calls at once. An identity nobody has asked for in
+//! `--identity-idle-timeout` is dropped, and its key with it.
+//!
+//! For every identity it keeps the rules of DESIGN.md:
 //! 1. a new key, generated locally, for every issuance; keys never leave memory;
 //! 2. every CA answer is validated ([`validate`]) before it is published;
 //! 3. the renewal time comes from the certificate returned (`--renew-at` of its actual
 //!    lifetime, less jitter), not from the TTL asked for;
 //! 4. while the CA fails, the last good certificate is served until it expires; retries back
 //!    off exponentially with jitter, capped, and the cap shrinks as expiry nears;
-//! 5. streams only read the channels, so any number of them cause one CSR per rotation.
+//! 5. streams only read the channels, so any number of them cause one CSR per rotation;
+//!    an identity is queued at most once and has at most one CA call running.
 //!
 //! Readers never wait on the CA: they see the latest published value. Nothing here knows
 //! about SDS or any particular backend.
 
+mod queue;
 pub mod validate;
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,20 +32,24 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use rand::Rng;
 use rustls_pki_types::CertificateDer;
-use sds_backends::{CaError, CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustBundle};
+use sds_backends::{
+    CaError, CertificateAuthority, KeyType, SignRequest, SpiffeId, TrustBundle, TrustDomain,
+};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use zeroize::Zeroizing;
 
 use crate::config::RenewAt;
 use crate::keys::{KeyError, PrivateKey};
 use crate::metrics::{
     CaErrorLabels, CaOperationLabels, CaRequestLabels, IdentityLabel, KeyTypeLabel, Metrics,
-    ReasonLabel, ResultLabel, SecretLabels,
+    PriorityLabel, ReasonLabel, ResultLabel, SecretLabels,
 };
+use queue::{Priority, Queue};
 use validate::{LeafInfo, Rejection};
 
 /// Most of the renewal interval that jitter may take off, so a fleet spreads out.
@@ -61,6 +74,10 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// How often the trust bundle is re-read from the CA.
     pub bundle_refresh: Duration,
+    /// Most CA calls (issuances and bundle reads) running at once, over every identity.
+    pub ca_concurrency: usize,
+    /// How long an identity nobody asks for is kept (node mode; a pinned identity is kept).
+    pub idle_timeout: Duration,
 }
 
 /// A validated workload certificate with its key, as served under `default`.
@@ -144,55 +161,154 @@ pub enum IssueError {
     Key(#[from] KeyError),
 }
 
-/// Owns the rotation of one identity's certificate and the trust bundle.
+/// Owns the rotation of a set of identities' certificates and the trust bundle they share.
+///
+/// Per-pod mode is a set of one identity, pinned for the life of the process
+/// ([`SecretManager::new`]); node mode ([`SecretManager::for_node`]) adds an identity when an
+/// attested caller first asks for it ([`SecretManager::subscribe_cert`]) and drops it, key and
+/// all, once nobody has asked for it in [`Policy::idle_timeout`].
+///
+/// One scheduler ([`SecretManager::run`]) serves them all: a queue of due renewals in which
+/// real-time work (someone waiting) goes ahead of background renewals, and at most
+/// [`Policy::ca_concurrency`] CA calls at once. Each identity keeps its own backoff, expiry and
+/// health.
 pub struct SecretManager {
-    identity: SpiffeId,
+    trust_domain: TrustDomain,
+    /// Per-pod mode: the workload's identity, served from start to stop.
+    workload: Option<SpiffeId>,
     policy: Policy,
     ca: Arc<dyn CertificateAuthority>,
-    cert: watch::Sender<Option<Arc<ServedCert>>>,
     bundle: watch::Sender<Option<Arc<ServedBundle>>>,
-    /// Bumped by [`SecretManager::rotate_now`]; requests made during an issuance are
-    /// satisfied by it, so a burst of them causes one CSR.
-    rotate: watch::Sender<u64>,
-    health: Mutex<Health>,
+    state: Mutex<State>,
+    /// Wakes the scheduler: new work queued, or a CA call finished.
+    wake: Notify,
+    /// One permit per CA call allowed at once (`--ca-concurrency`).
+    permits: Arc<Semaphore>,
+    /// Serializes trust bundle reads, so concurrent issuances that all find the bundle
+    /// missing or stale cause one read.
+    bundle_read: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    /// Version of the last certificate built; never reused, even after an expiry.
+    /// Version of the last certificate built, across identities; never reused.
     cert_version: AtomicU64,
-    /// notAfter of the last certificate and the earliest root, kept after an expiry so the
-    /// metrics can say how long ago it was.
-    expiries: Mutex<Vec<(SecretLabels, SystemTime)>>,
+    /// notAfter of each identity's last certificate and of the earliest root, kept after an
+    /// expiry so the metrics can say how long ago it was.
+    expiries: Mutex<HashMap<SecretLabels, SystemTime>>,
+}
+
+/// What the scheduler knows, under one lock.
+#[derive(Debug, Default)]
+struct State {
+    identities: HashMap<SpiffeId, Tracked>,
+    queue: Queue<SpiffeId>,
+    /// When each served certificate expires, to withdraw it if it was not renewed in time.
+    expiries: BTreeSet<(Instant, SpiffeId)>,
+    /// When the trust bundle is read next, and reads failed in a row.
+    bundle_due: Option<Instant>,
+    bundle_failures: u32,
+}
+
+/// One identity's rotation state.
+#[derive(Debug)]
+struct Tracked {
+    entry: Arc<IdentityEntry>,
+    /// Served until the process stops (per-pod mode's identity).
+    pinned: bool,
+    /// A CA call for it is running.
+    in_flight: bool,
+    /// Issuances failed since the last success.
+    failures: u32,
+    /// When the served certificate expires.
+    expires: Option<Instant>,
+    /// The last time a caller asked for it or a stream was reading it.
+    last_used: Instant,
+}
+
+/// One identity's served certificate and health.
+struct IdentityEntry {
+    id: SpiffeId,
+    cert: watch::Sender<Option<Arc<ServedCert>>>,
+    health: Mutex<Health>,
 }
 
 impl SecretManager {
-    /// A manager for `identity`; nothing happens until [`SecretManager::run`] is spawned.
+    /// A manager for one workload `identity` (per-pod mode); nothing happens until
+    /// [`SecretManager::run`] is spawned.
     pub fn new(
         identity: SpiffeId,
         policy: Policy,
         ca: Arc<dyn CertificateAuthority>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            identity,
+        let manager = Self::build(
+            identity.trust_domain().clone(),
+            Some(identity.clone()),
             policy,
             ca,
-            cert: watch::Sender::new(None),
+            metrics,
+        );
+        manager.track(&identity, true);
+        manager
+    }
+
+    /// A manager for the identities of a node's pods in `trust_domain`, none yet (node
+    /// mode). The trust bundle is read as soon as [`SecretManager::run`] starts, so the agent
+    /// is ready before the first pod asks.
+    pub fn for_node(
+        trust_domain: TrustDomain,
+        policy: Policy,
+        ca: Arc<dyn CertificateAuthority>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let manager = Self::build(trust_domain, None, policy, ca, metrics);
+        manager.state.lock().bundle_due = Some(Instant::now());
+        manager
+    }
+
+    fn build(
+        trust_domain: TrustDomain,
+        workload: Option<SpiffeId>,
+        policy: Policy,
+        ca: Arc<dyn CertificateAuthority>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            trust_domain,
+            workload,
+            permits: Arc::new(Semaphore::new(policy.ca_concurrency.max(1))),
+            policy,
+            ca,
             bundle: watch::Sender::new(None),
-            rotate: watch::Sender::new(0),
-            health: Mutex::new(Health::default()),
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            bundle_read: tokio::sync::Mutex::new(()),
             metrics,
             cert_version: AtomicU64::new(0),
-            expiries: Mutex::new(Vec::new()),
+            expiries: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The identity this manager serves.
-    pub fn identity(&self) -> &SpiffeId {
-        &self.identity
+    /// The trust domain of every identity served.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
     }
 
-    /// The latest certificate, if one is valid now.
-    pub fn subscribe_cert(&self) -> watch::Receiver<Option<Arc<ServedCert>>> {
-        self.cert.subscribe()
+    /// Per-pod mode's workload identity; `None` in node mode.
+    pub fn workload_identity(&self) -> Option<&SpiffeId> {
+        self.workload.as_ref()
+    }
+
+    /// The identities served now, in order.
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = self.state.lock().identities.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The latest certificate of `identity`, if one is valid now. Asking for an identity not
+    /// served yet adds it and queues its first issuance ahead of every renewal; each call
+    /// counts as use for [`Policy::idle_timeout`], as does holding the receiver.
+    pub fn subscribe_cert(&self, identity: &SpiffeId) -> watch::Receiver<Option<Arc<ServedCert>>> {
+        self.track(identity, false)
     }
 
     /// The latest trust bundle.
@@ -200,41 +316,90 @@ impl SecretManager {
         self.bundle.subscribe()
     }
 
-    /// Asks for a renewal now, whatever the schedule says.
+    /// Asks for a renewal of every identity now, whatever the schedule says. An identity
+    /// whose CA call is running is answered by that call.
     pub fn rotate_now(&self) {
-        self.rotate.send_modify(|n| *n = n.wrapping_add(1));
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let State {
+            identities, queue, ..
+        } = &mut *st;
+        for (id, t) in identities.iter() {
+            if !t.in_flight {
+                queue.push(id.clone(), Priority::RealTime, now);
+            }
+        }
+        self.set_queue_gauges(queue);
+        drop(st);
+        self.wake.notify_one();
     }
 
-    /// Whether a valid certificate and a trust bundle are being served.
+    /// Whether the trust bundle and a valid certificate for every pinned identity are
+    /// being served. In node mode, the bundle alone: pods come and go.
     pub fn is_ready(&self) -> bool {
-        self.cert.borrow().is_some() && self.bundle.borrow().is_some()
+        if self.bundle.borrow().is_none() {
+            return false;
+        }
+        let st = self.state.lock();
+        st.identities
+            .values()
+            .filter(|t| t.pinned)
+            .all(|t| t.entry.cert.borrow().is_some())
     }
 
-    /// The manager's health.
+    /// The manager's health: the identity failing longest, and whether any pinned identity's
+    /// certificate has expired. When nothing fails, the default.
     pub fn health(&self) -> Health {
-        self.health.lock().clone()
+        let st = self.state.lock();
+        let mut worst = Health::default();
+        for t in st.identities.values() {
+            let h = t.entry.health.lock();
+            if h.consecutive_failures > worst.consecutive_failures {
+                worst.consecutive_failures = h.consecutive_failures;
+                worst.last_error.clone_from(&h.last_error);
+            }
+            worst.expired |= h.expired && t.pinned;
+        }
+        if self.bundle.borrow().is_none() && worst.last_error.is_none() {
+            worst.last_error = st
+                .bundle_failures
+                .gt(&0)
+                .then(|| "the trust bundle could not be read".to_owned());
+        }
+        worst
     }
 
-    /// What is served now, for `/secrets`.
+    /// What is served now, for `/secrets`: each identity's `default` (per-pod mode's first),
+    /// then the roots.
     pub fn status(&self) -> Vec<SecretStatus> {
+        let mut entries: Vec<Arc<IdentityEntry>> = self
+            .state
+            .lock()
+            .identities
+            .values()
+            .map(|t| t.entry.clone())
+            .collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
         let mut out = Vec::new();
-        if let Some(c) = self.cert.borrow().as_ref() {
-            out.push(SecretStatus {
-                name: crate::identity::DEFAULT_RESOURCE,
-                spiffe_id: c.identity.to_string(),
-                serial: c.leaf.serial.clone(),
-                not_before: rfc3339(c.leaf.not_before),
-                not_after: rfc3339(c.leaf.not_after),
-                next_renewal: Some(rfc3339(c.renew_at)),
-                version: c.version,
-                backend: c.backend,
-            });
+        for entry in entries {
+            if let Some(c) = entry.cert.borrow().as_ref() {
+                out.push(SecretStatus {
+                    name: crate::identity::DEFAULT_RESOURCE,
+                    spiffe_id: c.identity.to_string(),
+                    serial: c.leaf.serial.clone(),
+                    not_before: rfc3339(c.leaf.not_before),
+                    not_after: rfc3339(c.leaf.not_after),
+                    next_renewal: Some(rfc3339(c.renew_at)),
+                    version: c.version,
+                    backend: c.backend,
+                });
+            }
         }
         if let Some(b) = self.bundle.borrow().as_ref() {
             for root in &b.root_info {
                 out.push(SecretStatus {
                     name: crate::identity::ROOTCA_RESOURCE,
-                    spiffe_id: format!("spiffe://{}", self.identity.trust_domain()),
+                    spiffe_id: format!("spiffe://{}", self.trust_domain),
                     serial: root.serial.clone(),
                     not_before: rfc3339(root.not_before),
                     not_after: rfc3339(root.not_after),
@@ -259,6 +424,43 @@ impl SecretManager {
         }
     }
 
+    /// The identity's entry, added (and its first issuance queued) if it is new.
+    fn track(&self, identity: &SpiffeId, pinned: bool) -> watch::Receiver<Option<Arc<ServedCert>>> {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let State {
+            identities, queue, ..
+        } = &mut *st;
+        let t = identities.entry(identity.clone()).or_insert_with(|| {
+            self.metrics.identities.inc();
+            info!(id = %identity, "identity added");
+            Tracked {
+                entry: Arc::new(IdentityEntry {
+                    id: identity.clone(),
+                    cert: watch::Sender::new(None),
+                    health: Mutex::new(Health::default()),
+                }),
+                pinned,
+                in_flight: false,
+                failures: 0,
+                expires: None,
+                last_used: now,
+            }
+        });
+        t.last_used = now;
+        let rx = t.entry.cert.subscribe();
+        // No certificate, none on the way, and no retry waiting out its backoff: someone
+        // waits for this one, so it goes ahead of every renewal.
+        let idle = rx.borrow().is_none() && !t.in_flight && queue.priority_of(identity).is_none();
+        if idle {
+            queue.push(identity.clone(), Priority::RealTime, now);
+            self.set_queue_gauges(queue);
+            drop(st);
+            self.wake.notify_one();
+        }
+        rx
+    }
+
     /// Records the notAfter of a served secret for the expiry gauges.
     fn record_expiry(&self, resource: &'static str, identity: String, validity: &LeafInfo) {
         let labels = SecretLabels { resource, identity };
@@ -271,22 +473,31 @@ impl SecretManager {
             .cert_lifetime_seconds
             .get_or_create(&labels)
             .set(seconds_between(validity.not_before, not_after));
-        let mut expiries = self.expiries.lock();
-        match expiries.iter_mut().find(|(l, _)| *l == labels) {
-            Some(entry) => entry.1 = not_after,
-            None => expiries.push((labels, not_after)),
-        }
-        drop(expiries);
-        self.refresh_expiry_metrics();
+        self.metrics
+            .cert_expiry_seconds
+            .get_or_create(&labels)
+            .set(seconds_between(SystemTime::now(), not_after));
+        self.expiries.lock().insert(labels, not_after);
     }
 
-    fn set_next_renewal(&self, at: SystemTime) {
+    fn set_next_renewal(&self, identity: &SpiffeId, at: SystemTime) {
         self.metrics
             .next_renewal_timestamp
             .get_or_create(&IdentityLabel {
-                identity: self.identity.to_string(),
+                identity: identity.to_string(),
             })
             .set(unix_f64(at));
+    }
+
+    fn set_queue_gauges(&self, queue: &Queue<SpiffeId>) {
+        for priority in [Priority::RealTime, Priority::Background] {
+            self.metrics
+                .renewal_queue
+                .get_or_create(&PriorityLabel {
+                    priority: priority.as_str(),
+                })
+                .set(i64::try_from(queue.len(priority)).unwrap_or(i64::MAX));
+        }
     }
 
     /// One call to the CA, limited to the policy's timeout, timed and counted by backend,
@@ -330,105 +541,285 @@ impl SecretManager {
         result
     }
 
-    /// The rotation loop: issue, publish, sleep until the renewal point (or a retry, a
-    /// forced rotation, a bundle refresh, or expiry), until `shutdown`.
+    /// The scheduler, until `shutdown`: takes due work off the queue while CA permits are
+    /// free (real-time first), withdraws certificates that expired before they could be
+    /// renewed, re-reads the trust bundle, and drops idle identities. CA calls run as tasks
+    /// of their own, so a slow CA holds up only its permit.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut next_issue = Instant::now();
-        let mut next_bundle = Instant::now() + self.policy.bundle_refresh;
-        let mut expires: Option<Instant> = None;
-        let mut withdrawn = false;
-        let mut failures: u32 = 0;
-        let mut rotate = self.rotate.subscribe();
+        let mut calls = JoinSet::new();
+        let sweep_every = (self.policy.idle_timeout / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut next_sweep = Instant::now() + sweep_every;
+        {
+            let mut st = self.state.lock();
+            if st.bundle_due.is_none() {
+                st.bundle_due = Some(Instant::now() + self.policy.bundle_refresh);
+            }
+        }
         loop {
-            let expiry = async {
-                match expires {
-                    Some(t) if !withdrawn => sleep_until(t).await,
-                    _ => std::future::pending().await,
-                }
-            };
+            while calls.try_join_next().is_some() {}
+            let now = Instant::now();
+            self.withdraw_expired(now);
+            if now >= next_sweep {
+                self.drop_idle(now);
+                next_sweep = now + sweep_every;
+            }
+            let next = self.dispatch(now, &mut calls);
+            let next = next.map_or(next_sweep, |t| t.min(next_sweep));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = sleep_until(next_issue) => {}
-                r = rotate.changed() => {
-                    if r.is_err() {
-                        return;
-                    }
-                    info!("rotation requested");
-                }
-                _ = sleep_until(next_bundle) => {
-                    if let Err(error) = self.refresh_bundle().await {
-                        warn!(%error, backend = self.ca.name(), "trust bundle refresh failed; keeping the last one");
-                    }
-                    next_bundle = Instant::now() + self.policy.bundle_refresh;
-                    continue;
-                }
-                _ = expiry => {
-                    error!(id = %self.identity, "certificate expired before it could be renewed; it is no longer served");
-                    self.cert.send_replace(None);
-                    self.health.lock().expired = true;
-                    withdrawn = true;
-                    continue;
-                }
-            }
-
-            let started = Instant::now();
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.issue_once() => r,
-            };
-            // Rotation requests made while this attempt ran are answered by it.
-            rotate.borrow_and_update();
-            match result {
-                Ok(cert) => {
-                    failures = 0;
-                    let now = SystemTime::now();
-                    let delay = cert.renew_at.duration_since(now).unwrap_or_default();
-                    next_issue = Instant::now() + delay;
-                    expires = Some(
-                        Instant::now()
-                            + cert.leaf.not_after.duration_since(now).unwrap_or_default(),
-                    );
-                    info!(
-                        id = %self.identity,
-                        serial = %cert.leaf.serial,
-                        not_after = %rfc3339(cert.leaf.not_after),
-                        next_renewal = %rfc3339(cert.renew_at),
-                        backend = self.ca.name(),
-                        duration_ms = started.elapsed().as_millis() as u64,
-                        "certificate issued"
-                    );
-                    self.metrics
-                        .renewals
-                        .get_or_create(&ResultLabel { result: "success" })
-                        .inc();
-                    self.record_expiry(
-                        crate::identity::DEFAULT_RESOURCE,
-                        self.identity.to_string(),
-                        &cert.leaf,
-                    );
-                    self.set_next_renewal(cert.renew_at);
-                    *self.health.lock() = Health::default();
-                    self.cert.send_replace(Some(Arc::new(cert)));
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    // Zero once expired: retry at the most urgent pace.
-                    let remaining = expires.map(|t| t.saturating_duration_since(Instant::now()));
-                    let delay = backoff(failures, remaining, &self.policy);
-                    next_issue = Instant::now() + delay;
-                    self.metrics
-                        .renewals
-                        .get_or_create(&ResultLabel { result: "failure" })
-                        .inc();
-                    self.set_next_renewal(SystemTime::now() + delay);
-                    self.record_failure(&error, failures, remaining, delay);
-                }
+                _ = self.wake.notified() => {}
+                _ = sleep_until(next) => {}
+                Some(_) = calls.join_next(), if !calls.is_empty() => {}
             }
         }
     }
 
+    /// Starts every due CA call there is a permit for; when the scheduler must look again
+    /// (the earliest of the queue, the bundle read and the expiries).
+    fn dispatch(self: &Arc<Self>, now: Instant, calls: &mut JoinSet<()>) -> Option<Instant> {
+        let mut st = self.state.lock();
+        if st.bundle_due.is_some_and(|t| t <= now) {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                st.bundle_due = None;
+                calls.spawn(
+                    self.clone()
+                        .scheduled_bundle_read(permit)
+                        .instrument(info_span!("trust_bundle")),
+                );
+            }
+        }
+        loop {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some((id, priority)) = st.queue.pop_due(now) else {
+                break;
+            };
+            let Some(t) = st.identities.get_mut(&id) else {
+                continue;
+            };
+            t.in_flight = true;
+            let span = info_span!("issue", id = %id, priority = priority.as_str());
+            calls.spawn(self.clone().issue(id, permit).instrument(span));
+        }
+        self.set_queue_gauges(&st.queue);
+        [
+            st.queue.next_due(),
+            st.bundle_due,
+            st.expiries.first().map(|(t, _)| *t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// One issuance for `id`, holding a CA permit, and what follows from its result.
+    async fn issue(self: Arc<Self>, id: SpiffeId, permit: OwnedSemaphorePermit) {
+        self.metrics.ca_in_flight.inc();
+        let started = Instant::now();
+        let result = self.issue_once(&id).await;
+        self.metrics.ca_in_flight.dec();
+        drop(permit);
+        match result {
+            Ok(cert) => self.issued(&id, cert, started),
+            Err(error) => self.failed(&id, &error),
+        }
+        self.wake.notify_one();
+    }
+
+    /// Publishes a new certificate for `id` and plans its renewal.
+    fn issued(&self, id: &SpiffeId, cert: ServedCert, started: Instant) {
+        let now = SystemTime::now();
+        let delay = cert.renew_at.duration_since(now).unwrap_or_default();
+        let expires = Instant::now() + cert.leaf.not_after.duration_since(now).unwrap_or_default();
+        info!(
+            id = %id,
+            serial = %cert.leaf.serial,
+            not_after = %rfc3339(cert.leaf.not_after),
+            next_renewal = %rfc3339(cert.renew_at),
+            backend = self.ca.name(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "certificate issued"
+        );
+        self.metrics
+            .renewals
+            .get_or_create(&ResultLabel { result: "success" })
+            .inc();
+        self.record_expiry(crate::identity::DEFAULT_RESOURCE, id.to_string(), &cert.leaf);
+        self.set_next_renewal(id, cert.renew_at);
+        let mut st = self.state.lock();
+        let State {
+            identities,
+            queue,
+            expiries,
+            ..
+        } = &mut *st;
+        let Some(t) = identities.get_mut(id) else {
+            return;
+        };
+        t.in_flight = false;
+        t.failures = 0;
+        if let Some(old) = t.expires.replace(expires) {
+            expiries.remove(&(old, id.clone()));
+        }
+        expiries.insert((expires, id.clone()));
+        // A rotation asked for while this call ran is answered by it.
+        queue.remove(id);
+        queue.push(id.clone(), Priority::Background, Instant::now() + delay);
+        self.set_queue_gauges(queue);
+        *t.entry.health.lock() = Health::default();
+        t.entry.cert.send_replace(Some(Arc::new(cert)));
+    }
+
+    /// Counts and logs a failed issuance for `id` and queues its retry after its backoff:
+    /// real-time while it has no valid certificate, in the background while it has one.
+    fn failed(&self, id: &SpiffeId, error: &IssueError) {
+        let mut st = self.state.lock();
+        let State {
+            identities, queue, ..
+        } = &mut *st;
+        let Some(t) = identities.get_mut(id) else {
+            return;
+        };
+        t.in_flight = false;
+        t.failures = t.failures.saturating_add(1);
+        // Zero once expired: retry at the most urgent pace.
+        let remaining = t
+            .expires
+            .map(|e| e.saturating_duration_since(Instant::now()));
+        let delay = backoff(t.failures, remaining, &self.policy);
+        let priority = if t.entry.cert.borrow().is_some() {
+            Priority::Background
+        } else {
+            Priority::RealTime
+        };
+        queue.remove(id);
+        queue.push(id.clone(), priority, Instant::now() + delay);
+        self.set_queue_gauges(queue);
+        let failures = t.failures;
+        {
+            let mut h = t.entry.health.lock();
+            h.consecutive_failures = failures;
+            h.last_error = Some(error.to_string());
+        }
+        drop(st);
+        self.metrics
+            .renewals
+            .get_or_create(&ResultLabel { result: "failure" })
+            .inc();
+        self.set_next_renewal(id, SystemTime::now() + delay);
+        self.record_failure(id, error, failures, remaining, delay);
+    }
+
+    /// Stops serving every certificate that expired before it could be renewed; its retry
+    /// moves to the real-time lane.
+    fn withdraw_expired(&self, now: Instant) {
+        let mut st = self.state.lock();
+        let State {
+            identities,
+            queue,
+            expiries,
+            ..
+        } = &mut *st;
+        while let Some((at, id)) = expiries.first().cloned() {
+            if at > now {
+                break;
+            }
+            expiries.pop_first();
+            let Some(t) = identities.get_mut(&id) else {
+                continue;
+            };
+            if t.expires != Some(at) {
+                continue;
+            }
+            error!(id = %id, "certificate expired before it could be renewed; it is no longer served");
+            t.entry.cert.send_replace(None);
+            t.entry.health.lock().expired = true;
+            if queue.priority_of(&id) == Some(Priority::Background) {
+                queue.promote(&id);
+            }
+        }
+        self.set_queue_gauges(queue);
+    }
+
+    /// Drops every identity (and its key) nobody has asked for in the idle timeout; an
+    /// identity a stream still reads counts as asked for now.
+    fn drop_idle(&self, now: Instant) {
+        let mut dropped = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let State {
+                identities,
+                queue,
+                expiries,
+                ..
+            } = &mut *st;
+            identities.retain(|id, t| {
+                if t.pinned || t.in_flight {
+                    return true;
+                }
+                if t.entry.cert.receiver_count() > 0 {
+                    t.last_used = now;
+                    return true;
+                }
+                if now.saturating_duration_since(t.last_used) < self.policy.idle_timeout {
+                    return true;
+                }
+                queue.remove(id);
+                if let Some(at) = t.expires {
+                    expiries.remove(&(at, id.clone()));
+                }
+                dropped.push(id.clone());
+                false
+            });
+            self.set_queue_gauges(queue);
+        }
+        for id in dropped {
+            info!(id = %id, idle_timeout_s = self.policy.idle_timeout.as_secs(), "identity dropped: nobody asked for it");
+            self.metrics.identities.dec();
+            self.metrics.identities_dropped.inc();
+            let identity = id.to_string();
+            let labels = SecretLabels {
+                resource: crate::identity::DEFAULT_RESOURCE,
+                identity: identity.clone(),
+            };
+            self.expiries.lock().remove(&labels);
+            self.metrics.cert_expiry_timestamp.remove(&labels);
+            self.metrics.cert_lifetime_seconds.remove(&labels);
+            self.metrics.cert_expiry_seconds.remove(&labels);
+            self.metrics
+                .next_renewal_timestamp
+                .remove(&IdentityLabel { identity });
+        }
+    }
+
+    /// A scheduled trust bundle read, holding a CA permit; the next one is planned from its
+    /// result.
+    async fn scheduled_bundle_read(self: Arc<Self>, permit: OwnedSemaphorePermit) {
+        let seen = self.bundle.borrow().as_ref().map(|b| b.version);
+        let result = self.refresh_bundle(seen).await;
+        drop(permit);
+        let mut st = self.state.lock();
+        let delay = match result {
+            Ok(_) => {
+                st.bundle_failures = 0;
+                self.policy.bundle_refresh
+            }
+            Err(error) => {
+                st.bundle_failures = st.bundle_failures.saturating_add(1);
+                warn!(%error, backend = self.ca.name(), failures = st.bundle_failures, "trust bundle read failed; keeping the last one");
+                backoff(st.bundle_failures, None, &self.policy).min(self.policy.bundle_refresh)
+            }
+        };
+        st.bundle_due = Some(Instant::now() + delay);
+        drop(st);
+        self.wake.notify_one();
+    }
+
     fn record_failure(
         &self,
+        id: &SpiffeId,
         error: &IssueError,
         failures: u32,
         remaining: Option<Duration>,
@@ -446,11 +837,6 @@ impl SecretManager {
             }
             IssueError::Key(_) => false,
         };
-        {
-            let mut h = self.health.lock();
-            h.consecutive_failures = failures;
-            h.last_error = Some(error.to_string());
-        }
         let remaining_s = remaining.map(|r| r.as_secs());
         // Loud when a person must act, or when the served certificate is in its last
         // quarter of the time left before renewal was due.
@@ -466,23 +852,23 @@ impl SecretManager {
             };
         if urgent {
             error!(
-                %error, id = %self.identity, backend = self.ca.name(), failures,
+                %error, id = %id, backend = self.ca.name(), failures,
                 retryable, remaining_validity_s = remaining_s, retry_in_ms = retry_in.as_millis() as u64,
                 "certificate renewal failing"
             );
         } else {
             warn!(
-                %error, id = %self.identity, backend = self.ca.name(), failures,
+                %error, id = %id, backend = self.ca.name(), failures,
                 retryable, remaining_validity_s = remaining_s, retry_in_ms = retry_in.as_millis() as u64,
                 "certificate renewal failed; will retry"
             );
         }
     }
 
-    /// One issuance: key, CSR, sign, bundle, validate. Publishes the trust bundle if it had
-    /// to be read, and nothing else; [`SecretManager::run`] serves what it returns. Public
-    /// for the issuance benchmark.
-    pub async fn issue_once(&self) -> Result<ServedCert, IssueError> {
+    /// One issuance for `identity`: key, CSR, sign, bundle, validate. Publishes the trust
+    /// bundle if it had to be read, and nothing else; the scheduler serves what it returns.
+    /// Public for the issuance benchmark.
+    pub async fn issue_once(&self, identity: &SpiffeId) -> Result<ServedCert, IssueError> {
         let key_type = self.policy.key_type;
         let started = Instant::now();
         // An RSA key takes 50-300 ms of prime search, so it is made on a blocking thread
@@ -501,9 +887,9 @@ impl SecretManager {
                 key_type: key_type.as_str(),
             })
             .observe(started.elapsed().as_secs_f64());
-        let csr_der = key.csr(&self.identity)?;
+        let csr_der = key.csr(identity)?;
         let req = SignRequest {
-            identity: self.identity.clone(),
+            identity: identity.clone(),
             csr_der,
             ttl: self.policy.ttl,
             key_type,
@@ -519,28 +905,23 @@ impl SecretManager {
                 if cached.is_some() {
                     debug!("the CA's chain names a root not in the bundle; re-reading it");
                 }
-                (self.refresh_bundle().await?, true)
+                let seen = cached.as_ref().map(|b| b.version);
+                (self.refresh_bundle(seen).await?, true)
             }
         };
         let now = SystemTime::now();
         let leaf = match validate::validate(
             &chain,
             key.public_key_raw(),
-            &self.identity,
+            identity,
             &bundle.roots,
             now,
         ) {
             Err(Rejection::Chain { .. }) if !refreshed => {
                 // The CA may have moved to a new root: re-read the bundle once and re-check.
                 debug!("chain does not verify to the cached bundle; re-reading it");
-                let fresh = self.refresh_bundle().await?;
-                validate::validate(
-                    &chain,
-                    key.public_key_raw(),
-                    &self.identity,
-                    &fresh.roots,
-                    now,
-                )?
+                let fresh = self.refresh_bundle(Some(bundle.version)).await?;
+                validate::validate(&chain, key.public_key_raw(), identity, &fresh.roots, now)?
             }
             other => other?,
         };
@@ -550,7 +931,7 @@ impl SecretManager {
             .unwrap_or_default();
         if lifetime > self.policy.ttl * 2 {
             warn!(
-                id = %self.identity, backend = self.ca.name(),
+                id = %identity, backend = self.ca.name(),
                 lifetime_s = lifetime.as_secs(), cert_ttl_s = self.policy.ttl.as_secs(),
                 "the CA issued a certificate living far longer than --cert-ttl; using it, and renewing from its real lifetime"
             );
@@ -559,7 +940,7 @@ impl SecretManager {
         let mut pem_chain = vec![&chain.leaf];
         pem_chain.extend(chain.intermediates.iter());
         Ok(ServedCert {
-            identity: self.identity.clone(),
+            identity: identity.clone(),
             version: self.cert_version.fetch_add(1, Ordering::Relaxed) + 1,
             chain_der: pem_chain.iter().flat_map(|c| c.iter().copied()).collect(),
             chain_pem: sds_backends::pem::encode_certificates(pem_chain),
@@ -571,8 +952,16 @@ impl SecretManager {
         })
     }
 
-    /// Re-reads the trust bundle and publishes it if it changed.
-    async fn refresh_bundle(&self) -> Result<Arc<ServedBundle>, IssueError> {
+    /// Re-reads the trust bundle and publishes it if it changed. `seen` is the version the
+    /// caller found wanting: if another task published a newer one while this one waited
+    /// for its turn, that one is returned without another read.
+    async fn refresh_bundle(&self, seen: Option<u64>) -> Result<Arc<ServedBundle>, IssueError> {
+        let _turn = self.bundle_read.lock().await;
+        if let Some(current) = self.bundle.borrow().clone()
+            && seen.is_none_or(|v| current.version > v)
+        {
+            return Ok(current);
+        }
         let bundle: TrustBundle = self.ca_call("trust_bundle", self.ca.trust_bundle()).await?;
         let current = self.bundle.borrow().clone();
         if let Some(cur) = current.filter(|c| c.roots == bundle.roots()) {
@@ -605,12 +994,24 @@ impl SecretManager {
         if let Some(earliest) = served.root_info.iter().min_by_key(|r| r.not_after) {
             self.record_expiry(
                 crate::identity::ROOTCA_RESOURCE,
-                format!("spiffe://{}", self.identity.trust_domain()),
+                format!("spiffe://{}", self.trust_domain),
                 earliest,
             );
         }
         self.bundle.send_replace(Some(served.clone()));
         Ok(served)
+    }
+}
+
+impl fmt::Debug for IdentityEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityEntry")
+            .field("id", &self.id)
+            .field(
+                "serial",
+                &self.cert.borrow().as_ref().map(|c| c.leaf.serial.clone()),
+            )
+            .finish()
     }
 }
 
@@ -640,7 +1041,8 @@ impl fmt::Debug for ServedCert {
 impl fmt::Debug for SecretManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretManager")
-            .field("identity", &self.identity)
+            .field("trust_domain", &self.trust_domain)
+            .field("workload", &self.workload)
             .field("backend", &self.ca.name())
             .finish()
     }
@@ -723,6 +1125,8 @@ mod tests {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             bundle_refresh: Duration::from_secs(300),
+            ca_concurrency: 8,
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 

@@ -63,15 +63,8 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every [`Rejection::reason`], for metrics created before any rejection.
-    pub const REASONS: [&'static str; 7] = [
-        "unparseable",
-        "wrong_key",
-        "wrong_san",
-        "not_yet_valid",
-        "expired",
-        "is_ca",
-        "chain",
-    ];
+    /// (The list lives with the metrics, which register every label value up front.)
+    pub const REASONS: [&'static str; 7] = crate::metrics::REJECTION_REASONS;
 
     /// A short stable label for metrics.
     pub fn reason(&self) -> &'static str {
