@@ -108,7 +108,9 @@ mod tests {
     use super::*;
 
     fn own() -> SpiffeId {
-        "spiffe://cluster.local/ns/web/sa/frontend".parse().unwrap_or_else(|e| panic!("{e}"))
+        "spiffe://cluster.local/ns/web/sa/frontend"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -123,7 +125,11 @@ mod tests {
                 Ok(ResourceName::RootCa)
             );
             assert_eq!(
-                ResourceName::for_caller("spiffe://cluster.local/ns/web/sa/frontend", &own(), strict),
+                ResourceName::for_caller(
+                    "spiffe://cluster.local/ns/web/sa/frontend",
+                    &own(),
+                    strict
+                ),
                 Ok(ResourceName::OwnId)
             );
             for other in [

@@ -17,7 +17,6 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use sds_backends::CaError;
 
-
 /// A float gauge.
 pub type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -443,7 +442,10 @@ impl Metrics {
             );
         }
         for priority in ["realtime", "background"] {
-            drop(self.renewal_queue.get_or_create(&PriorityLabel { priority }));
+            drop(
+                self.renewal_queue
+                    .get_or_create(&PriorityLabel { priority }),
+            );
         }
         for reason in BAD_REQUEST_REASONS {
             drop(self.bad_requests.get_or_create(&ReasonLabel { reason }));
@@ -460,9 +462,7 @@ impl Metrics {
             }
         }
         if workload_api {
-            let label = ApiLabel {
-                api: WORKLOAD_API,
-            };
+            let label = ApiLabel { api: WORKLOAD_API };
             drop(self.streams_open.get_or_create(&label));
             drop(self.pushes.get_or_create(&label));
             for reason in WORKLOAD_API_BAD_REQUEST_REASONS {

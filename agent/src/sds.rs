@@ -106,7 +106,6 @@ pub(crate) enum Surface {
     WorkloadApi,
 }
 
-
 /// What the agent knows of one connected proxy's stream, for `/proxies`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyState {
@@ -732,7 +731,12 @@ impl XdsState for SotwState {
         }
         let names = parse_names(&req.resource_names, g)?;
         self.sent.retain(|n, _| names.contains(n));
-        g.update(|p| p.resources = names.iter().map(|n| n.wire_name(&g.identity).into()).collect());
+        g.update(|p| {
+            p.resources = names
+                .iter()
+                .map(|n| n.wire_name(&g.identity).into())
+                .collect()
+        });
         self.names = Some(names);
         Ok(())
     }
@@ -1069,7 +1073,9 @@ impl From<NameError> for SdsError {
     fn from(e: NameError) -> Self {
         match e {
             NameError::Unknown(u) => SdsError::Unknown(u),
-            NameError::NotAuthorized(n) => SdsError::NotAuthorized(NameError::NotAuthorized(n).to_string()),
+            NameError::NotAuthorized(n) => {
+                SdsError::NotAuthorized(NameError::NotAuthorized(n).to_string())
+            }
         }
     }
 }

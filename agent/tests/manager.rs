@@ -357,3 +357,242 @@ async fn a_root_the_ca_names_reaches_the_bundle_with_the_next_certificate() {
         0
     );
 }
+
+// ---- Many identities (node mode): one scheduler, per-identity state, bounded CA calls ----
+
+fn pod_id(n: usize) -> SpiffeId {
+    format!("spiffe://example.org/ns/team-{n}/sa/app")
+        .parse()
+        .unwrap()
+}
+
+fn node_manager(
+    ca: Arc<ScriptedCa>,
+    policy: Policy,
+) -> (Arc<SecretManager>, Arc<Metrics>, CancellationToken) {
+    let metrics = Arc::new(Metrics::new());
+    let manager =
+        SecretManager::for_node("example.org".parse().unwrap(), policy, ca, metrics.clone());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(manager.clone().run(shutdown.clone()));
+    (manager, metrics, shutdown)
+}
+
+/// Waits (virtual time, bounded) until `rx` holds a certificate other than `previous`.
+async fn cert_of(
+    rx: &mut watch::Receiver<Option<Arc<ServedCert>>>,
+    previous: Option<&str>,
+    limit: Duration,
+) -> Arc<ServedCert> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(c) = rx.borrow_and_update().clone()
+                && Some(c.leaf.serial.as_str()) != previous
+            {
+                return c;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("no certificate in time")
+}
+
+fn uri_san(cert: &ServedCert) -> String {
+    let der = sds_backends::pem::decode_certificates(cert.chain_pem.as_bytes()).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&der[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn metric_value(metrics: &Metrics, needle: &str) -> Option<f64> {
+    metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse::<f64>().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_identity_gets_its_own_certificate_and_idle_ones_are_dropped_with_their_key() {
+    let ca = ScriptedCa::new();
+    let (manager, metrics, _shutdown) = node_manager(
+        ca.clone(),
+        Policy {
+            idle_timeout: Duration::from_secs(60),
+            ..policy()
+        },
+    );
+    // The bundle is read before any pod asks: a node agent is ready with no pods.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !manager.is_ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("ready without identities");
+    assert!(manager.identities().is_empty());
+
+    let mut rxs: Vec<_> = (0..3).map(|n| manager.subscribe_cert(&pod_id(n))).collect();
+    let mut certs = Vec::new();
+    for (n, rx) in rxs.iter_mut().enumerate() {
+        let cert = cert_of(rx, None, Duration::from_secs(5)).await;
+        assert_eq!(cert.identity, pod_id(n));
+        assert_eq!(
+            uri_san(&cert),
+            pod_id(n).to_string(),
+            "the SAN is the pod's"
+        );
+        certs.push(cert);
+    }
+    assert_eq!(ca.sign_calls(), 3, "one CSR per identity");
+    let keys: std::collections::HashSet<_> = certs.iter().map(|c| leaf_key(c)).collect();
+    assert_eq!(keys.len(), 3, "a key per identity");
+    // Asking again (another stream of the same pod) causes no CSR.
+    let again = manager.subscribe_cert(&pod_id(1));
+    assert_eq!(
+        again.borrow().as_ref().unwrap().leaf.serial,
+        certs[1].leaf.serial
+    );
+    drop(again);
+    assert_eq!(ca.sign_calls(), 3);
+    assert_eq!(metric_value(&metrics, "sds_agent_identities "), Some(3.0));
+
+    // Pod 0's streams close; pods 1 and 2 keep reading.
+    let dropped = rxs.remove(0);
+    drop(dropped);
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(
+        manager.identities().len(),
+        3,
+        "dropped before the idle timeout"
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(manager.identities(), vec![pod_id(1), pod_id(2)]);
+    assert_eq!(metric_value(&metrics, "sds_agent_identities "), Some(2.0));
+    assert_eq!(
+        metric_value(&metrics, "sds_agent_identities_dropped_total "),
+        Some(1.0)
+    );
+    assert!(
+        !metrics.encode().contains("ns/team-0/"),
+        "the dropped identity's series are gone"
+    );
+    assert!(
+        !manager
+            .status()
+            .iter()
+            .any(|s| s.spiffe_id == pod_id(0).to_string()),
+        "the dropped identity is no longer served"
+    );
+
+    // Held for hours, the others stay.
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    assert_eq!(manager.identities(), vec![pod_id(1), pod_id(2)]);
+
+    // Pod 0 comes back: a new issuance, with a new key.
+    let mut back = manager.subscribe_cert(&pod_id(0));
+    let fresh = cert_of(&mut back, None, Duration::from_secs(5)).await;
+    assert_ne!(fresh.leaf.serial, certs[0].leaf.serial);
+    assert_ne!(leaf_key(&fresh), leaf_key(&certs[0]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ca_calls_stay_within_the_concurrency_and_a_new_pod_goes_ahead_of_queued_renewals() {
+    const PODS: usize = 40;
+    const CONCURRENCY: usize = 4;
+    let ca = ScriptedCa::new();
+    ca.set_lifetime(Some(Duration::from_secs(100)));
+    ca.set_latency(Some(Duration::from_secs(1)));
+    let (manager, metrics, _shutdown) = node_manager(
+        ca.clone(),
+        Policy {
+            ca_concurrency: CONCURRENCY,
+            ..policy()
+        },
+    );
+    let started = tokio::time::Instant::now();
+    let mut rxs: Vec<_> = (0..PODS)
+        .map(|n| manager.subscribe_cert(&pod_id(n)))
+        .collect();
+    for rx in &mut rxs {
+        cert_of(rx, None, Duration::from_secs(60)).await;
+    }
+    // 40 first certificates, 4 at a time, 1 s each (the bundle read takes a permit too).
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(10) && elapsed <= Duration::from_secs(12),
+        "{elapsed:?}"
+    );
+    assert_eq!(ca.max_concurrent_signs(), CONCURRENCY);
+
+    // All 40 renew at 45-50 s after issue (half of 100 s less jitter); at 60 s most of them
+    // wait in the background lane, 4 at a time at the CA.
+    tokio::time::sleep_until(started + Duration::from_secs(60)).await;
+    let queued =
+        metric_value(&metrics, "sds_agent_renewal_queue{priority=\"background\"}").unwrap();
+    assert!(queued >= 20.0, "{queued} renewals queued");
+    let newcomer = pod_id(PODS);
+    let signs_before = ca.sign_calls();
+    let arrived = tokio::time::Instant::now();
+    let mut rx = manager.subscribe_cert(&newcomer);
+    cert_of(&mut rx, None, Duration::from_secs(10)).await;
+    let waited = arrived.elapsed();
+    let order = ca.sign_order();
+    let position = order.iter().position(|id| *id == newcomer).unwrap();
+    assert_eq!(
+        position, signs_before,
+        "the new pod's CSR is the next one sent, ahead of {queued} queued renewals"
+    );
+    // At most the 1 s a running call needs to free a permit, plus its own 1 s.
+    assert!(waited <= Duration::from_secs(2), "{waited:?}");
+    for rx in &mut rxs {
+        cert_of(rx, None, Duration::from_secs(0)).await;
+    }
+    assert_eq!(
+        ca.max_concurrent_signs(),
+        CONCURRENCY,
+        "never more CA calls at once"
+    );
+    assert!(metric_value(&metrics, "sds_agent_ca_in_flight ").unwrap() <= CONCURRENCY as f64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_identity_the_ca_refuses_backs_off_alone() {
+    let ca = ScriptedCa::new();
+    ca.deny(pod_id(0));
+    let (manager, _metrics, _shutdown) = node_manager(ca.clone(), policy());
+    let mut refused = manager.subscribe_cert(&pod_id(0));
+    let mut served = manager.subscribe_cert(&pod_id(1));
+    cert_of(&mut served, None, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(refused.borrow_and_update().is_none());
+    let attempts = ca
+        .sign_order()
+        .iter()
+        .filter(|id| **id == pod_id(0))
+        .count();
+    // 1, 2, 4, 8, 16 then 30 s (the cap before a first certificate), with equal jitter:
+    // a handful in two minutes, not a loop.
+    assert!((4..=12).contains(&attempts), "{attempts} attempts");
+    let health = manager.health();
+    assert_eq!(health.consecutive_failures as usize, attempts);
+    assert!(health.last_error.unwrap().contains("not allowed"));
+    // The other pod was issued once and is served throughout.
+    assert_eq!(
+        ca.sign_order()
+            .iter()
+            .filter(|id| **id == pod_id(1))
+            .count(),
+        1
+    );
+    assert!(served.borrow().is_some());
+}

@@ -74,7 +74,9 @@ impl Agent {
         let ca = sds_agent::build_ca(&config).unwrap();
         let agent = RunningAgent::start(&config, policy, ca).await.unwrap();
         // Ready: a certificate and a bundle are published (watched, not polled).
-        let mut cert = agent.manager().subscribe_cert(agent.manager().workload_identity().unwrap());
+        let mut cert = agent
+            .manager()
+            .subscribe_cert(agent.manager().workload_identity().unwrap());
         let mut bundle = agent.manager().subscribe_bundle();
         tokio::time::timeout(WAIT, async {
             cert.wait_for(Option::is_some).await.unwrap();

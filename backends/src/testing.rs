@@ -50,6 +50,24 @@ pub struct ScriptedCa {
     bundle_needs_a_certificate: AtomicBool,
     signed: AtomicBool,
     bundle_calls: AtomicUsize,
+    /// How long every `sign` takes (tokio time), if set.
+    latency: Mutex<Option<Duration>>,
+    /// `sign` calls running now, and the most ever running at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    /// The identity of every `sign` call, in the order they started.
+    order: Mutex<Vec<SpiffeId>>,
+    /// Identities refused with `Denied`.
+    denied: Mutex<Vec<SpiffeId>>,
+}
+
+/// Counts a running `sign` call for as long as it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ScriptedCa {
@@ -71,6 +89,11 @@ impl ScriptedCa {
             bundle_needs_a_certificate: AtomicBool::new(false),
             signed: AtomicBool::new(false),
             bundle_calls: AtomicUsize::new(0),
+            latency: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            order: Mutex::new(Vec::new()),
+            denied: Mutex::new(Vec::new()),
         })
     }
 
@@ -138,6 +161,26 @@ impl ScriptedCa {
     pub fn sign_calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+
+    /// Makes every `sign` call take `latency` (tokio time) before it answers; `None` ends it.
+    pub fn set_latency(&self, latency: Option<Duration>) {
+        *self.latency.lock() = latency;
+    }
+
+    /// The most `sign` calls that ever ran at once.
+    pub fn max_concurrent_signs(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The identities of the `sign` calls so far, in the order they started.
+    pub fn sign_order(&self) -> Vec<SpiffeId> {
+        self.order.lock().clone()
+    }
+
+    /// Refuses every `sign` for `identity` with `Denied` (a CA policy that does not allow it).
+    pub fn deny(&self, identity: SpiffeId) {
+        self.denied.lock().push(identity);
+    }
 }
 
 #[async_trait::async_trait]
@@ -148,8 +191,19 @@ impl CertificateAuthority for ScriptedCa {
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, CaError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        let running = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = Running(&self.in_flight);
+        self.max_in_flight.fetch_max(running, Ordering::SeqCst);
+        self.order.lock().push(req.identity.clone());
+        let latency = *self.latency.lock();
+        if let Some(latency) = latency {
+            tokio::time::sleep(latency).await;
+        }
         if let Some(error) = self.outage.lock().clone() {
             return Err(error);
+        }
+        if self.denied.lock().contains(&req.identity) {
+            return Err(CaError::Denied(format!("{} is not allowed", req.identity)));
         }
         let fault = self.faults.lock().pop_front();
         let signer = self.signer();

@@ -547,8 +547,8 @@ impl SecretManager {
     /// of their own, so a slow CA holds up only its permit.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut calls = JoinSet::new();
-        let sweep_every = (self.policy.idle_timeout / 4)
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let sweep_every =
+            (self.policy.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut next_sweep = Instant::now() + sweep_every;
         {
             let mut st = self.state.lock();
@@ -604,6 +604,8 @@ impl SecretManager {
             calls.spawn(self.clone().issue(id, permit).instrument(span));
         }
         self.set_queue_gauges(&st.queue);
+        // Work that is due already is waiting for a permit: a finished call wakes the
+        // scheduler for it, so only future times count here (else it would spin).
         [
             st.queue.next_due(),
             st.bundle_due,
@@ -611,6 +613,7 @@ impl SecretManager {
         ]
         .into_iter()
         .flatten()
+        .filter(|t| *t > now)
         .min()
     }
 
@@ -646,7 +649,11 @@ impl SecretManager {
             .renewals
             .get_or_create(&ResultLabel { result: "success" })
             .inc();
-        self.record_expiry(crate::identity::DEFAULT_RESOURCE, id.to_string(), &cert.leaf);
+        self.record_expiry(
+            crate::identity::DEFAULT_RESOURCE,
+            id.to_string(),
+            &cert.leaf,
+        );
         self.set_next_renewal(id, cert.renew_at);
         let mut st = self.state.lock();
         let State {
@@ -910,21 +917,16 @@ impl SecretManager {
             }
         };
         let now = SystemTime::now();
-        let leaf = match validate::validate(
-            &chain,
-            key.public_key_raw(),
-            identity,
-            &bundle.roots,
-            now,
-        ) {
-            Err(Rejection::Chain { .. }) if !refreshed => {
-                // The CA may have moved to a new root: re-read the bundle once and re-check.
-                debug!("chain does not verify to the cached bundle; re-reading it");
-                let fresh = self.refresh_bundle(Some(bundle.version)).await?;
-                validate::validate(&chain, key.public_key_raw(), identity, &fresh.roots, now)?
-            }
-            other => other?,
-        };
+        let leaf =
+            match validate::validate(&chain, key.public_key_raw(), identity, &bundle.roots, now) {
+                Err(Rejection::Chain { .. }) if !refreshed => {
+                    // The CA may have moved to a new root: re-read the bundle once and re-check.
+                    debug!("chain does not verify to the cached bundle; re-reading it");
+                    let fresh = self.refresh_bundle(Some(bundle.version)).await?;
+                    validate::validate(&chain, key.public_key_raw(), identity, &fresh.roots, now)?
+                }
+                other => other?,
+            };
         let lifetime = leaf
             .not_after
             .duration_since(leaf.not_before)

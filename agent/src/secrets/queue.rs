@@ -164,8 +164,16 @@ mod tests {
     fn realtime_goes_first_even_when_background_is_older() {
         let now = Instant::now();
         let mut q = Queue::default();
-        q.push("renew-1", Priority::Background, now - Duration::from_secs(60));
-        q.push("renew-2", Priority::Background, now - Duration::from_secs(30));
+        q.push(
+            "renew-1",
+            Priority::Background,
+            now - Duration::from_secs(60),
+        );
+        q.push(
+            "renew-2",
+            Priority::Background,
+            now - Duration::from_secs(30),
+        );
         q.push("new-pod", Priority::RealTime, now);
         assert_eq!(q.pop_due(now), Some(("new-pod", Priority::RealTime)));
         assert_eq!(q.pop_due(now), Some(("renew-1", Priority::Background)));
@@ -179,7 +187,11 @@ mod tests {
         let now = Instant::now();
         let mut q = Queue::default();
         q.push("later", Priority::RealTime, now + Duration::from_secs(5));
-        q.push("later-bg", Priority::Background, now + Duration::from_secs(3));
+        q.push(
+            "later-bg",
+            Priority::Background,
+            now + Duration::from_secs(3),
+        );
         assert_eq!(q.pop_due(now), None);
         assert_eq!(q.next_due(), Some(now + Duration::from_secs(3)));
         assert_eq!(
