@@ -752,7 +752,7 @@ mod tests {
         // Cut inside the container id, inside the pod uid, and right after the pod.
         let cut = |n: usize| full[..n].to_owned();
         let in_cid = full.len() - 10;
-        let in_uid = full.find("pod").unwrap_or_default() + 10;
+        let in_uid = full.find("/pod").unwrap_or_default() + 11;
         let after_pod = full.find(CID).unwrap_or_default();
         assert_eq!(
             parse(&cut(in_cid)),
