@@ -42,6 +42,13 @@
 //! look-alike `kubepods/…/pod<uid>/<id>` cgroup in it. Static pods (whose uid is a 32-hex hash,
 //! not a UUID) are refused with [`CgroupError::BadPodUid`].
 //!
+//! What this trusts: the path is the kernel's, but its names were chosen by whoever created
+//! the cgroups, which is the kubelet and the runtime, or anyone else with write access to a
+//! cgroup subtree (root, a `Delegate=yes` service, a privileged container below its own
+//! cgroup). The first pod on a path wins, so a container cannot name another pod below
+//! itself; `user.slice` is refused by name because it is the one subtree systemd hands to
+//! unprivileged users.
+//!
 //! This module must never pick one of two disagreeing answers, and never read
 //! `/proc/<pid>/mountinfo` or anything else a workload can write.
 
