@@ -16,7 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let cid = found.container_id.as_str();
     assert_eq!(cid.len(), 64, "container id {cid:?}");
     assert!(
-        cid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        cid.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
         "container id {cid:?}"
     );
     let uid = found.pod_uid.as_str();
@@ -25,11 +26,17 @@ fuzz_target!(|data: &[u8]| {
         if [8, 13, 18, 23].contains(&i) {
             assert_eq!(b, b'-', "pod uid {uid:?}");
         } else {
-            assert!(b.is_ascii_digit() || (b'a'..=b'f').contains(&b), "pod uid {uid:?}");
+            assert!(
+                b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+                "pod uid {uid:?}"
+            );
         }
     }
     assert_eq!(uid.parse::<PodUid>().ok().as_ref(), Some(&found.pod_uid));
-    assert_eq!(cid.parse::<ContainerId>().ok().as_ref(), Some(&found.container_id));
+    assert_eq!(
+        cid.parse::<ContainerId>().ok().as_ref(),
+        Some(&found.container_id)
+    );
     // Every accepted file names its pod in some line, by its uid in one of the two forms.
     assert!(
         text.contains(uid) || text.contains(&uid.replace('-', "_")),
