@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOOLCHAIN=+nightly
-ALL_TARGETS=(config ca_response sds_request resource_name h2_connection)
+ALL_TARGETS=(config ca_response sds_request resource_name h2_connection cgroup)
 # Per-input limit: longer than any legitimate input (sds_request waits at most ~50 ms),
 # short enough that a hang is reported as a timeout artifact within the run.
 INPUT_TIMEOUT=25
