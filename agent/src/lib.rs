@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod attest;
 pub mod client;
 pub mod config;
 pub mod identity;
