@@ -176,8 +176,17 @@ pub enum KubeletError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// No answer: connection refused, reset, TLS handshake failed (an untrusted kubelet
-    /// certificate included).
+    /// The kubelet's serving certificate does not chain to the CA given, or does not name
+    /// the host: refused, and not retried (a CA that is wrong stays wrong).
+    #[error("GET {url}: the kubelet's certificate is not trusted: {reason}")]
+    Untrusted {
+        /// The URL asked.
+        url: String,
+        /// The error and its causes.
+        reason: String,
+    },
+    /// No answer: connection refused or reset, a TLS handshake that failed for another
+    /// reason than the certificate, an answer cut short.
     #[error("GET {url}: {reason}")]
     Unreachable {
         /// The URL asked.
@@ -543,9 +552,19 @@ impl HttpSource {
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
-        let unreachable = |e: reqwest::Error| KubeletError::Unreachable {
-            url: url.clone(),
-            reason: sds_backends::error_chain(&e),
+        let unreachable = |e: reqwest::Error| {
+            let reason = sds_backends::error_chain(&e);
+            if rejected_certificate(&e) {
+                KubeletError::Untrusted {
+                    url: url.clone(),
+                    reason,
+                }
+            } else {
+                KubeletError::Unreachable {
+                    url: url.clone(),
+                    reason,
+                }
+            }
         };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
@@ -573,6 +592,26 @@ impl HttpSource {
             },
         })
     }
+}
+
+/// Whether rustls refused the peer's certificate somewhere in `error`'s causes. An
+/// `io::Error` hides the error it wraps from `source()`, so it is looked into.
+fn rejected_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && rejected_certificate(inner)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn check_timing(config: &KubeletConfig) -> Result<(), KubeletError> {
@@ -1257,6 +1296,20 @@ mod tests {
             "{err}"
         );
         assert!(!err.to_string().contains("abc"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_certificate_is_found_behind_io_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error")]
+        struct Wrapper(#[source] std::io::Error);
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = Wrapper(std::io::Error::other(refused));
+        assert!(rejected_certificate(&wrapped));
+        let other = Wrapper(std::io::Error::other(rustls::Error::DecryptError));
+        assert!(!rejected_certificate(&other));
+        let refused_conn = Wrapper(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(!rejected_certificate(&refused_conn));
     }
 
     #[test]
