@@ -259,7 +259,7 @@ pub fn fresh_pod_uid() -> String {
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        0x5d5_0000 + (n & 0xffff),
+        0x05d5_0000 + (n & 0xffff),
         std::process::id() & 0xffff,
         n & 0xfff,
         (n >> 12) & 0xfff,
@@ -272,7 +272,7 @@ pub fn fresh_container_id() -> String {
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     format!(
         "{:016x}{:048x}",
-        0xc0ffee_0000_0000 + u64::from(std::process::id()),
+        0x00c0_ffee_0000_0000 + u64::from(std::process::id()),
         n
     )
 }
