@@ -14,6 +14,8 @@
 //! - [`http`]: a hand-written HTTP/1.1 client and a tiny upstream server;
 //! - [`istio_ca`]: a test Istio CA (the gRPC CA API of istiod and istio-csr) over TLS,
 //!   with tokens mapped to identities and root rotation;
+//! - [`kubelet`]: a fake kubelet serving `GET /pods` (HTTPS with bearer tokens, or the
+//!   read-only port) for node mode, with pods the test adds and removes while it runs;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
 //! - [`moto`]: a real AWS ACM PCA API (moto's server) with a root CA set up as on AWS;
 //! - [`python`]: the Python clients of the interop tests (grpcio, py-spiffe) and running them;
@@ -32,6 +34,7 @@ pub mod envoy;
 pub mod http;
 pub mod istio_ca;
 pub mod kube_api;
+pub mod kubelet;
 pub mod mesh;
 pub mod moto;
 pub mod pki;

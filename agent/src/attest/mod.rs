@@ -9,7 +9,7 @@
 //!    connected (owner = peer uid, the same start time before and after, started before the
 //!    connection) and reads its cgroup;
 //! 3. [`cgroup`] turns the cgroup into a pod uid and a container id;
-//! 4. the kubelet's pod list turns those into a namespace and service account, hence the
+//! 4. [`kubelet`]'s pod list turns those into a namespace and service account, hence the
 //!    SPIFFE ID.
 //!
 //! Every step fails closed: an error anywhere means the caller is not authenticated. This
@@ -17,4 +17,5 @@
 //! not its command line, and not the identity it asks for.
 
 pub mod cgroup;
+pub mod kubelet;
 pub mod process;
