@@ -17,5 +17,7 @@
 //! not its command line, and not the identity it asks for.
 
 pub mod cgroup;
+pub mod conn;
 pub mod kubelet;
+pub mod node;
 pub mod process;
