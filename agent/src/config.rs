@@ -5,6 +5,10 @@
 //! read here and fills only what neither gave. Every value goes through one parser whatever
 //! its source, so an error names the flag, its variable and its file key alike.
 //!
+//! The CA backends' flags are not here: each backend owns its flags, their checks and their
+//! file keys (`sds_backends::settings`), and [`RunArgs`] flattens them all ([`CaArgs`]). This
+//! module picks the backend `--ca` names, and hands it the file's keys and the environment.
+//!
 //! This module reads files but never creates anything, and it knows nothing of what the
 //! values are used for.
 
@@ -15,9 +19,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::OnceLock;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sds_backends::settings::{FileSource, ResolveContext, SettingsError, humanized, setting_name};
 use sds_backends::{KeyType, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
+
+pub use sds_backends::settings::{CaArgs, CaConfig, Redacted};
 
 /// The SDS socket path istio-agent uses, relative to the working directory.
 pub const DEFAULT_SOCKET: &str = "./var/run/secrets/workload-spiffe-uds/socket";
@@ -181,13 +190,6 @@ pub struct RunArgs {
     /// [default: ecdsa-p256]
     #[arg(long, env = "SDS_AGENT_KEY_TYPE", value_name = "TYPE")]
     pub key_type: Option<String>,
-    /// Embedded CA: PEM signing certificate followed by its chain up to the root. Without
-    /// it, an ephemeral root is generated at start-up.
-    #[arg(long, env = "SDS_AGENT_EMBEDDED_CA_CERT", value_name = "PEM")]
-    pub embedded_ca_cert: Option<PathBuf>,
-    /// Embedded CA: PEM private key (PKCS#8) of the signing certificate.
-    #[arg(long, env = "SDS_AGENT_EMBEDDED_CA_KEY", value_name = "PEM")]
-    pub embedded_ca_key: Option<PathBuf>,
     /// Admin HTTP address (/healthz, /readyz, /secrets, /metrics, POST /rotate).
     /// [default: 127.0.0.1:15020]
     #[arg(long, env = "SDS_AGENT_ADMIN_ADDR", value_name = "ADDR")]
@@ -207,178 +209,9 @@ pub struct RunArgs {
     /// replaced together at every rotation (for applications without a proxy).
     #[arg(long, env = "SDS_AGENT_OUTPUT_DIR", value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
-    /// Vault: address, e.g. https://vault.example:8200. Falls back to VAULT_ADDR.
-    #[arg(long, env = "SDS_AGENT_VAULT_ADDR", value_name = "URL")]
-    pub vault_addr: Option<String>,
-    /// Vault: enterprise namespace, sent as X-Vault-Namespace. Falls back to VAULT_NAMESPACE.
-    #[arg(long, env = "SDS_AGENT_VAULT_NAMESPACE", value_name = "NS")]
-    pub vault_namespace: Option<String>,
-    /// Vault: PEM CA bundle that signed Vault's TLS certificate. Falls back to VAULT_CACERT.
-    #[arg(long, env = "SDS_AGENT_VAULT_CA_CERT", value_name = "PEM")]
-    pub vault_ca_cert: Option<PathBuf>,
-    /// Vault: mount path of the PKI secrets engine. [default: pki]
-    #[arg(long, env = "SDS_AGENT_VAULT_PKI_MOUNT", value_name = "PATH")]
-    pub vault_pki_mount: Option<String>,
-    /// Vault: the PKI role that signs (required with --ca vault).
-    #[arg(long, env = "SDS_AGENT_VAULT_ROLE", value_name = "ROLE")]
-    pub vault_role: Option<String>,
-    /// Vault: sign with this issuer (issuer/<ref>/sign/<role>) instead of the mount's default.
-    #[arg(long, env = "SDS_AGENT_VAULT_ISSUER", value_name = "REF")]
-    pub vault_issuer: Option<String>,
-    /// Vault: use sign-verbatim/<role> instead of sign/<role>. [default: false]
-    #[arg(
-        long,
-        env = "SDS_AGENT_VAULT_SIGN_VERBATIM",
-        value_name = "BOOL",
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub vault_sign_verbatim: Option<bool>,
-    /// Vault: pin the trust bundle to these PEM roots instead of reading the mount's issuers.
-    #[arg(long, env = "SDS_AGENT_VAULT_TRUST_BUNDLE", value_name = "PEM")]
-    pub vault_trust_bundle: Option<PathBuf>,
-    /// Vault: auth method, token, kubernetes or approle. [default: token]
-    #[arg(long, env = "SDS_AGENT_VAULT_AUTH", value_name = "METHOD")]
-    pub vault_auth: Option<String>,
-    /// Vault token auth: the token (prefer --vault-token-file: flags show in `ps`). Falls
-    /// back to VAULT_TOKEN.
-    #[arg(
-        long,
-        env = "SDS_AGENT_VAULT_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    pub vault_token: Option<String>,
-    /// Vault token auth: file holding the token, re-read when it changes.
-    #[arg(long, env = "SDS_AGENT_VAULT_TOKEN_FILE", value_name = "FILE")]
-    pub vault_token_file: Option<PathBuf>,
-    /// Vault kubernetes/approle auth: mount path of the auth method.
-    /// [default: kubernetes or approle]
-    #[arg(long, env = "SDS_AGENT_VAULT_AUTH_MOUNT", value_name = "PATH")]
-    pub vault_auth_mount: Option<String>,
-    /// Vault kubernetes auth: the auth method's role. [default: the value of --vault-role]
-    #[arg(long, env = "SDS_AGENT_VAULT_AUTH_ROLE", value_name = "ROLE")]
-    pub vault_auth_role: Option<String>,
-    /// Vault kubernetes auth: service-account JWT file, re-read at every login.
-    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/token]
-    #[arg(long, env = "SDS_AGENT_VAULT_JWT_FILE", value_name = "FILE")]
-    pub vault_jwt_file: Option<PathBuf>,
-    /// Vault approle auth: the role ID.
-    #[arg(long, env = "SDS_AGENT_VAULT_ROLE_ID", value_name = "ID")]
-    pub vault_role_id: Option<String>,
-    /// Vault approle auth: file holding the secret ID, re-read at every login.
-    #[arg(long, env = "SDS_AGENT_VAULT_SECRET_ID_FILE", value_name = "FILE")]
-    pub vault_secret_id_file: Option<PathBuf>,
-    /// Vault: time limit of one HTTP request to Vault. [default: 10s]
-    #[arg(long, env = "SDS_AGENT_VAULT_TIMEOUT", value_name = "DURATION")]
-    pub vault_timeout: Option<String>,
-    /// ACM PCA: ARN of the private CA that signs (required with --ca acm-pca).
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_ARN", value_name = "ARN")]
-    pub acm_pca_arn: Option<String>,
-    /// ACM PCA: signing algorithm, e.g. SHA256WITHECDSA. [default: derived from the CA's key]
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_SIGNING_ALGORITHM", value_name = "ALG")]
-    pub acm_pca_signing_algorithm: Option<String>,
-    /// ACM PCA: certificate template ARN.
-    /// [default: arn:aws:acm-pca:::template/EndEntityCertificate/V1]
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_TEMPLATE_ARN", value_name = "ARN")]
-    pub acm_pca_template_arn: Option<String>,
-    /// ACM PCA: endpoint URL instead of the region's (VPC endpoints, tests). Falls back to
-    /// AWS_ENDPOINT_URL_ACM_PCA.
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_ENDPOINT", value_name = "URL")]
-    pub acm_pca_endpoint: Option<String>,
-    /// ACM PCA: pin the trust bundle to these PEM roots instead of reading the CA's chain.
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_TRUST_BUNDLE", value_name = "PEM")]
-    pub acm_pca_trust_bundle: Option<PathBuf>,
-    /// ACM PCA: time limit of one HTTP request to AWS. [default: 10s]
-    #[arg(long, env = "SDS_AGENT_ACM_PCA_TIMEOUT", value_name = "DURATION")]
-    pub acm_pca_timeout: Option<String>,
-    /// AWS region to call. [default: the region in --acm-pca-arn]
-    #[arg(long, env = "SDS_AGENT_AWS_REGION", value_name = "REGION")]
-    pub aws_region: Option<String>,
-    /// istiod: address of the Istio CA (istiod or istio-csr), host:port, over TLS.
-    /// [default: istiod.istio-system.svc:15012]
-    #[arg(long, env = "SDS_AGENT_CA_ADDR", value_name = "HOST:PORT")]
-    pub ca_addr: Option<String>,
-    /// istiod: PEM roots that signed the CA's TLS certificate, re-read at every reconnect.
-    /// [default: the system's roots]
-    #[arg(long, env = "SDS_AGENT_CA_ROOT_CERT", value_name = "PEM")]
-    pub ca_root_cert: Option<PathBuf>,
-    /// istiod: name to expect in the CA's TLS certificate, and to send as SNI.
-    /// [default: the host of --ca-addr]
-    #[arg(long, env = "SDS_AGENT_CA_SERVER_NAME", value_name = "NAME")]
-    pub ca_server_name: Option<String>,
-    /// istiod: file holding the service-account token sent as the bearer token, re-read at
-    /// every call. [default: ./var/run/secrets/tokens/istio-token]
-    #[arg(long, env = "SDS_AGENT_CA_TOKEN_FILE", value_name = "FILE")]
-    pub ca_token_file: Option<PathBuf>,
-    /// istiod: cluster ID sent as ClusterID metadata (istiod picks the cluster that checks
-    /// the token by it).
-    #[arg(long, env = "SDS_AGENT_CLUSTER_ID", value_name = "ID")]
-    pub cluster_id: Option<String>,
-    /// istiod: extra header sent with every call, KEY=VALUE; repeatable.
-    #[arg(
-        long = "ca-header",
-        env = "SDS_AGENT_CA_HEADER",
-        value_name = "KEY=VALUE",
-        hide_env_values = true
-    )]
-    pub ca_headers: Vec<String>,
-    /// istiod: pin the trust bundle to these PEM roots instead of the root each answer ends
-    /// with.
-    #[arg(long, env = "SDS_AGENT_CA_TRUST_BUNDLE", value_name = "PEM")]
-    pub ca_trust_bundle: Option<PathBuf>,
-    /// istiod: time limit of one call to the CA. [default: 10s]
-    #[arg(long, env = "SDS_AGENT_CA_TIMEOUT", value_name = "DURATION")]
-    pub ca_timeout: Option<String>,
-    /// cert-manager: namespace the CertificateRequests are created in.
-    /// [default: --namespace, the pod's]
-    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_NAMESPACE", value_name = "NS")]
-    pub cert_manager_namespace: Option<String>,
-    /// cert-manager: name of the Issuer or ClusterIssuer that signs (required with
-    /// --ca cert-manager).
-    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_ISSUER_NAME", value_name = "NAME")]
-    pub cert_manager_issuer_name: Option<String>,
-    /// cert-manager: kind of the issuer: Issuer or ClusterIssuer (any kind for an external
-    /// issuer's group). [default: Issuer]
-    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_ISSUER_KIND", value_name = "KIND")]
-    pub cert_manager_issuer_kind: Option<String>,
-    /// cert-manager: API group of the issuer. [default: cert-manager.io]
-    #[arg(
-        long,
-        env = "SDS_AGENT_CERT_MANAGER_ISSUER_GROUP",
-        value_name = "GROUP"
-    )]
-    pub cert_manager_issuer_group: Option<String>,
-    /// cert-manager: longest wait for a CertificateRequest to be approved and issued.
-    /// [default: 60s]
-    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_TIMEOUT", value_name = "DURATION")]
-    pub cert_manager_timeout: Option<String>,
-    /// cert-manager: keep the last CertificateRequest instead of deleting it once read.
-    /// [default: false]
-    #[arg(
-        long,
-        env = "SDS_AGENT_CERT_MANAGER_KEEP_REQUESTS",
-        value_name = "BOOL",
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub cert_manager_keep_requests: Option<bool>,
-    /// cert-manager: pin the trust bundle to these PEM roots, for issuers that leave
-    /// status.ca empty (ACME, some external issuers).
-    #[arg(long, env = "SDS_AGENT_CERT_MANAGER_TRUST_BUNDLE", value_name = "PEM")]
-    pub cert_manager_trust_bundle: Option<PathBuf>,
-    /// cert-manager: kubeconfig to use instead of the pod's service account.
-    #[arg(long, env = "SDS_AGENT_KUBECONFIG", value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Name of the pod served (Downward API metadata.name): with --pod-uid, requests are
-    /// owned by the pod, so Kubernetes deletes them with it.
-    #[arg(long, env = "SDS_AGENT_POD_NAME", value_name = "NAME")]
-    pub pod_name: Option<String>,
-    /// UID of the pod served (Downward API metadata.uid).
-    #[arg(long, env = "SDS_AGENT_POD_UID", value_name = "UID")]
-    pub pod_uid: Option<String>,
+    /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
+    #[command(flatten)]
+    pub backends: CaArgs,
 }
 
 /// A list of user or group IDs in the config file: `[1337, 0]`, or `"1337,0"` as on the
@@ -502,9 +335,10 @@ fn parse_ids(text: &str) -> Result<BTreeSet<u32>, String> {
     Ok(ids)
 }
 
-/// The config file: the same keys as the flags, all optional, nothing else allowed.
+/// The agent's own keys of the config file: the same names as its flags, all optional.
+/// The backends read theirs ([`CaArgs::from_file`]); [`KnownKeys`] refuses any other.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct FileConfig {
     socket: Option<String>,
     socket_mode: Option<String>,
@@ -521,55 +355,11 @@ struct FileConfig {
     cert_ttl: Option<String>,
     renew_at: Option<f64>,
     key_type: Option<String>,
-    embedded_ca_cert: Option<PathBuf>,
-    embedded_ca_key: Option<PathBuf>,
     admin_addr: Option<String>,
     status_addr: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     output_dir: Option<PathBuf>,
-    vault_addr: Option<String>,
-    vault_namespace: Option<String>,
-    vault_ca_cert: Option<PathBuf>,
-    vault_pki_mount: Option<String>,
-    vault_role: Option<String>,
-    vault_issuer: Option<String>,
-    vault_sign_verbatim: Option<bool>,
-    vault_trust_bundle: Option<PathBuf>,
-    vault_auth: Option<String>,
-    vault_token: Option<String>,
-    vault_token_file: Option<PathBuf>,
-    vault_auth_mount: Option<String>,
-    vault_auth_role: Option<String>,
-    vault_jwt_file: Option<PathBuf>,
-    vault_role_id: Option<String>,
-    vault_secret_id_file: Option<PathBuf>,
-    vault_timeout: Option<String>,
-    acm_pca_arn: Option<String>,
-    acm_pca_signing_algorithm: Option<String>,
-    acm_pca_template_arn: Option<String>,
-    acm_pca_endpoint: Option<String>,
-    acm_pca_trust_bundle: Option<PathBuf>,
-    acm_pca_timeout: Option<String>,
-    aws_region: Option<String>,
-    ca_addr: Option<String>,
-    ca_root_cert: Option<PathBuf>,
-    ca_server_name: Option<String>,
-    ca_token_file: Option<PathBuf>,
-    cluster_id: Option<String>,
-    ca_header: Option<Vec<String>>,
-    ca_trust_bundle: Option<PathBuf>,
-    ca_timeout: Option<String>,
-    cert_manager_namespace: Option<String>,
-    cert_manager_issuer_name: Option<String>,
-    cert_manager_issuer_kind: Option<String>,
-    cert_manager_issuer_group: Option<String>,
-    cert_manager_timeout: Option<String>,
-    cert_manager_keep_requests: Option<bool>,
-    cert_manager_trust_bundle: Option<PathBuf>,
-    kubeconfig: Option<PathBuf>,
-    pod_name: Option<String>,
-    pod_uid: Option<String>,
 }
 
 /// The validated configuration of a running agent.
@@ -614,201 +404,6 @@ pub struct Config {
     pub output_dir: Option<PathBuf>,
 }
 
-/// Which CA signs, and its settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "backend", rename_all = "kebab-case")]
-pub enum CaConfig {
-    /// The in-process CA.
-    Embedded {
-        /// Signing certificate and chain, PEM; `None` for an ephemeral root.
-        cert: Option<PathBuf>,
-        /// Its key, PEM.
-        key: Option<PathBuf>,
-    },
-    /// Vault's (or OpenBao's) PKI secrets engine.
-    Vault(Box<VaultSettings>),
-    /// AWS Private CA.
-    AcmPca(Box<AcmPcaSettings>),
-    /// The Istio CA API: istiod or cert-manager istio-csr.
-    Istiod(Box<IstiodSettings>),
-    /// cert-manager CertificateRequests.
-    CertManager(Box<CertManagerSettings>),
-}
-
-/// Settings of the cert-manager backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct CertManagerSettings {
-    /// Namespace of the requests.
-    pub namespace: String,
-    /// Issuer name.
-    pub issuer_name: String,
-    /// Issuer kind.
-    pub issuer_kind: String,
-    /// Issuer group.
-    pub issuer_group: String,
-    /// Longest wait for a verdict.
-    #[serde(serialize_with = "humanized")]
-    pub timeout: Duration,
-    /// Keep the last request.
-    pub keep_requests: bool,
-    /// Pinned roots, PEM file.
-    pub trust_bundle: Option<PathBuf>,
-    /// Kubeconfig instead of in-cluster credentials.
-    pub kubeconfig: Option<PathBuf>,
-    /// The pod's name, for the ownerReference.
-    pub pod_name: Option<String>,
-    /// The pod's UID.
-    pub pod_uid: Option<String>,
-}
-
-/// Settings of the istiod backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct IstiodSettings {
-    /// The CA's address, host:port.
-    pub addr: String,
-    /// Roots for the CA's TLS certificate, PEM file; the system's when `None`.
-    pub root_cert: Option<PathBuf>,
-    /// Name expected in the CA's TLS certificate.
-    pub server_name: Option<String>,
-    /// File holding the bearer token.
-    pub token_file: PathBuf,
-    /// Sent as ClusterID metadata.
-    pub cluster_id: Option<String>,
-    /// Extra headers, `KEY=VALUE` (values printed redacted).
-    #[serde(serialize_with = "header_names")]
-    pub headers: Vec<String>,
-    /// Pinned roots, PEM file.
-    pub trust_bundle: Option<PathBuf>,
-    /// Time limit of one call.
-    #[serde(serialize_with = "humanized")]
-    pub timeout: Duration,
-}
-
-/// Settings of the ACM PCA backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct AcmPcaSettings {
-    /// The CA's ARN.
-    pub arn: String,
-    /// The region to call.
-    pub region: String,
-    /// Endpoint URL instead of the region's.
-    pub endpoint: Option<String>,
-    /// Signing algorithm; `None` to derive it from the CA's key.
-    pub signing_algorithm: Option<String>,
-    /// Certificate template ARN.
-    pub template_arn: String,
-    /// Pinned roots, PEM file.
-    pub trust_bundle: Option<PathBuf>,
-    /// Time limit of one request.
-    #[serde(serialize_with = "humanized")]
-    pub timeout: Duration,
-}
-
-/// Settings of the Vault backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VaultSettings {
-    /// Vault's address.
-    pub addr: String,
-    /// Enterprise namespace.
-    pub namespace: Option<String>,
-    /// CA bundle for TLS to Vault.
-    pub ca_cert: Option<PathBuf>,
-    /// PKI mount path.
-    pub pki_mount: String,
-    /// PKI role.
-    pub role: String,
-    /// Issuer reference, if not the default issuer.
-    pub issuer: Option<String>,
-    /// Use sign-verbatim.
-    pub sign_verbatim: bool,
-    /// Pinned roots, PEM file.
-    pub trust_bundle: Option<PathBuf>,
-    /// How to log in.
-    pub auth: VaultAuthSettings,
-    /// Time limit of one request.
-    #[serde(serialize_with = "humanized")]
-    pub timeout: Duration,
-}
-
-/// The Vault auth method and its settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "method", rename_all = "kebab-case")]
-pub enum VaultAuthSettings {
-    /// A token, given or in a file.
-    Token {
-        /// The token itself (printed redacted).
-        token: Option<Redacted>,
-        /// A file holding it.
-        token_file: Option<PathBuf>,
-    },
-    /// Kubernetes service-account JWT login.
-    Kubernetes {
-        /// Auth mount path.
-        mount: String,
-        /// Auth role.
-        role: String,
-        /// JWT file.
-        jwt_file: PathBuf,
-    },
-    /// AppRole login.
-    Approle {
-        /// Auth mount path.
-        mount: String,
-        /// Role ID.
-        role_id: String,
-        /// File holding the secret ID.
-        secret_id_file: PathBuf,
-    },
-}
-
-/// A secret setting: kept, but never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Redacted(zeroize::Zeroizing<String>);
-
-impl Redacted {
-    /// The secret.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Redacted {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
-
-/// Backend names `--ca` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum CaKind {
-    Embedded,
-    Vault,
-    AcmPca,
-    Istiod,
-    CertManager,
-}
-
-/// Vault auth method names `--vault-auth` accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum VaultAuthKind {
-    Token,
-    Kubernetes,
-    Approle,
-}
-
-const DEFAULT_VAULT_JWT_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-const DEFAULT_VAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A renewal fraction strictly between 0 and 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RenewAt(f64);
@@ -847,6 +442,9 @@ pub enum ConfigError {
     /// Two settings that only make sense together, or never together.
     #[error("{0}")]
     Conflict(String),
+    /// The CA backend's settings, checked by the backend.
+    #[error(transparent)]
+    Backend(#[from] SettingsError),
 }
 
 impl RunArgs {
@@ -862,9 +460,9 @@ impl RunArgs {
         &self,
         std_env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file = match &self.config {
+        let (file, file_backends) = match &self.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => Default::default(),
         };
         let pick =
             |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
@@ -979,31 +577,11 @@ impl RunArgs {
         })?;
 
         let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
-        let ca_kind = CaKind::from_str(&ca_raw, false).map_err(|_| {
-            invalid(
-                "ca",
-                &ca_raw,
-                "the backends are: embedded, istiod, vault, acm-pca, cert-manager",
-            )
-        })?;
-        let ca = match ca_kind {
-            CaKind::Embedded => {
-                let cert = self.embedded_ca_cert.clone().or(file.embedded_ca_cert);
-                let key = self.embedded_ca_key.clone().or(file.embedded_ca_key);
-                if cert.is_some() != key.is_some() {
-                    return Err(ConfigError::Conflict(
-                        "--embedded-ca-cert and --embedded-ca-key go together: give both or neither".into(),
-                    ));
-                }
-                CaConfig::Embedded { cert, key }
-            }
-            CaKind::Vault => CaConfig::Vault(Box::new(self.resolve_vault(&file, std_env)?)),
-            CaKind::AcmPca => CaConfig::AcmPca(Box::new(self.resolve_acm_pca(&file, std_env)?)),
-            CaKind::Istiod => CaConfig::Istiod(Box::new(self.resolve_istiod(&file)?)),
-            CaKind::CertManager => {
-                CaConfig::CertManager(Box::new(self.resolve_cert_manager(&file, &ns)?))
-            }
+        let ctx = ResolveContext {
+            namespace: &ns,
+            std_env,
         };
+        let ca = self.backends.resolve(&ca_raw, &file_backends, &ctx)?;
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
             Some(v) => parse_ttl(&v).map_err(|r| invalid("cert-ttl", &v, r))?,
@@ -1068,469 +646,6 @@ impl RunArgs {
     }
 }
 
-impl RunArgs {
-    fn resolve_vault(
-        &self,
-        file: &FileConfig,
-        std_env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<VaultSettings, ConfigError> {
-        let pick = |flag: &Option<String>, file: &Option<String>, fallback: &str| {
-            flag.clone()
-                .or_else(|| file.clone())
-                .or_else(|| std_env(fallback))
-        };
-        let pick_path =
-            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
-        let addr = pick(&self.vault_addr, &file.vault_addr, "VAULT_ADDR").ok_or_else(|| {
-            ConfigError::Conflict(
-                "--ca vault needs --vault-addr (SDS_AGENT_VAULT_ADDR, file key vault-addr, or \
-                 VAULT_ADDR)"
-                    .into(),
-            )
-        })?;
-        match url::Url::parse(&addr) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            _ => {
-                return Err(invalid(
-                    "vault-addr",
-                    &addr,
-                    "expected an http:// or https:// URL, e.g. https://vault.example:8200",
-                ));
-            }
-        }
-        let role = pick(&self.vault_role, &file.vault_role, "").ok_or_else(|| {
-            ConfigError::Conflict("--ca vault needs --vault-role, the PKI role that signs".into())
-        })?;
-        let ca_cert = pick_path(&self.vault_ca_cert, &file.vault_ca_cert)
-            .or_else(|| std_env("VAULT_CACERT").map(PathBuf::from));
-        let timeout = match pick(&self.vault_timeout, &file.vault_timeout, "") {
-            Some(v) => humantime::parse_duration(v.trim())
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| invalid("vault-timeout", &v, "expected a duration, e.g. 10s"))?,
-            None => DEFAULT_VAULT_TIMEOUT,
-        };
-        let auth_raw =
-            pick(&self.vault_auth, &file.vault_auth, "").unwrap_or_else(|| "token".into());
-        let auth_kind = VaultAuthKind::from_str(&auth_raw, false).map_err(|_| {
-            invalid(
-                "vault-auth",
-                &auth_raw,
-                "expected token, kubernetes or approle",
-            )
-        })?;
-        let auth_mount = pick(&self.vault_auth_mount, &file.vault_auth_mount, "");
-        let auth = match auth_kind {
-            VaultAuthKind::Token => {
-                let token_file = pick_path(&self.vault_token_file, &file.vault_token_file);
-                let token = pick(&self.vault_token, &file.vault_token, "");
-                let token = match (&token, &token_file) {
-                    (Some(_), Some(_)) => {
-                        return Err(ConfigError::Conflict(
-                            "--vault-token and --vault-token-file are exclusive: give one".into(),
-                        ));
-                    }
-                    (None, None) => std_env("VAULT_TOKEN"),
-                    _ => token,
-                };
-                if token.is_none() && token_file.is_none() {
-                    return Err(ConfigError::Conflict(
-                        "--vault-auth token needs --vault-token-file, --vault-token or VAULT_TOKEN"
-                            .into(),
-                    ));
-                }
-                VaultAuthSettings::Token {
-                    token: token.map(|t| Redacted(zeroize::Zeroizing::new(t))),
-                    token_file,
-                }
-            }
-            VaultAuthKind::Kubernetes => VaultAuthSettings::Kubernetes {
-                mount: auth_mount.unwrap_or_else(|| "kubernetes".into()),
-                role: pick(&self.vault_auth_role, &file.vault_auth_role, "")
-                    .unwrap_or_else(|| role.clone()),
-                jwt_file: pick_path(&self.vault_jwt_file, &file.vault_jwt_file)
-                    .unwrap_or_else(|| DEFAULT_VAULT_JWT_FILE.into()),
-            },
-            VaultAuthKind::Approle => VaultAuthSettings::Approle {
-                mount: auth_mount.unwrap_or_else(|| "approle".into()),
-                role_id: pick(&self.vault_role_id, &file.vault_role_id, "").ok_or_else(|| {
-                    ConfigError::Conflict("--vault-auth approle needs --vault-role-id".into())
-                })?,
-                secret_id_file: pick_path(&self.vault_secret_id_file, &file.vault_secret_id_file)
-                    .ok_or_else(|| {
-                    ConfigError::Conflict(
-                        "--vault-auth approle needs --vault-secret-id-file".into(),
-                    )
-                })?,
-            },
-        };
-        Ok(VaultSettings {
-            addr,
-            namespace: pick(
-                &self.vault_namespace,
-                &file.vault_namespace,
-                "VAULT_NAMESPACE",
-            ),
-            ca_cert,
-            pki_mount: pick(&self.vault_pki_mount, &file.vault_pki_mount, "")
-                .unwrap_or_else(|| "pki".into()),
-            role,
-            issuer: pick(&self.vault_issuer, &file.vault_issuer, ""),
-            sign_verbatim: self
-                .vault_sign_verbatim
-                .or(file.vault_sign_verbatim)
-                .unwrap_or(false),
-            trust_bundle: pick_path(&self.vault_trust_bundle, &file.vault_trust_bundle),
-            auth,
-            timeout,
-        })
-    }
-}
-
-impl RunArgs {
-    fn resolve_acm_pca(
-        &self,
-        file: &FileConfig,
-        std_env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<AcmPcaSettings, ConfigError> {
-        let pick =
-            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
-        let arn = pick(&self.acm_pca_arn, &file.acm_pca_arn).ok_or_else(|| {
-            ConfigError::Conflict(
-                "--ca acm-pca needs --acm-pca-arn, the ARN of the private CA that signs".into(),
-            )
-        })?;
-        let arn_region = parse_ca_arn(&arn).map_err(|e| invalid("acm-pca-arn", &arn, e))?;
-        let region = match pick(&self.aws_region, &file.aws_region) {
-            Some(r) => {
-                if r.is_empty()
-                    || !r
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                {
-                    return Err(invalid(
-                        "aws-region",
-                        &r,
-                        "expected a region name, e.g. us-east-1",
-                    ));
-                }
-                r
-            }
-            None => arn_region,
-        };
-        let endpoint = pick(&self.acm_pca_endpoint, &file.acm_pca_endpoint)
-            .or_else(|| std_env("AWS_ENDPOINT_URL_ACM_PCA"));
-        if let Some(e) = &endpoint {
-            match url::Url::parse(e) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => {
-                    return Err(invalid(
-                        "acm-pca-endpoint",
-                        e,
-                        "expected an http:// or https:// URL",
-                    ));
-                }
-            }
-        }
-        let signing_algorithm = pick(
-            &self.acm_pca_signing_algorithm,
-            &file.acm_pca_signing_algorithm,
-        );
-        if let Some(alg) = &signing_algorithm {
-            check_signing_algorithm(alg)
-                .map_err(|e| invalid("acm-pca-signing-algorithm", alg, e))?;
-        }
-        let template_arn = pick(&self.acm_pca_template_arn, &file.acm_pca_template_arn)
-            .unwrap_or_else(|| DEFAULT_ACM_PCA_TEMPLATE.into());
-        if !template_arn.starts_with("arn:") || !template_arn.contains(":acm-pca:::template/") {
-            return Err(invalid(
-                "acm-pca-template-arn",
-                &template_arn,
-                format!(
-                    "expected arn:<partition>:acm-pca:::template/<name>/V<n>, e.g. {DEFAULT_ACM_PCA_TEMPLATE}"
-                ),
-            ));
-        }
-        let timeout = match pick(&self.acm_pca_timeout, &file.acm_pca_timeout) {
-            Some(v) => humantime::parse_duration(v.trim())
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| invalid("acm-pca-timeout", &v, "expected a duration, e.g. 10s"))?,
-            None => DEFAULT_ACM_PCA_TIMEOUT,
-        };
-        Ok(AcmPcaSettings {
-            arn,
-            region,
-            endpoint,
-            signing_algorithm,
-            template_arn,
-            trust_bundle: self
-                .acm_pca_trust_bundle
-                .clone()
-                .or_else(|| file.acm_pca_trust_bundle.clone()),
-            timeout,
-        })
-    }
-}
-
-impl RunArgs {
-    fn resolve_istiod(&self, file: &FileConfig) -> Result<IstiodSettings, ConfigError> {
-        let pick =
-            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
-        let pick_path =
-            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
-        let addr = pick(&self.ca_addr, &file.ca_addr).unwrap_or_else(|| DEFAULT_ISTIOD_ADDR.into());
-        check_ca_addr(&addr).map_err(|e| invalid("ca-addr", &addr, e))?;
-        let server_name = pick(&self.ca_server_name, &file.ca_server_name);
-        if let Some(name) = &server_name
-            && (name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '/'))
-        {
-            return Err(invalid(
-                "ca-server-name",
-                name,
-                "expected a DNS name or IP address, e.g. istiod.istio-system.svc",
-            ));
-        }
-        let cluster_id = pick(&self.cluster_id, &file.cluster_id);
-        if let Some(id) = &cluster_id
-            && (id.is_empty() || !id.bytes().all(|b| (0x21..0x7f).contains(&b)))
-        {
-            return Err(invalid(
-                "cluster-id",
-                id,
-                "expected visible ASCII without spaces, e.g. Kubernetes",
-            ));
-        }
-        let headers = if self.ca_headers.is_empty() {
-            file.ca_header.clone().unwrap_or_default()
-        } else {
-            self.ca_headers.clone()
-        };
-        for h in &headers {
-            let name = h.split_once('=').map_or(h.as_str(), |(k, _)| k);
-            check_ca_header(h).map_err(|e| invalid("ca-header", &format!("{name}=..."), e))?;
-        }
-        let timeout = match pick(&self.ca_timeout, &file.ca_timeout) {
-            Some(v) => humantime::parse_duration(v.trim())
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| invalid("ca-timeout", &v, "expected a duration, e.g. 10s"))?,
-            None => DEFAULT_ISTIOD_TIMEOUT,
-        };
-        Ok(IstiodSettings {
-            addr,
-            root_cert: pick_path(&self.ca_root_cert, &file.ca_root_cert),
-            server_name,
-            token_file: pick_path(&self.ca_token_file, &file.ca_token_file)
-                .unwrap_or_else(|| DEFAULT_ISTIOD_TOKEN_FILE.into()),
-            cluster_id,
-            headers,
-            trust_bundle: pick_path(&self.ca_trust_bundle, &file.ca_trust_bundle),
-            timeout,
-        })
-    }
-}
-
-impl RunArgs {
-    fn resolve_cert_manager(
-        &self,
-        file: &FileConfig,
-        pod_namespace: &str,
-    ) -> Result<CertManagerSettings, ConfigError> {
-        let pick =
-            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
-        let pick_path =
-            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or_else(|| file.clone());
-        let namespace = pick(&self.cert_manager_namespace, &file.cert_manager_namespace)
-            .unwrap_or_else(|| pod_namespace.to_owned());
-        if !is_dns_label(&namespace) {
-            return Err(invalid(
-                "cert-manager-namespace",
-                &namespace,
-                "expected a Kubernetes namespace name (lowercase letters, digits and '-')",
-            ));
-        }
-        let issuer_name = pick(&self.cert_manager_issuer_name, &file.cert_manager_issuer_name)
-            .ok_or_else(|| {
-                ConfigError::Conflict(
-                    "--ca cert-manager needs --cert-manager-issuer-name                      (SDS_AGENT_CERT_MANAGER_ISSUER_NAME, file key cert-manager-issuer-name): the                      Issuer or ClusterIssuer that signs"
-                        .into(),
-                )
-            })?;
-        if !is_dns_subdomain(&issuer_name) {
-            return Err(invalid(
-                "cert-manager-issuer-name",
-                &issuer_name,
-                "expected a Kubernetes object name (lowercase letters, digits, '-' and '.')",
-            ));
-        }
-        let issuer_group = pick(
-            &self.cert_manager_issuer_group,
-            &file.cert_manager_issuer_group,
-        )
-        .unwrap_or_else(|| DEFAULT_CERT_MANAGER_GROUP.into());
-        if !is_dns_subdomain(&issuer_group) {
-            return Err(invalid(
-                "cert-manager-issuer-group",
-                &issuer_group,
-                "expected an API group, e.g. cert-manager.io or awspca.cert-manager.io",
-            ));
-        }
-        let issuer_kind = pick(
-            &self.cert_manager_issuer_kind,
-            &file.cert_manager_issuer_kind,
-        )
-        .unwrap_or_else(|| "Issuer".into());
-        let kind_ok = if issuer_group == DEFAULT_CERT_MANAGER_GROUP {
-            matches!(issuer_kind.as_str(), "Issuer" | "ClusterIssuer")
-        } else {
-            issuer_kind.starts_with(|c: char| c.is_ascii_uppercase())
-                && issuer_kind.chars().all(|c| c.is_ascii_alphanumeric())
-        };
-        if !kind_ok {
-            return Err(invalid(
-                "cert-manager-issuer-kind",
-                &issuer_kind,
-                "expected Issuer or ClusterIssuer (an external issuer's own kind, e.g.                  AWSPCAClusterIssuer, goes with its --cert-manager-issuer-group)",
-            ));
-        }
-        let timeout = match pick(&self.cert_manager_timeout, &file.cert_manager_timeout) {
-            Some(v) => humantime::parse_duration(v.trim())
-                .ok()
-                .filter(|d| *d >= Duration::from_secs(1))
-                .ok_or_else(|| {
-                    invalid(
-                        "cert-manager-timeout",
-                        &v,
-                        "expected a duration of at least 1s, e.g. 60s",
-                    )
-                })?,
-            None => DEFAULT_CERT_MANAGER_TIMEOUT,
-        };
-        let pod_name = pick(&self.pod_name, &file.pod_name);
-        let pod_uid = pick(&self.pod_uid, &file.pod_uid);
-        if pod_name.is_some() != pod_uid.is_some() {
-            return Err(ConfigError::Conflict(
-                "--pod-name and --pod-uid go together (both from the Downward API:                  metadata.name and metadata.uid): give both or neither"
-                    .into(),
-            ));
-        }
-        if let Some(uid) = &pod_uid
-            && (uid.is_empty()
-                || uid.len() > 63
-                || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-        {
-            return Err(invalid(
-                "pod-uid",
-                uid,
-                "expected a UID, e.g. 0d3c2b1a-...-6666",
-            ));
-        }
-        if let Some(name) = &pod_name
-            && !is_dns_subdomain(name)
-        {
-            return Err(invalid("pod-name", name, "expected a pod name"));
-        }
-        Ok(CertManagerSettings {
-            namespace,
-            issuer_name,
-            issuer_kind,
-            issuer_group,
-            timeout,
-            keep_requests: self
-                .cert_manager_keep_requests
-                .or(file.cert_manager_keep_requests)
-                .unwrap_or(false),
-            trust_bundle: pick_path(
-                &self.cert_manager_trust_bundle,
-                &file.cert_manager_trust_bundle,
-            ),
-            kubeconfig: pick_path(&self.kubeconfig, &file.kubeconfig),
-            pod_name,
-            pod_uid,
-        })
-    }
-}
-
-const DEFAULT_CERT_MANAGER_GROUP: &str = "cert-manager.io";
-const DEFAULT_CERT_MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// An RFC 1123 label: what a namespace name must be.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// An RFC 1123 subdomain: what most object names and API groups must be.
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-const DEFAULT_ISTIOD_ADDR: &str = "istiod.istio-system.svc:15012";
-const DEFAULT_ISTIOD_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
-const DEFAULT_ISTIOD_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[cfg(feature = "istiod")]
-fn check_ca_addr(addr: &str) -> Result<(), String> {
-    addr.parse::<sds_backends::istiod::CaAddr>()
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-#[cfg(not(feature = "istiod"))]
-fn check_ca_addr(_addr: &str) -> Result<(), String> {
-    Ok(())
-}
-
-#[cfg(feature = "istiod")]
-fn check_ca_header(header: &str) -> Result<(), String> {
-    header
-        .parse::<sds_backends::istiod::ExtraHeader>()
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-#[cfg(not(feature = "istiod"))]
-fn check_ca_header(_header: &str) -> Result<(), String> {
-    Ok(())
-}
-
-const DEFAULT_ACM_PCA_TEMPLATE: &str = "arn:aws:acm-pca:::template/EndEntityCertificate/V1";
-const DEFAULT_ACM_PCA_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The region of a private CA's ARN, or why it is not one.
-#[cfg(feature = "acm-pca")]
-fn parse_ca_arn(arn: &str) -> Result<String, String> {
-    arn.parse::<sds_backends::acm_pca::CaArn>()
-        .map(|a| a.region().to_owned())
-        .map_err(|e| e.to_string())
-}
-
-#[cfg(not(feature = "acm-pca"))]
-fn parse_ca_arn(arn: &str) -> Result<String, String> {
-    arn.split(':')
-        .nth(3)
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
-        .ok_or_else(|| "not an ACM PCA certificate authority ARN".to_owned())
-}
-
-#[cfg(feature = "acm-pca")]
-fn check_signing_algorithm(alg: &str) -> Result<(), String> {
-    sds_backends::acm_pca::parse_signing_algorithm(alg)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-#[cfg(not(feature = "acm-pca"))]
-fn check_signing_algorithm(_alg: &str) -> Result<(), String> {
-    Ok(())
-}
-
 impl RenewAt {
     /// A fraction strictly between 0 and 1.
     pub fn new(f: f64) -> Result<Self, &'static str> {
@@ -1562,15 +677,121 @@ impl FromStr for RenewAt {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// Reads the config file: the agent's own keys, and each backend's. A key nobody knows is
+/// refused before any value is looked at; otherwise the first bad value in the file is the
+/// one reported, whoever owns it.
+fn read_file(path: &Path) -> Result<(FileConfig, CaArgs), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+    let parse_error = |e: toml::de::Error| ConfigError::ParseFile {
         path: path.to_owned(),
         message: e.to_string().trim_end().to_owned(),
+    };
+    toml::from_str::<KnownKeys>(&text).map_err(parse_error)?;
+    match (
+        toml::from_str::<FileConfig>(&text),
+        CaArgs::from_file(&TomlText(&text)),
+    ) {
+        (Ok(own), Ok(backends)) => Ok((own, backends)),
+        (own, backends) => {
+            let errors = own
+                .err()
+                .into_iter()
+                .chain(backends.err().into_iter().flatten());
+            let first = errors.min_by_key(|e| e.span().map_or(0, |span| span.start));
+            // One of the two failed, so there is an error to report.
+            Err(first.map_or_else(
+                || ConfigError::ParseFile {
+                    path: path.to_owned(),
+                    message: "unreadable".into(),
+                },
+                parse_error,
+            ))
+        }
+    }
+}
+
+/// The config file's text, from which each backend reads its keys.
+struct TomlText<'a>(&'a str);
+
+impl FileSource for TomlText<'_> {
+    type Error = toml::de::Error;
+
+    fn read<T: serde::de::DeserializeOwned>(&self) -> Result<T, toml::de::Error> {
+        toml::from_str(self.0)
+    }
+}
+
+/// Every key the config file may have: the flags of `run` but `--config`, in their order.
+fn file_keys() -> &'static [&'static str] {
+    static KEYS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        RunArgs::augment_args(clap::Command::new("run"))
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| *long != "config")
+            // Once per process, for serde's `&'static` list of expected keys.
+            .map(|long| &*Box::leak(long.to_owned().into_boxed_str()))
+            .collect()
     })
+}
+
+/// Checks that every key of the config file is one of [`file_keys`], as serde's
+/// `deny_unknown_fields` would: the error names the key, its position, and the keys known.
+struct KnownKeys;
+
+impl<'de> Deserialize<'de> for KnownKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        struct Key;
+        struct KeyName;
+
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = KnownKeys;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("struct FileConfig")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<KnownKeys, A::Error> {
+                while map.next_key_seed(Key)?.is_some() {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(KnownKeys)
+            }
+        }
+
+        impl<'de> serde::de::DeserializeSeed<'de> for Key {
+            type Value = ();
+
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_identifier(KeyName)
+            }
+        }
+
+        impl serde::de::Visitor<'_> for KeyName {
+            type Value = ();
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("field identifier")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<(), E> {
+                if file_keys().contains(&key) {
+                    Ok(())
+                } else {
+                    Err(E::unknown_field(key, file_keys()))
+                }
+            }
+        }
+
+        d.deserialize_struct("FileConfig", file_keys(), Keys)
+    }
 }
 
 /// `30s`, `90m`, `24h`, `1h30m`: humantime's syntax, at least 5 s.
@@ -1615,9 +836,8 @@ fn parse_mode(s: &str) -> Result<u32, &'static str> {
 }
 
 fn invalid(flag: &str, value: &str, reason: impl fmt::Display) -> ConfigError {
-    let var = format!("SDS_AGENT_{}", flag.to_uppercase().replace('-', "_"));
     ConfigError::Invalid {
-        setting: format!("--{flag} ({var}, file key {flag})"),
+        setting: setting_name(flag),
         value: value.to_owned(),
         reason: reason.to_string(),
     }
@@ -1627,20 +847,6 @@ fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{mode:04o}"))
 }
 
-fn humanized<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
-}
-
-/// Extra headers as `name=<redacted>`: their values may be credentials.
-fn header_names<S: serde::Serializer>(headers: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(headers.iter().map(|h| {
-        format!(
-            "{}=<redacted>",
-            h.split_once('=').map_or(h.as_str(), |(k, _)| k)
-        )
-    }))
-}
-
 fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -1648,6 +854,11 @@ fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sds_backends::acm_pca::settings::AcmPcaSettings;
+    use sds_backends::cert_manager::settings::{CertManagerArgs, CertManagerSettings};
+    use sds_backends::embedded::settings::{EmbeddedArgs, EmbeddedSettings};
+    use sds_backends::istiod::settings::{IstiodArgs, IstiodSettings};
+    use sds_backends::vault::settings::{VaultAuthSettings, VaultSettings};
     use std::io::Write;
 
     fn file(text: &str) -> tempfile::NamedTempFile {
@@ -1667,10 +878,10 @@ mod tests {
         );
         assert_eq!(
             c.ca,
-            CaConfig::Embedded {
+            CaConfig::Embedded(Box::new(EmbeddedSettings {
                 cert: None,
                 key: None
-            }
+            }))
         );
         assert_eq!(c.cert_ttl, Duration::from_secs(86400));
         assert_eq!(c.renew_at.get(), 0.5);
@@ -1826,7 +1037,13 @@ mod tests {
             ),
             (
                 RunArgs {
-                    embedded_ca_cert: Some("ca.pem".into()),
+                    backends: CaArgs {
+                        embedded: EmbeddedArgs {
+                            embedded_ca_cert: Some("ca.pem".into()),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 "go together",
@@ -1836,6 +1053,55 @@ mod tests {
             let err = args.resolve().unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn the_file_refuses_unknown_keys_first_then_reports_its_first_bad_value() {
+        let err_of = |text: &str| {
+            let f = file(text);
+            RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string()
+        };
+        // An unknown key wins over a bad value before it, as serde's deny_unknown_fields did.
+        let err = err_of("vault-addr = 3\nbogus = 1\n");
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("`vault-addr`") && err.contains("`socket`"),
+            "{err}"
+        );
+        // Bad values: the first in the file, whichever owner (agent or backend) reads it.
+        let err = err_of("vault-sign-verbatim = \"yes\"\nrenew-at = \"x\"\n");
+        assert!(err.contains("line 1") && err.contains("a boolean"), "{err}");
+        let err = err_of("renew-at = \"x\"\nvault-sign-verbatim = \"yes\"\n");
+        assert!(
+            err.contains("line 1") && !err.contains("a boolean"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_flag_of_run_but_config_is_a_file_key() {
+        let longs: Vec<String> = RunArgs::augment_args(clap::Command::new("run"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect();
+        assert_eq!(file_keys().len(), longs.len() - 1);
+        for key in [
+            "socket",
+            "embedded-ca-cert",
+            "vault-addr",
+            "ca-header",
+            "pod-uid",
+        ] {
+            assert!(file_keys().contains(&key), "{key}");
+        }
+        assert!(!file_keys().contains(&"config"));
     }
 
     #[test]
@@ -1852,188 +1118,10 @@ mod tests {
         None
     }
 
-    fn vault_args() -> RunArgs {
-        RunArgs {
-            ca: Some("vault".into()),
-            vault_addr: Some("https://vault.example:8200".into()),
-            vault_role: Some("sds".into()),
-            vault_token_file: Some("/run/vault-token".into()),
-            ..Default::default()
-        }
-    }
-
     fn vault_of(c: Config) -> VaultSettings {
         match c.ca {
             CaConfig::Vault(v) => *v,
             other => panic!("not vault: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn vault_defaults_and_auth_methods() {
-        let v = vault_of(vault_args().resolve_with_env(&no_env).unwrap());
-        assert_eq!(v.pki_mount, "pki");
-        assert_eq!(v.timeout, Duration::from_secs(10));
-        assert!(!v.sign_verbatim);
-        assert_eq!(
-            v.auth,
-            VaultAuthSettings::Token {
-                token: None,
-                token_file: Some("/run/vault-token".into())
-            }
-        );
-
-        let v = vault_of(
-            RunArgs {
-                vault_auth: Some("kubernetes".into()),
-                vault_token_file: None,
-                ..vault_args()
-            }
-            .resolve_with_env(&no_env)
-            .unwrap(),
-        );
-        assert_eq!(
-            v.auth,
-            VaultAuthSettings::Kubernetes {
-                mount: "kubernetes".into(),
-                role: "sds".into(),
-                jwt_file: DEFAULT_VAULT_JWT_FILE.into(),
-            }
-        );
-
-        let v = vault_of(
-            RunArgs {
-                vault_auth: Some("approle".into()),
-                vault_role_id: Some("rid".into()),
-                vault_secret_id_file: Some("/run/sid".into()),
-                vault_auth_mount: Some("approle-mesh".into()),
-                ..vault_args()
-            }
-            .resolve_with_env(&no_env)
-            .unwrap(),
-        );
-        assert_eq!(
-            v.auth,
-            VaultAuthSettings::Approle {
-                mount: "approle-mesh".into(),
-                role_id: "rid".into(),
-                secret_id_file: "/run/sid".into(),
-            }
-        );
-    }
-
-    #[test]
-    fn vault_falls_back_to_the_usual_vault_variables() {
-        let env = |name: &str| match name {
-            "VAULT_ADDR" => Some("http://127.0.0.1:8200".to_owned()),
-            "VAULT_TOKEN" => Some("hvs.secret-token".to_owned()),
-            "VAULT_CACERT" => Some("/etc/vault-ca.pem".to_owned()),
-            "VAULT_NAMESPACE" => Some("team-a".to_owned()),
-            _ => None,
-        };
-        let args = RunArgs {
-            ca: Some("vault".into()),
-            vault_role: Some("sds".into()),
-            ..Default::default()
-        };
-        let c = args.resolve_with_env(&env).unwrap();
-        let json = serde_json::to_string(&c).unwrap();
-        assert!(!json.contains("hvs.secret-token"), "{json}");
-        assert!(json.contains("<redacted>"), "{json}");
-        assert!(!format!("{c:?}").contains("hvs.secret-token"));
-        let v = vault_of(c);
-        assert_eq!(v.addr, "http://127.0.0.1:8200");
-        assert_eq!(v.ca_cert, Some("/etc/vault-ca.pem".into()));
-        assert_eq!(v.namespace.as_deref(), Some("team-a"));
-        let VaultAuthSettings::Token { token: Some(t), .. } = v.auth else {
-            panic!("token auth expected")
-        };
-        assert_eq!(t.expose(), "hvs.secret-token");
-
-        // Flags win over the fallbacks.
-        let v = vault_of(
-            RunArgs {
-                vault_addr: Some("https://flag.example".into()),
-                ..args
-            }
-            .resolve_with_env(&env)
-            .unwrap(),
-        );
-        assert_eq!(v.addr, "https://flag.example");
-    }
-
-    #[test]
-    fn vault_settings_are_checked() {
-        let cases: Vec<(RunArgs, &str)> = vec![
-            (
-                RunArgs {
-                    vault_addr: None,
-                    ..vault_args()
-                },
-                "needs --vault-addr",
-            ),
-            (
-                RunArgs {
-                    vault_addr: Some("vault:8200".into()),
-                    ..vault_args()
-                },
-                "--vault-addr",
-            ),
-            (
-                RunArgs {
-                    vault_role: None,
-                    ..vault_args()
-                },
-                "needs --vault-role",
-            ),
-            (
-                RunArgs {
-                    vault_auth: Some("ldap".into()),
-                    ..vault_args()
-                },
-                "--vault-auth",
-            ),
-            (
-                RunArgs {
-                    vault_token: Some("t".into()),
-                    ..vault_args()
-                },
-                "exclusive",
-            ),
-            (
-                RunArgs {
-                    vault_token_file: None,
-                    ..vault_args()
-                },
-                "needs --vault-token-file",
-            ),
-            (
-                RunArgs {
-                    vault_auth: Some("approle".into()),
-                    vault_secret_id_file: Some("/run/sid".into()),
-                    ..vault_args()
-                },
-                "needs --vault-role-id",
-            ),
-            (
-                RunArgs {
-                    vault_auth: Some("approle".into()),
-                    vault_role_id: Some("rid".into()),
-                    ..vault_args()
-                },
-                "needs --vault-secret-id-file",
-            ),
-            (
-                RunArgs {
-                    vault_timeout: Some("0s".into()),
-                    ..vault_args()
-                },
-                "--vault-timeout",
-            ),
-        ];
-        for (args, needle) in cases {
-            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
     }
 
@@ -2069,104 +1157,6 @@ mod tests {
     }
 
     #[test]
-    fn acm_pca_defaults_region_from_the_arn_and_endpoint_fallback() {
-        let args = RunArgs {
-            ca: Some("acm-pca".into()),
-            acm_pca_arn: Some(PCA_ARN.into()),
-            ..Default::default()
-        };
-        let v = pca_of(args.resolve_with_env(&no_env).unwrap());
-        assert_eq!(v.region, "eu-west-1");
-        assert_eq!(v.template_arn, DEFAULT_ACM_PCA_TEMPLATE);
-        assert_eq!(v.timeout, Duration::from_secs(10));
-        assert_eq!(v.signing_algorithm, None);
-        assert_eq!(v.endpoint, None);
-
-        let env = |name: &str| {
-            (name == "AWS_ENDPOINT_URL_ACM_PCA").then(|| "http://127.0.0.1:5000".to_owned())
-        };
-        let v = pca_of(args.resolve_with_env(&env).unwrap());
-        assert_eq!(v.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
-
-        let args = RunArgs {
-            aws_region: Some("us-gov-west-1".into()),
-            acm_pca_endpoint: Some("https://vpce-1.acm-pca.eu-west-1.vpce.amazonaws.com".into()),
-            acm_pca_signing_algorithm: Some("SHA384WITHECDSA".into()),
-            acm_pca_timeout: Some("3s".into()),
-            ..args
-        };
-        let v = pca_of(args.resolve_with_env(&env).unwrap());
-        assert_eq!(v.region, "us-gov-west-1");
-        assert!(v.endpoint.unwrap().starts_with("https://vpce-1"));
-        assert_eq!(v.signing_algorithm.as_deref(), Some("SHA384WITHECDSA"));
-        assert_eq!(v.timeout, Duration::from_secs(3));
-    }
-
-    #[test]
-    fn acm_pca_settings_that_cannot_work_name_their_flag() {
-        let base = || RunArgs {
-            ca: Some("acm-pca".into()),
-            acm_pca_arn: Some(PCA_ARN.into()),
-            ..Default::default()
-        };
-        let cases = [
-            (
-                RunArgs {
-                    acm_pca_arn: None,
-                    ..base()
-                },
-                "needs --acm-pca-arn",
-            ),
-            (
-                RunArgs {
-                    acm_pca_arn: Some("arn:aws:acm:eu-west-1:123456789012:certificate/x".into()),
-                    ..base()
-                },
-                "--acm-pca-arn",
-            ),
-            (
-                RunArgs {
-                    aws_region: Some("EU West".into()),
-                    ..base()
-                },
-                "--aws-region",
-            ),
-            (
-                RunArgs {
-                    acm_pca_endpoint: Some("vpce.example".into()),
-                    ..base()
-                },
-                "--acm-pca-endpoint",
-            ),
-            (
-                RunArgs {
-                    acm_pca_signing_algorithm: Some("SHA1WITHRSA".into()),
-                    ..base()
-                },
-                "--acm-pca-signing-algorithm",
-            ),
-            (
-                RunArgs {
-                    acm_pca_template_arn: Some("EndEntityCertificate/V1".into()),
-                    ..base()
-                },
-                "--acm-pca-template-arn",
-            ),
-            (
-                RunArgs {
-                    acm_pca_timeout: Some("0s".into()),
-                    ..base()
-                },
-                "--acm-pca-timeout",
-            ),
-        ];
-        for (args, needle) in cases {
-            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-        }
-    }
-
-    #[test]
     fn acm_pca_settings_come_from_the_file_too() {
         let f = file(&format!(
             "ca = \"acm-pca\"\nacm-pca-arn = \"{PCA_ARN}\"\naws-region = \"eu-central-1\"\n\
@@ -2192,26 +1182,6 @@ mod tests {
     }
 
     #[test]
-    fn istiod_defaults_are_istio_agents() {
-        let args = RunArgs {
-            ca: Some("istiod".into()),
-            ..Default::default()
-        };
-        let v = istiod_of(args.resolve_with_env(&no_env).unwrap());
-        assert_eq!(v.addr, "istiod.istio-system.svc:15012");
-        assert_eq!(
-            v.token_file,
-            PathBuf::from("./var/run/secrets/tokens/istio-token")
-        );
-        assert_eq!(v.timeout, Duration::from_secs(10));
-        assert_eq!(
-            (v.root_cert, v.server_name, v.cluster_id, v.trust_bundle),
-            (None, None, None, None)
-        );
-        assert!(v.headers.is_empty());
-    }
-
-    #[test]
     fn istiod_settings_from_flags_and_file_and_header_values_never_printed() {
         let f = file(
             "ca = \"istiod\"\nca-addr = \"cert-manager-istio-csr.cert-manager.svc:443\"\n\
@@ -2231,9 +1201,15 @@ mod tests {
 
         // Flags win, the repeated header flag replaces the file's list.
         let args = RunArgs {
-            cluster_id: Some("Kubernetes".into()),
-            ca_headers: vec!["x-tenant=red".into()],
-            ca_server_name: Some("istiod.istio-system.svc".into()),
+            backends: CaArgs {
+                istiod: IstiodArgs {
+                    cluster_id: Some("Kubernetes".into()),
+                    ca_headers: vec!["x-tenant=red".into()],
+                    ca_server_name: Some("istiod.istio-system.svc".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..from_file
         };
         let config = args.resolve_with_env(&no_env).unwrap();
@@ -2244,70 +1220,6 @@ mod tests {
         assert_eq!(v.cluster_id.as_deref(), Some("Kubernetes"));
         assert_eq!(v.headers, ["x-tenant=red"]);
         assert_eq!(v.server_name.as_deref(), Some("istiod.istio-system.svc"));
-    }
-
-    #[test]
-    fn istiod_settings_that_cannot_work_name_their_flag() {
-        let base = || RunArgs {
-            ca: Some("istiod".into()),
-            ..Default::default()
-        };
-        let cases = [
-            (
-                RunArgs {
-                    ca_addr: Some("http://istiod.istio-system.svc:15010".into()),
-                    ..base()
-                },
-                "TLS only",
-            ),
-            (
-                RunArgs {
-                    ca_addr: Some("istiod.istio-system.svc".into()),
-                    ..base()
-                },
-                "--ca-addr",
-            ),
-            (
-                RunArgs {
-                    ca_headers: vec!["authorization=Bearer abc".into()],
-                    ..base()
-                },
-                "--ca-header",
-            ),
-            (
-                RunArgs {
-                    ca_headers: vec!["x-tenant".into()],
-                    ..base()
-                },
-                "KEY=VALUE",
-            ),
-            (
-                RunArgs {
-                    cluster_id: Some("two words".into()),
-                    ..base()
-                },
-                "--cluster-id",
-            ),
-            (
-                RunArgs {
-                    ca_server_name: Some("".into()),
-                    ..base()
-                },
-                "--ca-server-name",
-            ),
-            (
-                RunArgs {
-                    ca_timeout: Some("soon".into()),
-                    ..base()
-                },
-                "--ca-timeout",
-            ),
-        ];
-        for (args, needle) in cases {
-            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-            assert!(!err.contains("abc"), "a header value was printed: {err}");
-        }
     }
 
     fn cert_manager_of(c: Config) -> CertManagerSettings {
@@ -2322,7 +1234,13 @@ mod tests {
         let args = RunArgs {
             ca: Some("cert-manager".into()),
             namespace: Some("shop".into()),
-            cert_manager_issuer_name: Some("mesh-ca".into()),
+            backends: CaArgs {
+                cert_manager: CertManagerArgs {
+                    cert_manager_issuer_name: Some("mesh-ca".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..Default::default()
         };
         let config = args.resolve_with_env(&no_env).unwrap();
@@ -2369,77 +1287,18 @@ mod tests {
         assert_eq!(v.kubeconfig, Some(PathBuf::from("/etc/kube/config")));
         assert_eq!(v.pod_name.as_deref(), Some("web-0"));
         let args = RunArgs {
-            cert_manager_keep_requests: Some(false),
-            cert_manager_issuer_name: Some("other".into()),
+            backends: CaArgs {
+                cert_manager: CertManagerArgs {
+                    cert_manager_keep_requests: Some(false),
+                    cert_manager_issuer_name: Some("other".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..from_file
         };
         let v = cert_manager_of(args.resolve_with_env(&no_env).unwrap());
         assert!(!v.keep_requests, "the flag wins");
         assert_eq!(v.issuer_name, "other");
-    }
-
-    #[test]
-    fn cert_manager_settings_that_cannot_work_name_their_flag() {
-        let base = || RunArgs {
-            ca: Some("cert-manager".into()),
-            cert_manager_issuer_name: Some("mesh-ca".into()),
-            ..Default::default()
-        };
-        let cases = [
-            (
-                RunArgs {
-                    cert_manager_issuer_name: None,
-                    ..base()
-                },
-                "needs --cert-manager-issuer-name",
-            ),
-            (
-                RunArgs {
-                    cert_manager_issuer_kind: Some("AWSPCAIssuer".into()),
-                    ..base()
-                },
-                "--cert-manager-issuer-kind",
-            ),
-            (
-                RunArgs {
-                    cert_manager_issuer_name: Some("Mesh CA".into()),
-                    ..base()
-                },
-                "--cert-manager-issuer-name",
-            ),
-            (
-                RunArgs {
-                    cert_manager_namespace: Some("Team_A".into()),
-                    ..base()
-                },
-                "--cert-manager-namespace",
-            ),
-            (
-                RunArgs {
-                    cert_manager_timeout: Some("0s".into()),
-                    ..base()
-                },
-                "--cert-manager-timeout",
-            ),
-            (
-                RunArgs {
-                    pod_name: Some("web-0".into()),
-                    ..base()
-                },
-                "--pod-name and --pod-uid go together",
-            ),
-            (
-                RunArgs {
-                    pod_name: Some("web-0".into()),
-                    pod_uid: Some("not a uid".into()),
-                    ..base()
-                },
-                "--pod-uid",
-            ),
-        ];
-        for (args, needle) in cases {
-            let err = args.resolve_with_env(&no_env).unwrap_err().to_string();
-            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-        }
     }
 }

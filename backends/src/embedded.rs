@@ -12,6 +12,8 @@
 //!
 //! It never logs or exposes its signing key.
 
+pub mod settings;
+
 use std::fmt;
 use std::time::{Duration, SystemTime};
 

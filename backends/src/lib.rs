@@ -15,21 +15,50 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 
+// A backend's module holds its CA client behind its cargo feature, and its `settings`
+// (flags, checks, construction) always: without the feature only the settings are compiled,
+// so the flags and their errors never depend on the build.
 #[cfg(feature = "acm-pca")]
 pub mod acm_pca;
+#[cfg(not(feature = "acm-pca"))]
+pub mod acm_pca {
+    //! AWS Private CA: not in this build, only its settings.
+    pub mod settings;
+}
 #[cfg(feature = "cert-manager")]
 pub mod cert_manager;
+#[cfg(not(feature = "cert-manager"))]
+pub mod cert_manager {
+    //! cert-manager: not in this build, only its settings.
+    pub mod settings;
+}
 pub mod chain;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(not(feature = "embedded"))]
+pub mod embedded {
+    //! The embedded CA: not in this build, only its settings.
+    pub mod settings;
+}
 pub mod identity;
 #[cfg(feature = "istiod")]
 pub mod istiod;
+#[cfg(not(feature = "istiod"))]
+pub mod istiod {
+    //! The Istio CA API: not in this build, only its settings.
+    pub mod settings;
+}
 pub mod pem;
+pub mod settings;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(feature = "vault")]
 pub mod vault;
+#[cfg(not(feature = "vault"))]
+pub mod vault {
+    //! Vault: not in this build, only its settings.
+    pub mod settings;
+}
 
 pub use identity::{IdentityError, KeyType, SpiffeId, TrustDomain, UnknownKeyType};
 

@@ -24,6 +24,8 @@
 //!   `ACTIVE`, a malformed CSR, access denied, an unknown CA and bad arguments are not, and
 //!   each says what to fix.
 
+pub mod settings;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

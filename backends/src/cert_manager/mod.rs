@@ -29,6 +29,7 @@
 //! retries and backoff, and sees every failure.
 
 mod resource;
+pub mod settings;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;

@@ -25,6 +25,8 @@
 //!   cluster ID, service account). `InvalidArgument` (a TTL above the CA's maximum, a CSR
 //!   it refuses) and `Unimplemented` (not an Istio CA) are configuration errors.
 
+pub mod settings;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;

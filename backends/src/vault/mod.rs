@@ -21,6 +21,7 @@
 //! login) and 404 are not retryable and say which role, mount or policy to fix.
 
 mod auth;
+pub mod settings;
 
 use std::fmt;
 use std::path::PathBuf;
