@@ -212,6 +212,106 @@ pub struct RunArgs {
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
+    /// Node mode and the scheduler's limits.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// How many identities the agent serves, and, in node mode, how it learns each caller's.
+#[derive(Debug, Default, Clone, Args)]
+#[command(rename_all = "kebab-case")]
+pub struct NodeArgs {
+    /// pod: serve one workload identity (--namespace, --service-account) to the callers
+    /// --allowed-uids admits. node: one agent per node serves every pod on it, each caller
+    /// proven from its process (SO_PEERCRED, /proc/<pid>/cgroup) and the kubelet's pod list,
+    /// and given its own pod's identity only. [default: pod]
+    #[arg(long, env = "SDS_AGENT_MODE", value_name = "MODE")]
+    pub mode: Option<String>,
+    /// Most CA calls (issuances and trust bundle reads) at once, over every identity.
+    /// [default: 8]
+    #[arg(long, env = "SDS_AGENT_CA_CONCURRENCY", value_name = "N")]
+    pub ca_concurrency: Option<String>,
+    /// Node mode: an identity nobody has asked for this long is dropped with its key.
+    /// [default: 1h]
+    #[arg(long, env = "SDS_AGENT_IDENTITY_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub identity_idle_timeout: Option<String>,
+    /// Node mode: this node's name (the Downward API's spec.nodeName), the kubelet's
+    /// default host. [default: none]
+    #[arg(long, env = "SDS_AGENT_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Node mode: the kubelet's host (status.hostIP, or the node name). [default: the node
+    /// name, else 127.0.0.1]
+    #[arg(long, env = "SDS_AGENT_KUBELET_HOST", value_name = "HOST")]
+    pub kubelet_host: Option<String>,
+    /// Node mode: the kubelet's HTTPS port. [default: 10250]
+    #[arg(long, env = "SDS_AGENT_KUBELET_PORT", value_name = "PORT")]
+    pub kubelet_port: Option<String>,
+    /// Node mode: ask the kubelet's read-only HTTP port instead (no TLS, no token), e.g.
+    /// 10255. [default: off]
+    #[arg(long, env = "SDS_AGENT_KUBELET_READ_ONLY_PORT", value_name = "PORT")]
+    pub kubelet_read_only_port: Option<String>,
+    /// Node mode: the CA that signed the kubelet's serving certificate.
+    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt]
+    #[arg(long, env = "SDS_AGENT_KUBELET_CA", value_name = "PEM")]
+    pub kubelet_ca: Option<PathBuf>,
+    /// Node mode: the bearer token for the kubelet (re-read at every request).
+    /// [default: /var/run/secrets/kubernetes.io/serviceaccount/token]
+    #[arg(long, env = "SDS_AGENT_KUBELET_TOKEN_FILE", value_name = "FILE")]
+    pub kubelet_token_file: Option<PathBuf>,
+    /// Node mode: do not verify the kubelet's certificate (kubelets with self-signed
+    /// serving certificates). Dangerous: anyone who can answer on the kubelet's address
+    /// decides every pod's identity. [default: false]
+    #[arg(long, env = "SDS_AGENT_KUBELET_SKIP_TLS_VERIFY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub kubelet_skip_tls_verify: Option<String>,
+    /// Node mode: kubelet pod list requests start at least this far apart. [default: 500ms]
+    #[arg(long, env = "SDS_AGENT_KUBELET_POLL_INTERVAL", value_name = "DURATION")]
+    pub kubelet_poll_interval: Option<String>,
+    /// Node mode: pod list requests made for one caller before its pod is declared not
+    /// found (UNAVAILABLE). [default: 10]
+    #[arg(long, env = "SDS_AGENT_KUBELET_MAX_ATTEMPTS", value_name = "N")]
+    pub kubelet_max_attempts: Option<String>,
+    /// Node mode: where the processes' /proc is (the host's, with hostPID). Another
+    /// directory of the same layout serves tests. [default: /proc]
+    #[arg(long, env = "SDS_AGENT_PROC_ROOT", value_name = "DIR")]
+    pub proc_root: Option<PathBuf>,
+}
+
+/// One agent per pod, or one per node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One workload identity.
+    #[default]
+    Pod,
+    /// Every pod on the node, each caller attested.
+    Node,
+}
+
+/// Node mode's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NodeSettings {
+    /// This node's name, if given.
+    pub node_name: Option<String>,
+    /// The kubelet's host.
+    pub kubelet_host: String,
+    /// The kubelet's HTTPS port, or (read-only) HTTP port.
+    pub kubelet_port: u16,
+    /// Whether `kubelet_port` is the read-only HTTP port.
+    pub kubelet_read_only: bool,
+    /// The kubelet's CA; `None` with the read-only port or when verification is skipped.
+    pub kubelet_ca: Option<PathBuf>,
+    /// The kubelet bearer token file (HTTPS only).
+    pub kubelet_token_file: PathBuf,
+    /// Verification of the kubelet's certificate skipped.
+    pub kubelet_skip_tls_verify: bool,
+    /// Least time between two pod list requests.
+    #[serde(serialize_with = "humanized")]
+    pub kubelet_poll_interval: Duration,
+    /// Pod list requests for one caller.
+    pub kubelet_max_attempts: u32,
+    /// Where /proc is.
+    pub proc_root: PathBuf,
 }
 
 /// A list of user or group IDs in the config file: `[1337, 0]`, or `"1337,0"` as on the
@@ -252,6 +352,24 @@ impl CallerPolicy {
                 .clone()
                 .unwrap_or_else(|| BTreeSet::from([own_uid])),
             gids: self.gids.clone(),
+            any: false,
+        }
+    }
+
+    /// Node mode's reading: every pod's uid may connect (attestation decides what it gets)
+    /// unless lists were given, which then narrow who may.
+    pub fn resolve_for_node(&self) -> ResolvedCallers {
+        match &self.uids {
+            None => ResolvedCallers {
+                uids: BTreeSet::new(),
+                gids: BTreeSet::new(),
+                any: true,
+            },
+            Some(uids) => ResolvedCallers {
+                uids: uids.clone(),
+                gids: self.gids.clone(),
+                any: false,
+            },
         }
     }
 }
@@ -263,12 +381,14 @@ pub struct ResolvedCallers {
     pub uids: BTreeSet<u32>,
     /// Allowed group IDs.
     pub gids: BTreeSet<u32>,
+    /// Any uid and gid (node mode without lists: attestation decides).
+    pub any: bool,
 }
 
 impl ResolvedCallers {
     /// Whether a caller with this uid and gid may fetch secrets.
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        self.uids.contains(&uid) || self.gids.contains(&gid)
+        self.any || self.uids.contains(&uid) || self.gids.contains(&gid)
     }
 }
 
@@ -360,6 +480,19 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     output_dir: Option<PathBuf>,
+    mode: Option<String>,
+    ca_concurrency: Option<u64>,
+    identity_idle_timeout: Option<String>,
+    node_name: Option<String>,
+    kubelet_host: Option<String>,
+    kubelet_port: Option<u64>,
+    kubelet_read_only_port: Option<u64>,
+    kubelet_ca: Option<PathBuf>,
+    kubelet_token_file: Option<PathBuf>,
+    kubelet_skip_tls_verify: Option<bool>,
+    kubelet_poll_interval: Option<String>,
+    kubelet_max_attempts: Option<u64>,
+    proc_root: Option<PathBuf>,
 }
 
 /// The validated configuration of a running agent.
@@ -402,6 +535,16 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where to write the certificate files, if anywhere.
     pub output_dir: Option<PathBuf>,
+    /// Per-pod or per-node.
+    pub mode: Mode,
+    /// Node mode's settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeSettings>,
+    /// Most CA calls at once.
+    pub ca_concurrency: usize,
+    /// How long an identity nobody asks for is kept (node mode).
+    #[serde(serialize_with = "humanized")]
+    pub identity_idle_timeout: Duration,
 }
 
 /// A renewal fraction strictly between 0 and 1.
@@ -619,14 +762,25 @@ impl RunArgs {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(invalid("log-format", other, "expected text or json")),
         };
-        let output_dir = self.output_dir.clone().or(file.output_dir);
+        let output_dir = self.output_dir.clone().or_else(|| file.output_dir.clone());
         if output_dir
             .as_ref()
             .is_some_and(|d| d.as_os_str().is_empty())
         {
             return Err(invalid("output-dir", "", "must not be empty"));
         }
+        let (mode, node, ca_concurrency, identity_idle_timeout) = self.node.resolve(&file)?;
+        if mode == Mode::Node && output_dir.is_some() {
+            return Err(ConfigError::Conflict(
+                "--output-dir writes one workload's files; it cannot be used with --mode node"
+                    .into(),
+            ));
+        }
         Ok(Config {
+            mode,
+            node,
+            ca_concurrency,
+            identity_idle_timeout,
             socket: PathBuf::from(socket),
             socket_mode,
             workload_api_socket,
@@ -674,6 +828,164 @@ impl FromStr for RenewAt {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let f: f64 = s.trim().parse().map_err(|_| "must be a number, e.g. 0.5")?;
         Self::new(f)
+    }
+}
+
+/// Where the service account's token and CA are mounted in a pod.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl NodeArgs {
+    /// The mode, node mode's settings, the CA concurrency and the idle timeout, from these
+    /// flags (and environment) over `file` over the defaults.
+    fn resolve(
+        &self,
+        file: &FileConfig,
+    ) -> Result<(Mode, Option<NodeSettings>, usize, Duration), ConfigError> {
+        let pick =
+            |flag: &Option<String>, file: &Option<String>| flag.clone().or_else(|| file.clone());
+        let number = |key: &str, flag: &Option<String>, file: Option<u64>, min, max, default| match (
+            flag, file,
+        ) {
+            (Some(raw), _) => bounded(key, raw, min, max),
+            (None, Some(n)) => bounded(key, &n.to_string(), min, max),
+            (None, None) => Ok(default),
+        };
+        let duration =
+            |key: &str, flag: &Option<String>, file: &Option<String>, min: Duration, default| {
+                match pick(flag, file) {
+                    Some(raw) => {
+                        let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+                            invalid(key, &raw, format!("{e}; expected e.g. 500ms, 30s, 1h"))
+                        })?;
+                        if d < min {
+                            return Err(invalid(
+                                key,
+                                &raw,
+                                format!("must be at least {}", humantime::format_duration(min)),
+                            ));
+                        }
+                        Ok(d)
+                    }
+                    None => Ok(default),
+                }
+            };
+        let mode = match pick(&self.mode, &file.mode).as_deref() {
+            None | Some("pod") => Mode::Pod,
+            Some("node") => Mode::Node,
+            Some(other) => return Err(invalid("mode", other, "expected pod or node")),
+        };
+        let ca_concurrency = number(
+            "ca-concurrency",
+            &self.ca_concurrency,
+            file.ca_concurrency,
+            1,
+            1024,
+            8,
+        )? as usize;
+        let idle = duration(
+            "identity-idle-timeout",
+            &self.identity_idle_timeout,
+            &file.identity_idle_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        if mode == Mode::Pod {
+            return Ok((mode, None, ca_concurrency, idle));
+        }
+        let node_name = pick(&self.node_name, &file.node_name).filter(|n| !n.is_empty());
+        let kubelet_host = pick(&self.kubelet_host, &file.kubelet_host)
+            .filter(|h| !h.is_empty())
+            .or_else(|| node_name.clone())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        if kubelet_host.contains(['/', ' ', '@', '?', '#']) {
+            return Err(invalid(
+                "kubelet-host",
+                &kubelet_host,
+                "expected a host name or an IP address",
+            ));
+        }
+        let read_only = self
+            .kubelet_read_only_port
+            .clone()
+            .or_else(|| file.kubelet_read_only_port.map(|p| p.to_string()))
+            .map(|raw| bounded("kubelet-read-only-port", &raw, 1, 65535))
+            .transpose()?;
+        let secure_port = number(
+            "kubelet-port",
+            &self.kubelet_port,
+            file.kubelet_port,
+            1,
+            65535,
+            10250,
+        )?;
+        let skip_verify = match (&self.kubelet_skip_tls_verify, file.kubelet_skip_tls_verify) {
+            (Some(raw), _) => match raw.trim() {
+                "true" | "1" => true,
+                "false" | "0" | "" => false,
+                other => {
+                    return Err(invalid(
+                        "kubelet-skip-tls-verify",
+                        other,
+                        "expected true or false",
+                    ));
+                }
+            },
+            (None, Some(b)) => b,
+            (None, None) => false,
+        };
+        let ca_given = self.kubelet_ca.clone().or_else(|| file.kubelet_ca.clone());
+        if skip_verify && ca_given.is_some() {
+            return Err(ConfigError::Conflict(
+                "--kubelet-ca and --kubelet-skip-tls-verify: give one (a CA to verify the kubelet with, or none)".into(),
+            ));
+        }
+        let kubelet_ca = match (read_only, skip_verify) {
+            (Some(_), _) | (None, true) => None,
+            (None, false) => {
+                Some(ca_given.unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt")))
+            }
+        };
+        let kubelet_token_file = self
+            .kubelet_token_file
+            .clone()
+            .or_else(|| file.kubelet_token_file.clone())
+            .unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIR).join("token"));
+        let kubelet_poll_interval = duration(
+            "kubelet-poll-interval",
+            &self.kubelet_poll_interval,
+            &file.kubelet_poll_interval,
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+        )?;
+        let kubelet_max_attempts = number(
+            "kubelet-max-attempts",
+            &self.kubelet_max_attempts,
+            file.kubelet_max_attempts,
+            1,
+            1000,
+            10,
+        )? as u32;
+        let proc_root = self
+            .proc_root
+            .clone()
+            .or_else(|| file.proc_root.clone())
+            .unwrap_or_else(|| PathBuf::from("/proc"));
+        if proc_root.as_os_str().is_empty() {
+            return Err(invalid("proc-root", "", "must not be empty"));
+        }
+        let node = NodeSettings {
+            node_name,
+            kubelet_host,
+            kubelet_port: read_only.unwrap_or(secure_port) as u16,
+            kubelet_read_only: read_only.is_some(),
+            kubelet_ca,
+            kubelet_token_file,
+            kubelet_skip_tls_verify: skip_verify && read_only.is_none(),
+            kubelet_poll_interval,
+            kubelet_max_attempts,
+            proc_root,
+        };
+        Ok((mode, Some(node), ca_concurrency, idle))
     }
 }
 

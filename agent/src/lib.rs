@@ -72,8 +72,8 @@ impl Policy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             bundle_refresh: Duration::from_secs(300),
-            ca_concurrency: 8,
-            idle_timeout: Duration::from_secs(3600),
+            ca_concurrency: config.ca_concurrency,
+            idle_timeout: config.identity_idle_timeout,
         }
     }
 }
@@ -107,12 +107,29 @@ impl RunningAgent {
             config.workload_api_socket.is_some(),
         );
         let shutdown = CancellationToken::new();
-        let manager = SecretManager::new(
-            config.spiffe_id.clone(),
-            policy,
-            ca.clone(),
-            metrics.clone(),
-        );
+        let (manager, identify) = match &config.node {
+            None => (
+                SecretManager::new(
+                    config.spiffe_id.clone(),
+                    policy,
+                    ca.clone(),
+                    metrics.clone(),
+                ),
+                sds::Identify::Workload(config.spiffe_id.clone()),
+            ),
+            Some(node) => {
+                let trust_domain = config.spiffe_id.trust_domain().clone();
+                let attestor = attest::node::NodeAttestor::new(
+                    attest::process::ProcRoot::from_setting(&node.proc_root),
+                    kubelet_client(node)?,
+                    trust_domain.clone(),
+                );
+                (
+                    SecretManager::for_node(trust_domain, policy, ca.clone(), metrics.clone()),
+                    sds::Identify::Node(attestor),
+                )
+            }
+        };
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on --admin-addr {}", config.admin_addr))?;
@@ -147,10 +164,13 @@ impl RunningAgent {
         let own_uid = std::fs::symlink_metadata(&config.socket)
             .with_context(|| format!("cannot stat {}", config.socket.display()))?
             .uid();
-        let callers = config.callers.resolve(own_uid);
+        let callers = match config.mode {
+            config::Mode::Pod => config.callers.resolve(own_uid),
+            config::Mode::Node => config.callers.resolve_for_node(),
+        };
         let sds = SdsService::new(
             manager.clone(),
-            sds::Identify::Workload(config.spiffe_id.clone()),
+            identify,
             metrics.clone(),
             callers.clone(),
             config.limits,
@@ -165,11 +185,19 @@ impl RunningAgent {
             status = status_addr.map(tracing::field::display),
             allowed_uids = ?callers.uids,
             allowed_gids = ?callers.gids,
-            id = %config.spiffe_id,
+            any_uid = callers.any,
+            mode = ?config.mode,
+            id = manager.workload_identity().map(tracing::field::display),
+            trust_domain = %manager.trust_domain(),
+            ca_concurrency = config.ca_concurrency,
             backend = ca.name(),
             "serving SDS"
         );
-        let span = info_span!("secret_manager", id = %config.spiffe_id, backend = ca.name());
+        let span = info_span!(
+            "secret_manager",
+            id = manager.workload_identity().map(tracing::field::display),
+            backend = ca.name()
+        );
         let mut tasks = vec![tokio::spawn(
             manager.clone().run(shutdown.clone()).instrument(span),
         )];
@@ -279,6 +307,28 @@ impl Drop for RunningAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Node mode's kubelet client, from its settings.
+fn kubelet_client(node: &config::NodeSettings) -> anyhow::Result<attest::kubelet::KubeletClient> {
+    use attest::kubelet::{KubeletClient, KubeletConfig, KubeletEndpoint};
+    let endpoint = if node.kubelet_read_only {
+        KubeletEndpoint::ReadOnly {
+            host: node.kubelet_host.clone(),
+            port: node.kubelet_port,
+        }
+    } else {
+        KubeletEndpoint::Secure {
+            host: node.kubelet_host.clone(),
+            port: node.kubelet_port,
+            ca: node.kubelet_ca.clone(),
+            token_file: node.kubelet_token_file.clone(),
+        }
+    };
+    let mut config = KubeletConfig::new(endpoint);
+    config.poll_interval = node.kubelet_poll_interval;
+    config.max_attempts = node.kubelet_max_attempts;
+    KubeletClient::new(config).context("kubelet client (--kubelet-*)")
 }
 
 /// Serves `router` on the bound Unix socket at `path` until `shutdown`, as two tasks: the

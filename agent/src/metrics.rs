@@ -74,11 +74,13 @@ pub struct Metrics {
     pub ca_in_flight: Gauge,
     /// Renewals waiting for the CA, by priority (realtime, background).
     pub renewal_queue: Family<PriorityLabel, Gauge>,
+    /// Node mode: connections refused because their caller failed attestation.
+    pub attestations_refused: Counter,
 }
 
 /// The `reason` label values of `sds_agent_sds_bad_requests_total`, in the order the SDS
 /// server indexes them.
-pub const BAD_REQUEST_REASONS: [&str; 10] = [
+pub const BAD_REQUEST_REASONS: [&str; 11] = [
     "unknown_resource",
     "wildcard",
     "type_url",
@@ -89,6 +91,7 @@ pub const BAD_REQUEST_REASONS: [&str; 10] = [
     "malformed",
     "unauthenticated",
     "not_authorized",
+    "pod_unknown",
 ];
 
 /// The `api` label values of the SDS stream metrics.
@@ -115,14 +118,18 @@ pub const REJECTION_REASONS: [&str; 7] = [
 /// - `rate_limited`: a caller opened calls faster than `--max-requests-per-second`;
 /// - `too_large`: a request over `--max-message-size`;
 /// - `malformed`: a request that does not decode;
-/// - `jwt_not_issued`: a JWT-SVID method, which this agent does not serve (`Unimplemented`).
-pub const WORKLOAD_API_BAD_REQUEST_REASONS: [&str; 6] = [
+/// - `jwt_not_issued`: a JWT-SVID method, which this agent does not serve (`Unimplemented`);
+/// - `unauthenticated`: node mode, a caller whose process or pod could not be proven;
+/// - `pod_unknown`: node mode, a proven process whose pod the kubelet does not list (yet).
+pub const WORKLOAD_API_BAD_REQUEST_REASONS: [&str; 8] = [
     "missing_security_header",
     "too_many_streams",
     "rate_limited",
     "too_large",
     "malformed",
     "jwt_not_issued",
+    "unauthenticated",
+    "pod_unknown",
 ];
 
 /// `reason` label.
@@ -259,6 +266,7 @@ impl Metrics {
             identities_dropped: Counter::default(),
             ca_in_flight: Gauge::default(),
             renewal_queue: Family::default(),
+            attestations_refused: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -390,6 +398,11 @@ impl Metrics {
             "renewal_queue",
             "Issuances waiting for the CA, by priority (realtime: someone waits; background: renewals)",
             m.renewal_queue.clone(),
+        );
+        r.register(
+            "attestations_refused",
+            "Node mode: connections refused and closed because the caller's process or pod could not be proven",
+            m.attestations_refused.clone(),
         );
         Self { registry, ..m }
     }

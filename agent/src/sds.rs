@@ -35,10 +35,11 @@ use prost::Name;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::attest::conn::ConnInfo;
+use crate::attest::node::{NodeAttestor, Refusal};
 use crate::config::{ResolvedCallers, SdsLimits};
 use crate::identity::{NameError, ResourceName, SpiffeId, UnknownResource};
 use crate::metrics::{ApiLabel, BAD_REQUEST_REASONS, Metrics, WORKLOAD_API};
@@ -82,6 +83,9 @@ struct Inner {
 pub enum Identify {
     /// Per-pod mode: every allowed caller is the workload, and is served its identity.
     Workload(SpiffeId),
+    /// Node mode: each connection's caller is proven to be a pod's process, and served that
+    /// pod's identity only.
+    Node(Arc<NodeAttestor>),
 }
 
 /// An admitted caller and the identity it is served.
@@ -294,7 +298,7 @@ impl SdsService {
         };
         let cred = request
             .extensions()
-            .get::<UdsConnectInfo>()
+            .get::<ConnInfo>()
             .and_then(|info| info.peer_cred);
         let Some(cred) = cred else {
             denied();
@@ -329,19 +333,52 @@ impl SdsService {
         )))
     }
 
-    /// The identity `caller` is served (node mode: proven from its process and pod).
+    /// The identity `caller` on connection `conn` is served: per-pod mode's, or (node mode)
+    /// the one proven for the connection. A caller that fails attestation is answered
+    /// `UNAUTHENTICATED` and its connection closed; one whose pod the kubelet does not list
+    /// (yet) is answered `UNAVAILABLE`. Both are counted and logged.
     pub(crate) async fn identify(
         &self,
+        conn: Option<ConnInfo>,
         caller: Caller,
         surface: Surface,
     ) -> Result<Admitted, Status> {
-        let _ = surface;
-        match &self.inner.identify {
-            Identify::Workload(id) => Ok(Admitted {
+        let attestor = match &self.inner.identify {
+            Identify::Workload(id) => {
+                return Ok(Admitted {
+                    caller,
+                    identity: id.clone(),
+                    strict: false,
+                });
+            }
+            Identify::Node(attestor) => attestor,
+        };
+        let count = |reason: &'static str| match surface {
+            Surface::Sds => self.inner.metrics.bad_request(reason),
+            Surface::WorkloadApi => self.inner.metrics.workload_bad_request(reason),
+        };
+        let Some(conn) = conn else {
+            count(BAD_REQUEST_REASONS[8]);
+            return Err(Status::unauthenticated(
+                "the caller's connection is unknown; only local Unix socket callers are served",
+            ));
+        };
+        match attestor.identify(&conn).await {
+            Ok(identity) => Ok(Admitted {
                 caller,
-                identity: id.clone(),
-                strict: false,
+                identity,
+                strict: true,
             }),
+            Err(refusal @ Refusal::Unauthenticated(_)) => {
+                count(BAD_REQUEST_REASONS[8]);
+                self.inner.metrics.attestations_refused.inc();
+                conn.close_soon();
+                Err(Status::unauthenticated(refusal.to_string()))
+            }
+            Err(refusal) => {
+                count(BAD_REQUEST_REASONS[10]);
+                Err(Status::unavailable(refusal.to_string()))
+            }
         }
     }
 
@@ -420,7 +457,8 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let caller = self.authorize(&request, Surface::Sds)?;
-        let admitted = self.identify(caller, Surface::Sds).await?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let admitted = self.identify(conn, caller, Surface::Sds).await?;
         let guard = self.start_stream(SotwState::API, admitted)?;
         let span = info_span!("sds_stream", api = "sotw", stream = guard.id);
         Ok(Response::new(serve_stream::<SotwState>(
@@ -435,7 +473,8 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let caller = self.authorize(&request, Surface::Sds)?;
-        let admitted = self.identify(caller, Surface::Sds).await?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let admitted = self.identify(conn, caller, Surface::Sds).await?;
         let guard = self.start_stream(DeltaState::API, admitted)?;
         let span = info_span!("sds_stream", api = "delta", stream = guard.id);
         Ok(Response::new(serve_stream::<DeltaState>(
@@ -450,7 +489,8 @@ impl SecretDiscoveryService for SdsService {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let caller = self.authorize(&request, Surface::Sds)?;
-        let admitted = self.identify(caller, Surface::Sds).await?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let admitted = self.identify(conn, caller, Surface::Sds).await?;
         let inner = &self.inner;
         let req = request.into_inner();
         let result = async {

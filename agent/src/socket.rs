@@ -16,11 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::attest::conn::Conn;
 use crate::metrics::Metrics;
 
 /// How often the socket's path is checked.
@@ -96,7 +97,7 @@ pub async fn keep(
     mode: u32,
     mut listener: UnixListener,
     mut guard: SocketGuard,
-    conns: mpsc::Sender<io::Result<UnixStream>>,
+    conns: mpsc::Sender<io::Result<Conn>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -109,7 +110,7 @@ pub async fn keep(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => {
-                    if conns.send(Ok(conn)).await.is_err() {
+                    if conns.send(Ok(Conn::accepted(conn))).await.is_err() {
                         break;
                     }
                 }

@@ -45,6 +45,7 @@ use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::attest::conn::ConnInfo;
 use crate::metrics::{ApiLabel, WORKLOAD_API};
 use crate::sds::{Admitted, Caller, SdsService, StreamGuard, Surface, TokenBucket, grpc};
 use crate::secrets::{ServedBundle, ServedCert};
@@ -316,7 +317,11 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.admit(&request)?;
-        let admitted = self.sds.identify(caller, Surface::WorkloadApi).await?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let admitted = self
+            .sds
+            .identify(conn, caller, Surface::WorkloadApi)
+            .await?;
         let stream = self.stream(admitted, |guard, cert_rx, bundle_rx| SvidStream {
             guard,
             cert_rx,
@@ -331,7 +336,11 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.admit(&request)?;
-        let admitted = self.sds.identify(caller, Surface::WorkloadApi).await?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let admitted = self
+            .sds
+            .identify(conn, caller, Surface::WorkloadApi)
+            .await?;
         let stream = self.stream(admitted, |guard, cert_rx, bundle_rx| BundlesStream {
             guard,
             cert_rx,

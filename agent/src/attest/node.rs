@@ -41,7 +41,11 @@ pub enum Refusal {
 impl NodeAttestor {
     /// An attestor reading processes under `proc_root` and pods from `kubelet`, naming
     /// identities in `trust_domain`.
-    pub fn new(proc_root: ProcRoot, kubelet: KubeletClient, trust_domain: TrustDomain) -> Arc<Self> {
+    pub fn new(
+        proc_root: ProcRoot,
+        kubelet: KubeletClient,
+        trust_domain: TrustDomain,
+    ) -> Arc<Self> {
         Arc::new(Self {
             proc_root,
             kubelet,
@@ -66,7 +70,9 @@ impl NodeAttestor {
             Refusal::Unauthenticated(why)
         };
         let Some(cred) = conn.peer_cred else {
-            return Err(unauthenticated("no peer credentials on the connection".into()));
+            return Err(unauthenticated(
+                "no peer credentials on the connection".into(),
+            ));
         };
         // A pid of 0 or none: the caller is in a PID namespace the agent cannot see into
         // (the agent must share the host's, `hostPID`).
@@ -88,7 +94,10 @@ impl NodeAttestor {
         }
         let pod_uid = info.cgroup.pod_uid.as_str();
         let container = info.cgroup.container_id.as_str();
-        debug!(pid, pod_uid, container, "caller's process proven; asking the kubelet");
+        debug!(
+            pid,
+            pod_uid, container, "caller's process proven; asking the kubelet"
+        );
         let pod = match self.kubelet.find(pod_uid, container).await {
             Ok(pod) => pod,
             Err(KubeletError::PodUidMismatch { .. }) => {

@@ -230,6 +230,16 @@ impl ProcRoot {
         }
     }
 
+    /// The `--proc-root` setting: `/proc` is the host's (boot time from the clocks), any
+    /// other directory an override.
+    pub fn from_setting(path: &Path) -> Self {
+        if path == Path::new("/proc") {
+            Self::host()
+        } else {
+            Self::new(path)
+        }
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -579,15 +579,15 @@ impl SecretManager {
     /// (the earliest of the queue, the bundle read and the expiries).
     fn dispatch(self: &Arc<Self>, now: Instant, calls: &mut JoinSet<()>) -> Option<Instant> {
         let mut st = self.state.lock();
-        if st.bundle_due.is_some_and(|t| t <= now) {
-            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                st.bundle_due = None;
-                calls.spawn(
-                    self.clone()
-                        .scheduled_bundle_read(permit)
-                        .instrument(info_span!("trust_bundle")),
-                );
-            }
+        if st.bundle_due.is_some_and(|t| t <= now)
+            && let Ok(permit) = self.permits.clone().try_acquire_owned()
+        {
+            st.bundle_due = None;
+            calls.spawn(
+                self.clone()
+                    .scheduled_bundle_read(permit)
+                    .instrument(info_span!("trust_bundle")),
+            );
         }
         loop {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
