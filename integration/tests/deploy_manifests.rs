@@ -37,12 +37,33 @@
 //! overlay would merge it, and its linkerd2-proxy and go-spiffe settings are held to the same
 //! wiring, each client's address read in that client's own syntax.
 //!
+//! Node mode (`node/`, and the chart's `mode: node`) is held by one helper to the same
+//! hardening, with its deliberate exceptions written down there and allowed nowhere else:
+//! `hostPID` (the callers' real pids), the hostPath socket directory, and one init container
+//! that runs as root with CAP_CHOWN alone to hand that directory to the agent's uid. Beyond
+//! them: a non-root agent under a uid no workload commonly uses, the node's name and kubelet
+//! from the Downward API, no per-pod identity or caller-uid settings, a 0666 socket, `get` on
+//! nodes/pods or nodes/proxy (and no more on any nodes/ subresource) bound to the agent's
+//! account, the backend's needs cluster-wide; `node/workload` mounts that very directory
+//! read-only in Envoy, whose bootstrap dials the socket.
+//!
+//! The Helm chart (`deploy/helm/sds-agent`, `HELM_BIN`) is linted with `helm lint --strict`
+//! and rendered with `helm template` with its defaults and every value set in its `ci/`,
+//! validated like the kustomize output, then checked: node mode as above, pod mode (no pod;
+//! the agent's settings, the Envoy bootstrap, the cert-manager Role) with `validate`
+//! accepting the settings as a pod would run them. Its `values.schema.json` is shown to refuse
+//! bad values, each named in helm's message.
+//!
 //! The checks are shown to fail: a broken kustomization, an unknown field, a kind without a
-//! schema, and a pod weakened in each checked way are all refused.
+//! schema, and a pod, DaemonSet or node workload weakened in each checked way are all refused.
+//!
+//! Until the agent has node mode's flags, the node-mode tests fail on exactly the variables
+//! that name them (reported apart, [`NODE_MODE_FLAGS`]), and `validate` refuses the node-mode
+//! environment.
 //!
 //! Without kubectl or kubernetes-validate these tests print a line and pass, unless
-//! `SDS_AGENT_REQUIRE_KUBECTL=1` (set by `scripts/test.sh`). They need the agent binary:
-//! `cargo build -p sds-agent`.
+//! `SDS_AGENT_REQUIRE_KUBECTL=1` (set by `scripts/test.sh`); the chart's, without helm, unless
+//! `SDS_AGENT_REQUIRE_HELM=1`. They need the agent binary: `cargo build -p sds-agent`.
 
 // Test code, helpers included (clippy's allow-unwrap-in-tests covers only `#[test]` bodies):
 // a panic is how it reports a failure.
@@ -136,6 +157,58 @@ const MIB: u64 = 1024 * 1024;
 const SAMPLE_NAMESPACE: &str = "payments";
 const SAMPLE_POD_NAME: &str = "sds-demo-7c9d8-x2x4q";
 const SAMPLE_POD_UID: &str = "0d3c2b1a-1111-4222-8333-444455556666";
+const SAMPLE_NODE_NAME: &str = "worker-3";
+const SAMPLE_HOST_IP: &str = "10.0.3.17";
+/// The node-mode manifests: the agent's DaemonSet, and a workload it serves.
+const NODE: &str = "node";
+const NODE_WORKLOAD: &str = "node/workload";
+
+/// The Helm chart, from the repository's root; its `ci/` holds the value sets the tests use.
+const CHART: &str = "deploy/helm/sds-agent";
+
+/// The node agent's init container that hands the host socket directory to the agent's uid:
+/// the one container allowed to run as root, and only with CAP_CHOWN.
+const SOCKET_DIR_INIT: &str = "socket-dir";
+
+/// What [`check_security`] says of `socket-dir` that its deliberate exception allows.
+const SOCKET_DIR_EXCEPTIONS: [&str; 3] = [
+    "runAsNonRoot must be true",
+    "runAsUser must be set and not 0",
+    "capabilities must drop ALL and add none",
+];
+
+/// Settings that name one pod's identity or the uids allowed to call: never in node mode,
+/// where each caller's identity comes from attestation.
+const PER_POD_SETTINGS: [&str; 6] = [
+    "SDS_AGENT_NAMESPACE",
+    "SDS_AGENT_SERVICE_ACCOUNT",
+    "SDS_AGENT_POD_NAME",
+    "SDS_AGENT_POD_UID",
+    "SDS_AGENT_ALLOWED_UIDS",
+    "SDS_AGENT_ALLOWED_GIDS",
+];
+
+/// Uids that workloads commonly run as (distroless `nonroot`, `nobody`, Istio's proxy): the
+/// node agent, sharing the host's PID namespace, must not be one of them.
+const COMMON_WORKLOAD_UIDS: [u64; 3] = [65532, 65534, 1337];
+
+/// The node-mode flags (issue 18); until the agent built here has them, the tests report the
+/// variables that name them apart from every other problem.
+const NODE_MODE_FLAGS: [&str; 13] = [
+    "SDS_AGENT_MODE",
+    "SDS_AGENT_NODE_NAME",
+    "SDS_AGENT_KUBELET_HOST",
+    "SDS_AGENT_KUBELET_PORT",
+    "SDS_AGENT_KUBELET_READ_ONLY_PORT",
+    "SDS_AGENT_KUBELET_CA",
+    "SDS_AGENT_KUBELET_TOKEN_FILE",
+    "SDS_AGENT_KUBELET_SKIP_TLS_VERIFY",
+    "SDS_AGENT_KUBELET_POLL_INTERVAL",
+    "SDS_AGENT_KUBELET_MAX_ATTEMPTS",
+    "SDS_AGENT_PROC_ROOT",
+    "SDS_AGENT_CA_CONCURRENCY",
+    "SDS_AGENT_IDENTITY_IDLE_TIMEOUT",
+];
 
 // ---------------------------------------------------------------------------------------------
 // The tests
@@ -147,10 +220,16 @@ fn every_kustomization_renders_and_passes_strict_validation() {
     let Some(tools) = Tools::find() else { return };
     let dirs = kustomizations();
     let names: BTreeSet<String> = dirs.iter().map(|d| relative(d)).collect();
-    for expected in ["base", "monitoring", WORKLOAD_API_EXAMPLE]
-        .into_iter()
-        .map(str::to_owned)
-        .chain(OVERLAYS.iter().map(|(o, _)| format!("overlays/{o}")))
+    for expected in [
+        "base",
+        "monitoring",
+        WORKLOAD_API_EXAMPLE,
+        NODE,
+        NODE_WORKLOAD,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(OVERLAYS.iter().map(|(o, _)| format!("overlays/{o}")))
     {
         assert!(
             names.contains(&expected),
@@ -898,6 +977,556 @@ fn the_workload_api_checks_catch_a_miswired_pod() {
     }
 }
 
+/// `node/` and `node/workload/`: the DaemonSet holds the node-mode checks of
+/// [`check_node_agent`] (hostPID, the hostPath socket directory, the one root init container,
+/// the kubelet RBAC, the hardening everywhere else), and the workload's Envoy reaches the very
+/// socket through that host directory, read-only ([`check_node_workload`]).
+#[test]
+fn the_node_manifests_serve_the_node_from_one_hardened_agent() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let rbac = cert_manager_rbac();
+    let agent = parse_docs(&tools.render(&kubernetes_dir().join(NODE)).unwrap()).unwrap();
+    let problems = check_node_agent(&agent, &flags, &rbac);
+    let workload =
+        parse_docs(&tools.render(&kubernetes_dir().join(NODE_WORKLOAD)).unwrap()).unwrap();
+    let workload_problems = check_node_workload(&workload, &agent);
+    let flag_problems = missing_node_flags(&problems);
+    eprintln!("{NODE}: flags the built agent lacks: {flag_problems:?}");
+    let problems: Vec<&String> = problems
+        .iter()
+        .chain(&workload_problems)
+        .filter(|p| !flag_problems.contains(p))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{NODE}, {NODE_WORKLOAD}:\n  {}",
+        problems
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    assert!(
+        flag_problems.is_empty(),
+        "{NODE}: the DaemonSet sets variables that are no flags of this agent (node mode \
+         not built yet?):\n  {}",
+        flag_problems.join("\n  ")
+    );
+}
+
+/// `helm lint --strict` passes with the defaults and with every value set in the chart's `ci/`
+/// (both modes, every backend), and what `helm template` renders from each passes the same
+/// strict schema validation as the kustomize output.
+#[test]
+fn the_chart_lints_and_renders_every_value_set() {
+    let (Some(tools), Some(helm)) = (Tools::find(), Helm::find()) else {
+        return;
+    };
+    let sets = chart_value_sets();
+    let modes: BTreeSet<String> = sets.iter().map(|s| s.mode()).collect();
+    assert_eq!(
+        modes,
+        BTreeSet::from(["node".to_owned(), "pod".to_owned()]),
+        "ci/ must hold value sets of both modes"
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for set in std::iter::once(None).chain(sets.iter().map(Some)) {
+        let file = set.map(|s| s.file.as_path());
+        let name = set.map_or("defaults".to_owned(), |s| s.name.clone());
+        let result = helm
+            .lint(file)
+            .and_then(|()| helm.template(file))
+            .and_then(|yaml| tools.validate(&yaml, scratch.path()));
+        match result {
+            Ok(passed) => eprintln!("chart {name}: lint ok, {passed} resource validations passed"),
+            Err(e) => failures.push(format!("chart {name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Node mode, for every value set: the same node-mode checks as `node/` (one helper), the
+/// backend's needs in a cluster-wide scope, the socket on the values' host path, nodes/proxy
+/// granted exactly when `rbac.nodesProxy`, and the PodMonitor (when enabled) scraping the
+/// agents' status port.
+#[test]
+fn the_charts_node_mode_serves_the_node_from_one_hardened_agent() {
+    let Some(helm) = Helm::find() else { return };
+    let flags = agent_env_flags();
+    let rbac = cert_manager_rbac();
+    let mut failures = Vec::new();
+    let mut flag_failures = BTreeSet::new();
+    for set in chart_value_sets().iter().filter(|s| s.mode() == "node") {
+        let docs = parse_docs(&helm.template(Some(&set.file)).unwrap()).unwrap();
+        let mut problems = check_node_agent(&docs, &flags, &rbac);
+        let pods = pod_templates(&docs);
+        let socket_dir = set.value(&["node", "socketHostPath"]);
+        let socket_dir = socket_dir.as_str().unwrap_or("/run/sds-agent/sockets");
+        for pod in &pods {
+            let path = seq(&pod.spec["volumes"])
+                .iter()
+                .find_map(|v| v["hostPath"]["path"].as_str());
+            if path != Some(socket_dir) {
+                problems.push(format!(
+                    "the socket's host directory is {path:?}, not the values' {socket_dir}"
+                ));
+            }
+            let backend = set.value(&["ca", "backend"]);
+            let backend = backend.as_str().unwrap_or("embedded");
+            let env = env_of(container(pod.spec, "sds-agent").unwrap());
+            if !env
+                .iter()
+                .any(|(k, v)| k == "SDS_AGENT_CA" && v.literal() == Some(backend))
+            {
+                problems.push(format!("SDS_AGENT_CA is not the values' {backend}"));
+            }
+        }
+        let proxy = set.value(&["rbac", "nodesProxy"]).as_bool().unwrap_or(true);
+        if kubelet_rbac_grants(&docs, "nodes/proxy") != proxy {
+            problems.push(format!(
+                "rbac.nodesProxy is {proxy}, and nodes/proxy is granted: {}",
+                !proxy
+            ));
+        }
+        if set.value(&["podMonitor", "enabled"]) == true {
+            for pod in &pods {
+                problems.extend(check_pod_monitor(&docs, pod));
+            }
+        }
+        let missing = missing_node_flags(&problems);
+        flag_failures.extend(missing.iter().cloned());
+        problems.retain(|p| !missing.contains(p));
+        if problems.is_empty() {
+            eprintln!("chart {}: ok", set.name);
+        } else {
+            failures.push(format!("chart {}:\n  {}", set.name, problems.join("\n  ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        flag_failures.is_empty(),
+        "the chart sets variables that are no flags of this agent (node mode not built yet?):\n  {}",
+        flag_failures.into_iter().collect::<Vec<_>>().join("\n  ")
+    );
+}
+
+/// Pod mode, for every value set: the chart runs no pod; it ships the agent's settings (real
+/// flags, none of the per-pod Downward API ones), the Envoy bootstrap dialling the agent's
+/// socket and accepting the trust domain, the cert-manager Role equal to
+/// `deploy/cert-manager/rbac.yaml` bound to each listed account; and `sds-agent validate`
+/// accepts those settings with the Downward API's added, as a pod would run them.
+#[test]
+fn the_charts_pod_mode_ships_what_the_sidecars_share() {
+    let Some(helm) = Helm::find() else { return };
+    let flags = agent_env_flags();
+    let rbac = cert_manager_rbac();
+    let bin = agent_bin().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let kubeconfig = scratch.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, KUBECONFIG).unwrap();
+    let mut failures = Vec::new();
+    for set in chart_value_sets().iter().filter(|s| s.mode() == "pod") {
+        let docs = parse_docs(&helm.template(Some(&set.file)).unwrap()).unwrap();
+        let accounts: Vec<String> = seq(&set.value(&["pod", "serviceAccounts"]))
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        let (mut problems, settings) = check_pod_mode_chart(&docs, &flags, &rbac, &accounts);
+
+        // The settings as a pod runs them: envFrom the ConfigMap, identity from the Downward API.
+        let mut env = settings.clone();
+        env.insert("SDS_AGENT_NAMESPACE".into(), SAMPLE_NAMESPACE.into());
+        env.insert("SDS_AGENT_SERVICE_ACCOUNT".into(), "sds-demo".into());
+        env.insert("SDS_AGENT_POD_NAME".into(), SAMPLE_POD_NAME.into());
+        env.insert("SDS_AGENT_POD_UID".into(), SAMPLE_POD_UID.into());
+        if settings.get("SDS_AGENT_CA").map(String::as_str) == Some("cert-manager") {
+            env.insert(
+                "SDS_AGENT_KUBECONFIG".into(),
+                kubeconfig.display().to_string(),
+            );
+        }
+        let out = Command::new(&bin)
+            .arg("validate")
+            .env_clear()
+            .envs(&env)
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let resolved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let td = settings
+                .get("SDS_AGENT_TRUST_DOMAIN")
+                .map_or("cluster.local", String::as_str);
+            let want = format!("spiffe://{td}/ns/{SAMPLE_NAMESPACE}/sa/sds-demo");
+            if resolved["spiffe-id"] != want.as_str() || resolved["socket"] != SOCKET {
+                problems.push(format!(
+                    "validate resolved {} on {}, not {want} on {SOCKET}",
+                    resolved["spiffe-id"], resolved["socket"]
+                ));
+            }
+            if resolved["ca"]["backend"].as_str()
+                != settings.get("SDS_AGENT_CA").map(String::as_str)
+            {
+                problems.push(format!("validate resolved the backend {}", resolved["ca"]));
+            }
+        } else {
+            problems.push(format!(
+                "sds-agent validate refused the settings {env:?} ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        if set.value(&["podMonitor", "enabled"]) == true {
+            let sidecars = parse_docs(&Tools::find().map_or_else(String::new, |t| {
+                t.render(&kubernetes_dir().join("overlays/embedded"))
+                    .unwrap()
+            }))
+            .unwrap();
+            for pod in pod_templates(&sidecars) {
+                problems.extend(check_pod_monitor(&docs, &pod));
+            }
+        }
+        if problems.is_empty() {
+            eprintln!("chart {}: ok", set.name);
+        } else {
+            failures.push(format!("chart {}:\n  {}", set.name, problems.join("\n  ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `sds-agent validate`, given exactly the environment kubelet would give the node agent of
+/// `node/` and of each node-mode value set of the chart (spec.nodeName and status.hostIP
+/// filled with sample values), accepts it and resolves the backend, socket, mode 0666 and
+/// listeners meant. Sets naming the embedded CA's files are left out: validate reads them,
+/// and they exist only in the pod.
+#[test]
+fn the_agent_accepts_the_node_mode_configurations() {
+    let Some(tools) = Tools::find() else { return };
+    let helm = Helm::find();
+    let bin = agent_bin().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let kubeconfig = scratch.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, KUBECONFIG).unwrap();
+    let mut renderings = vec![(
+        NODE.to_owned(),
+        tools.render(&kubernetes_dir().join(NODE)).unwrap(),
+    )];
+    if let Some(helm) = &helm {
+        for set in chart_value_sets().iter().filter(|s| s.mode() == "node") {
+            renderings.push((
+                format!("chart {}", set.name),
+                helm.template(Some(&set.file)).unwrap(),
+            ));
+        }
+    }
+    let mut failures = Vec::new();
+    for (name, yaml) in renderings {
+        let docs = parse_docs(&yaml).unwrap();
+        for pod in pod_templates(&docs) {
+            let agent = container(pod.spec, "sds-agent").unwrap();
+            let mut env = kubelet_env(pod.spec, agent).unwrap();
+            if env.contains_key("SDS_AGENT_EMBEDDED_CA_CERT") {
+                eprintln!("{name}: validate left out (the embedded CA's files are the pod's)");
+                continue;
+            }
+            if env.get("SDS_AGENT_CA").map(String::as_str) == Some("cert-manager") {
+                env.insert(
+                    "SDS_AGENT_KUBECONFIG".into(),
+                    kubeconfig.display().to_string(),
+                );
+            }
+            let out = Command::new(&bin)
+                .arg("validate")
+                .env_clear()
+                .envs(&env)
+                .current_dir(scratch.path())
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                failures.push(format!(
+                    "{name}: sds-agent validate refused the environment {env:?} ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+                continue;
+            }
+            let resolved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            for (key, want) in [
+                // The agent built here ignores SDS_AGENT_MODE (an unknown variable) until node
+                // mode is merged; this is what tells the two apart.
+                ("mode", "node"),
+                ("socket", SOCKET),
+                ("socket-mode", "0666"),
+                ("admin-addr", "127.0.0.1:15020"),
+                ("status-addr", "0.0.0.0:15021"),
+            ] {
+                if resolved[key] != want {
+                    failures.push(format!(
+                        "{name}: validate resolved {key} = {}, not {want:?}",
+                        resolved[key]
+                    ));
+                }
+            }
+            if resolved["ca"]["backend"].as_str() != env.get("SDS_AGENT_CA").map(String::as_str) {
+                failures.push(format!(
+                    "{name}: validate resolved the backend {}",
+                    resolved["ca"]
+                ));
+            }
+            eprintln!("{name}: sds-agent validate: {}", resolved["ca"]["backend"]);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The chart's schema refuses bad values, and `helm lint` names the value: an unknown mode or
+/// backend, a misspelt key, a trust domain in capitals, `latest`, a relative host path, root
+/// for the agent, a backend without what it needs (an http:// Vault, no issuer, a malformed
+/// ARN), a variable that is not `SDS_AGENT_*`. `helm template` refuses them too, and refuses
+/// an `extraEnv` entry that the chart's own values set.
+#[test]
+fn the_charts_schema_refuses_bad_values() {
+    let Some(helm) = Helm::find() else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("values.yaml");
+    let cases = [
+        ("mode: daemon", "mode must be one of"),
+        ("ca: {backend: letsencrypt}", "ca.backend"),
+        ("podMonitr: {enabled: true}", "podMonitr is not allowed"),
+        ("trustDomain: Example.COM", "trustDomain"),
+        (
+            "image: {repository: ghcr.io/sds-agent/sds-agent, tag: latest}",
+            "image.tag",
+        ),
+        (
+            "node: {socketHostPath: run/sds-agent}",
+            "node.socketHostPath",
+        ),
+        ("node: {socketHostPath: /run/../etc}", "node.socketHostPath"),
+        ("mode: node\nnode: {runAsUser: 0}", "node.runAsUser"),
+        (
+            "ca: {backend: vault, vault: {addr: 'http://vault:8200'}}",
+            "ca.vault.addr",
+        ),
+        ("ca: {backend: cert-manager}", "ca.certManager.issuerName"),
+        (
+            "ca: {backend: acm-pca, acmPca: {arn: not-an-arn}}",
+            "ca.acmPca.arn",
+        ),
+        ("extraEnv: {LOG_LEVEL: debug}", "extraEnv"),
+        ("node: {kubelet: {port: 70000}}", "node.kubelet.port"),
+        (
+            "node: {kubelet: {pollInterval: soon}}",
+            "node.kubelet.pollInterval",
+        ),
+    ];
+    for (values, expected) in cases {
+        std::fs::write(&file, values).unwrap();
+        let err = helm.lint(Some(&file)).expect_err(values);
+        assert!(
+            err.contains(expected),
+            "helm lint refused {values:?} without naming {expected:?}: {err}"
+        );
+        let err = helm.template(Some(&file)).expect_err(values);
+        assert!(
+            err.contains(expected),
+            "helm template refused {values:?} without naming {expected:?}: {err}"
+        );
+    }
+    std::fs::write(&file, "extraEnv: {SDS_AGENT_CA: vault}").unwrap();
+    let err = helm.template(Some(&file)).unwrap_err();
+    assert!(
+        err.contains("extraEnv.SDS_AGENT_CA: the chart sets SDS_AGENT_CA"),
+        "{err}"
+    );
+}
+
+/// Each node-mode check fails on a DaemonSet or workload weakened in the way it guards
+/// against, on the kustomize rendering and the chart's alike.
+#[test]
+fn the_node_checks_catch_a_weakened_daemonset() {
+    let Some(tools) = Tools::find() else { return };
+    let flags = agent_env_flags();
+    let rbac = cert_manager_rbac();
+    let good = parse_docs(&tools.render(&kubernetes_dir().join(NODE)).unwrap()).unwrap();
+    let workload =
+        parse_docs(&tools.render(&kubernetes_dir().join(NODE_WORKLOAD)).unwrap()).unwrap();
+    let baseline = check_node_agent(&good, &flags, &rbac);
+    let missing = missing_node_flags(&baseline);
+    assert_eq!(
+        baseline.iter().filter(|p| !missing.contains(p)).count(),
+        0,
+        "{NODE} must pass unchanged: {baseline:#?}"
+    );
+
+    type Mutation = fn(&mut [Value]);
+    let cases: [(&str, Mutation); 16] = [
+        ("hostPID must be true", |docs| {
+            pod_spec_mut(docs)
+                .as_mapping_mut()
+                .unwrap()
+                .remove("hostPID");
+        }),
+        ("hostNetwork", |docs| {
+            pod_spec_mut(docs)["hostNetwork"] = true.into();
+        }),
+        ("sds-agent: runAsUser must be set and not 0", |docs| {
+            node_container_mut(docs, "sds-agent")["securityContext"]["runAsUser"] = 0.into();
+        }),
+        ("is a common workload uid", |docs| {
+            node_container_mut(docs, "sds-agent")["securityContext"]["runAsUser"] = 65532.into();
+            node_container_mut(docs, "socket-dir")["command"][1] = "65532:65500".into();
+        }),
+        ("sds-agent: capabilities must drop ALL", |docs| {
+            node_container_mut(docs, "sds-agent")["securityContext"]["capabilities"]["add"] =
+                Value::Sequence(vec!["SYS_PTRACE".into()]);
+        }),
+        ("may add CHOWN and nothing else", |docs| {
+            node_container_mut(docs, "socket-dir")["securityContext"]["capabilities"]["add"] =
+                Value::Sequence(vec!["CHOWN".into(), "DAC_OVERRIDE".into()]);
+        }),
+        ("socket-dir: must only chown", |docs| {
+            node_container_mut(docs, "socket-dir")["command"] = serde_norway::from_str(
+                "[sh, -c, 'chown 65500:65500 /run/sds-agent/sockets && chmod 777 /']",
+            )
+            .unwrap();
+        }),
+        ("hostPath of type DirectoryOrCreate", |docs| {
+            pod_spec_mut(docs)["volumes"][0] =
+                serde_norway::from_str("{name: sockets, emptyDir: {}}").unwrap();
+        }),
+        ("SDS_AGENT_SOCKET_MODE must be 0666", |docs| {
+            set_env(
+                node_container_mut(docs, "sds-agent"),
+                "SDS_AGENT_SOCKET_MODE",
+                "0600",
+            );
+        }),
+        ("must not be set in node mode", |docs| {
+            push_env(
+                node_container_mut(docs, "sds-agent"),
+                "SDS_AGENT_SERVICE_ACCOUNT",
+                "sds-agent",
+            );
+        }),
+        ("must not be set in node mode", |docs| {
+            push_env(
+                node_container_mut(docs, "sds-agent"),
+                "SDS_AGENT_ALLOWED_UIDS",
+                "65532",
+            );
+        }),
+        (
+            "SDS_AGENT_NODE_NAME must come from the Downward API",
+            |docs| {
+                let agent = node_container_mut(docs, "sds-agent");
+                agent["env"]
+                    .as_sequence_mut()
+                    .unwrap()
+                    .retain(|e| e["name"] != "SDS_AGENT_NODE_NAME");
+                push_env(agent, "SDS_AGENT_NODE_NAME", "worker-1");
+            },
+        ),
+        ("SDS_AGENT_MODE must be node", |docs| {
+            set_env(
+                node_container_mut(docs, "sds-agent"),
+                "SDS_AGENT_MODE",
+                "pod",
+            );
+        }),
+        ("nodes/pods or nodes/proxy", |docs| {
+            let role = docs
+                .iter_mut()
+                .find(|d| d["kind"] == "ClusterRole")
+                .unwrap();
+            role["rules"][0]["resources"] = Value::Sequence(vec!["pods".into()]);
+        }),
+        ("only get", |docs| {
+            let role = docs
+                .iter_mut()
+                .find(|d| d["kind"] == "ClusterRole")
+                .unwrap();
+            role["rules"][0]["verbs"] = Value::Sequence(vec!["get".into(), "create".into()]);
+        }),
+        ("bound to the service account sds-agent", |docs| {
+            let binding = docs
+                .iter_mut()
+                .find(|d| d["kind"] == "ClusterRoleBinding")
+                .unwrap();
+            binding["subjects"][0]["namespace"] = "default".into();
+        }),
+    ];
+    for (expected, mutate) in cases {
+        let mut docs = good.clone();
+        mutate(&mut docs);
+        let problems = check_node_agent(&docs, &flags, &rbac);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
+        );
+    }
+
+    assert_eq!(
+        check_node_workload(&workload, &good),
+        Vec::<String>::new(),
+        "{NODE_WORKLOAD} must pass unchanged"
+    );
+    let cases: [(&str, Mutation); 4] = [
+        ("read-only", |docs| {
+            mount_mut(deployment_mut(docs), "envoy", "sds-agent-sockets")["readOnly"] =
+                false.into();
+        }),
+        ("not the agent's /run/sds-agent/sockets", |docs| {
+            deployment_mut(docs)["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"] =
+                "/run/spire/sockets".into();
+        }),
+        ("app mounts the agent's socket directory", |docs| {
+            let mount = serde_norway::from_str(
+                "{name: sds-agent-sockets, mountPath: /sockets, readOnly: true}",
+            )
+            .unwrap();
+            container_mut(deployment_mut(docs), "app")["volumeMounts"] =
+                Value::Sequence(vec![mount]);
+        }),
+        ("envoy's sds-grpc cluster dials", |docs| {
+            container_mut(deployment_mut(docs), "envoy")["workingDir"] = "/tmp".into();
+        }),
+    ];
+    for (expected, mutate) in cases {
+        let mut docs = workload.clone();
+        mutate(&mut docs);
+        let problems = check_node_workload(&docs, &good);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{NODE_WORKLOAD}: a change that breaks `{expected}` went unnoticed; problems: {problems:#?}"
+        );
+    }
+}
+
+/// The node workload's and the chart's Envoy bootstraps are `deploy/envoy/sidecar.yaml`,
+/// byte for byte (kustomize and Helm read no file outside their directory, so each has a
+/// copy).
+#[test]
+fn the_node_and_chart_bootstraps_are_deploy_envoy_sidecar_yaml() {
+    let original = std::fs::read_to_string(repo().join("deploy/envoy/sidecar.yaml")).unwrap();
+    for copy in [
+        kubernetes_dir()
+            .join(NODE_WORKLOAD)
+            .join("envoy-sidecar.yaml"),
+        repo().join(CHART).join("files/envoy-sidecar.yaml"),
+    ] {
+        let text = std::fs::read_to_string(&copy).unwrap();
+        assert!(
+            text == original,
+            "{} differs from deploy/envoy/sidecar.yaml; copy it again",
+            copy.display()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The tools
 
@@ -998,6 +1627,127 @@ impl Tools {
             Err(problems.join("\n"))
         }
     }
+}
+
+/// helm 3, for the chart in [`CHART`].
+#[derive(Debug)]
+struct Helm {
+    bin: PathBuf,
+}
+
+impl Helm {
+    /// helm (`HELM_BIN`, else `helm` on `PATH`), or `None` with a line saying the test is
+    /// skipped, unless `SDS_AGENT_REQUIRE_HELM=1`.
+    fn find() -> Option<Self> {
+        find_program("helm", "HELM_BIN", "SDS_AGENT_REQUIRE_HELM")
+            .unwrap()
+            .map(|bin| Self { bin })
+    }
+
+    /// `helm lint --strict` of the chart with `values` (else its defaults): `Ok`, or helm's
+    /// complaint (its output names each value the schema refuses).
+    fn lint(&self, values: Option<&Path>) -> Result<(), String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["lint", "--strict"]).arg(repo().join(CHART));
+        if let Some(values) = values {
+            cmd.arg("--values").arg(values);
+        }
+        let out = self.run(&mut cmd)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "helm lint failed ({}): {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// `helm template` of the chart as release `sds-agent` in namespace `sds-agent`, for the
+    /// oldest Kubernetes the chart supports: the rendered YAML, or helm's complaint.
+    fn template(&self, values: Option<&Path>) -> Result<String, String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["template", "sds-agent"])
+            .arg(repo().join(CHART))
+            .args(["--namespace", "sds-agent", "--kube-version", "1.29.0"]);
+        if let Some(values) = values {
+            cmd.arg("--values").arg(values);
+        }
+        let out = self.run(&mut cmd)?;
+        if !out.status.success() {
+            return Err(format!(
+                "helm template failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        String::from_utf8(out.stdout).map_err(|e| format!("helm printed non-UTF-8: {e}"))
+    }
+
+    /// Runs helm with its configuration, cache and data in a scratch directory, so that no
+    /// repository or plugin of the machine's is read.
+    fn run(&self, cmd: &mut Command) -> Result<std::process::Output, String> {
+        let home = tempfile::tempdir().map_err(|e| e.to_string())?;
+        cmd.env("HELM_CONFIG_HOME", home.path().join("config"))
+            .env("HELM_CACHE_HOME", home.path().join("cache"))
+            .env("HELM_DATA_HOME", home.path().join("data"))
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.bin.display()))
+    }
+}
+
+/// One values file of the chart's `ci/` directory, read, with the chart's defaults beside it.
+#[derive(Debug)]
+struct ValueSet {
+    name: String,
+    file: PathBuf,
+    values: Value,
+    defaults: Value,
+}
+
+impl ValueSet {
+    fn mode(&self) -> String {
+        self.value(&["mode"]).as_str().unwrap_or("pod").to_owned()
+    }
+
+    /// The value at `path`, from the file, else the chart's default, else null.
+    fn value(&self, path: &[&str]) -> Value {
+        let get = |root: &Value| path.iter().try_fold(root, |v, k| v.get(*k)).cloned();
+        get(&self.values)
+            .or_else(|| get(&self.defaults))
+            .unwrap_or(Value::Null)
+    }
+}
+
+/// The value sets in the chart's `ci/`, sorted by name.
+fn chart_value_sets() -> Vec<ValueSet> {
+    let chart = repo().join(CHART);
+    let defaults: Value =
+        serde_norway::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap())
+            .unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart.join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|file| ValueSet {
+            name: file.file_name().unwrap().to_string_lossy().into_owned(),
+            values: serde_norway::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap(),
+            defaults: defaults.clone(),
+            file,
+        })
+        .collect()
+}
+
+/// `deploy/cert-manager/rbac.yaml`, parsed: what the cert-manager RBAC must grant.
+fn cert_manager_rbac() -> Vec<Value> {
+    parse_docs(&std::fs::read_to_string(repo().join("deploy/cert-manager/rbac.yaml")).unwrap())
+        .unwrap()
 }
 
 /// The `SDS_AGENT_*` variables `sds-agent run --help` lists: every flag's `[env: ...]`.
@@ -1108,6 +1858,38 @@ fn check_pod(
     check_ports_and_probes(pod, agent, &env, p);
     check_disruption_budget(docs, pod, p);
 
+    check_backend(docs, pod, agent, &env, ca, rbac, RbacScope::Namespace, p);
+}
+
+/// Where the agent's RBAC applies: its pod's namespace (the sidecar pattern: the agent acts as
+/// its pod's service account), or every namespace (node mode: each pod's requests go in that
+/// pod's namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RbacScope {
+    Namespace,
+    Cluster,
+}
+
+/// What the backend `ca` needs, in either mode: its settings, its token's audience (through
+/// [`check_files`]), IRSA, the Istio root ConfigMap, the cert-manager RBAC and in-cluster
+/// credentials; and the pod's service account is in the rendering.
+#[allow(clippy::too_many_arguments)]
+fn check_backend(
+    docs: &[Value],
+    pod: &PodTemplate<'_>,
+    agent: &Value,
+    env: &[(String, EnvValue)],
+    ca: &str,
+    rbac: &[Value],
+    scope: RbacScope,
+    p: &mut Vec<String>,
+) {
+    let spec = pod.spec;
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
     let sa_name = spec["serviceAccountName"].as_str().unwrap_or("default");
     let sa = docs
         .iter()
@@ -1191,7 +1973,7 @@ fn check_pod(
                 p.push("--ca cert-manager needs SDS_AGENT_CERT_MANAGER_ISSUER_NAME".to_owned());
             }
             check_in_cluster_credentials(spec, agent, p);
-            check_cert_manager_rbac(docs, sa_name, rbac, p);
+            check_cert_manager_rbac(docs, sa_name, rbac, scope, p);
         }
         _ => {}
     }
@@ -1227,15 +2009,7 @@ fn check_agent_and_containers(
 
     // The environment: real flags only, no duplicates, identity from the Downward API.
     let env = env_of(agent);
-    let mut seen = BTreeSet::new();
-    for (key, _) in &env {
-        if !seen.insert(key.as_str()) {
-            p.push(format!("{key} is set twice"));
-        }
-        if key.starts_with("SDS_AGENT_") && !flags.contains(key) {
-            p.push(format!("{key} is not a flag of `sds-agent run --help`"));
-        }
-    }
+    check_env_names(&env, flags, p);
     for (key, field) in [
         ("SDS_AGENT_NAMESPACE", "metadata.namespace"),
         ("SDS_AGENT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
@@ -1250,6 +2024,19 @@ fn check_agent_and_containers(
         }
     }
     env
+}
+
+/// Every `SDS_AGENT_*` name is a flag of the built agent, and none is set twice.
+fn check_env_names(env: &[(String, EnvValue)], flags: &BTreeSet<String>, p: &mut Vec<String>) {
+    let mut seen = BTreeSet::new();
+    for (key, _) in env {
+        if !seen.insert(key.as_str()) {
+            p.push(format!("{key} is set twice"));
+        }
+        if key.starts_with("SDS_AGENT_") && !flags.contains(key) {
+            p.push(format!("{key} is not a flag of `sds-agent run --help`"));
+        }
+    }
 }
 
 /// Non-root, read-only root filesystem, no privilege escalation, no capabilities, the
@@ -1389,19 +2176,8 @@ fn check_socket(
     match envoy_bootstrap(docs, spec, envoy) {
         Err(e) => p.push(e),
         Ok(bootstrap) => {
-            let clusters = seq(&bootstrap["static_resources"]["clusters"]);
-            let pipe = clusters
-                .iter()
-                .find(|c| c["name"] == "sds-grpc")
-                .and_then(|c| c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"].as_str());
             let workdir = envoy["workingDir"].as_str().unwrap_or("");
-            let resolved = pipe.map(|pipe| match pipe.strip_prefix("./") {
-                Some(rel) if workdir.starts_with('/') => {
-                    format!("{}/{rel}", workdir.trim_end_matches('/'))
-                }
-                Some(_) => format!("(relative to an unset workingDir) {pipe}"),
-                None => pipe.to_owned(),
-            });
+            let resolved = envoy_dials(&bootstrap, workdir);
             if resolved.as_deref() != Some(socket) {
                 p.push(format!("envoy's sds-grpc cluster dials {resolved:?} (workingDir {workdir:?}), not the agent's socket {socket}"));
             }
@@ -1675,20 +2451,30 @@ fn check_in_cluster_credentials(spec: &Value, agent: &Value, p: &mut Vec<String>
 
 /// The overlay's Role grants what `deploy/cert-manager/rbac.yaml` grants, and a RoleBinding
 /// gives it to the pod's service account.
-fn check_cert_manager_rbac(docs: &[Value], sa: &str, rbac: &[Value], p: &mut Vec<String>) {
+fn check_cert_manager_rbac(
+    docs: &[Value],
+    sa: &str,
+    rbac: &[Value],
+    scope: RbacScope,
+    p: &mut Vec<String>,
+) {
+    let (role_kind, binding_kind) = match scope {
+        RbacScope::Namespace => ("Role", "RoleBinding"),
+        RbacScope::Cluster => ("ClusterRole", "ClusterRoleBinding"),
+    };
     let reference = rbac
         .iter()
         .find(|d| d["kind"] == "Role")
         .map(|r| &r["rules"]);
-    let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
+    let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == role_kind).collect();
     let Some(role) = roles.iter().find(|r| Some(&r["rules"]) == reference) else {
         p.push(format!(
-            "no Role grants the rules of deploy/cert-manager/rbac.yaml: {reference:?}"
+            "no {role_kind} grants the rules of deploy/cert-manager/rbac.yaml: {reference:?}"
         ));
         return;
     };
-    let bound = docs.iter().filter(|d| d["kind"] == "RoleBinding").any(|b| {
-        b["roleRef"]["kind"] == "Role"
+    let bound = docs.iter().filter(|d| d["kind"] == binding_kind).any(|b| {
+        b["roleRef"]["kind"] == role_kind
             && b["roleRef"]["name"] == role["metadata"]["name"]
             && seq(&b["subjects"])
                 .iter()
@@ -1696,7 +2482,7 @@ fn check_cert_manager_rbac(docs: &[Value], sa: &str, rbac: &[Value], p: &mut Vec
     });
     if !bound {
         p.push(format!(
-            "no RoleBinding gives the certificaterequests Role to the service account {sa}"
+            "no {binding_kind} gives the certificaterequests {role_kind} to the service account {sa}"
         ));
     }
 }
@@ -2283,6 +3069,568 @@ fn agent_admits(resolved: &serde_json::Value, agent: &Value, caller: &Value) -> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Node mode and the Helm chart
+
+/// The node-mode DaemonSet's checks: [`check_node_pod`] for every pod template, and exactly
+/// one DaemonSet. Empty when all is well.
+fn check_node_agent(docs: &[Value], flags: &BTreeSet<String>, rbac: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pods = pod_templates(docs);
+    let daemonsets = pods
+        .iter()
+        .filter(|p| p.owner.starts_with("DaemonSet/"))
+        .count();
+    if daemonsets != 1 {
+        problems.push(format!(
+            "node mode is one DaemonSet; the workloads are {:?}",
+            pods.iter().map(|p| &p.owner).collect::<Vec<_>>()
+        ));
+    }
+    for pod in &pods {
+        let mut p = Vec::new();
+        check_node_pod(docs, pod, flags, rbac, &mut p);
+        problems.extend(p.into_iter().map(|m| format!("{}: {m}", pod.owner)));
+    }
+    problems
+}
+
+/// One node agent's pod. The hardening of the sidecar pattern, with the deliberate exceptions
+/// node mode needs and no others: `hostPID` (the callers' real pids), a hostPath socket
+/// directory (`DirectoryOrCreate`, writable by the agent alone), and the `socket-dir` init
+/// container, root with CAP_CHOWN only, whose one command hands that directory to the agent's
+/// uid. The agent itself is non-root without capabilities, under a uid no workload commonly
+/// uses; its settings are real flags, the node's name and kubelet from the Downward API, none
+/// of the per-pod identity or caller-uid settings, a 0666 socket; the kubelet RBAC is `get`
+/// on nodes/pods or nodes/proxy for its service account; and the backend has what it needs,
+/// cluster-wide.
+fn check_node_pod(
+    docs: &[Value],
+    pod: &PodTemplate<'_>,
+    flags: &BTreeSet<String>,
+    rbac: &[Value],
+    p: &mut Vec<String>,
+) {
+    let spec = pod.spec;
+    if !pod.owner.starts_with("DaemonSet/") {
+        p.push("node mode runs the agent as a DaemonSet, one pod per node".to_owned());
+    }
+    let Some(agent) = seq(&spec["containers"])
+        .iter()
+        .find(|c| c["name"] == "sds-agent")
+    else {
+        p.push(
+            "no container named sds-agent (in node mode the agent is the pod's container)"
+                .to_owned(),
+        );
+        return;
+    };
+
+    // Deliberate exception: the host's PID namespace, and nothing else of the host's.
+    if spec["hostPID"] != true {
+        p.push(
+            "hostPID must be true: the agent takes the caller's pid from SO_PEERCRED, and in a \
+             PID namespace of its own every caller in another pod is pid 0 and refused"
+                .to_owned(),
+        );
+    }
+    for key in ["hostNetwork", "hostIPC"] {
+        if spec[key] == true {
+            p.push(format!(
+                "{key} must not be set: the agent needs the host's pids only"
+            ));
+        }
+    }
+
+    // The hardening, everywhere; the socket-dir init container's exceptions are checked by
+    // check_node_socket instead.
+    for c in all_containers(spec) {
+        let mut cp = Vec::new();
+        check_security(spec, c, &mut cp);
+        if c["name"] == SOCKET_DIR_INIT {
+            cp.retain(|m| !SOCKET_DIR_EXCEPTIONS.iter().any(|e| m.ends_with(e)));
+        }
+        p.extend(cp);
+        check_resources(c, p);
+        check_image(c, p);
+    }
+    let id = |c: &Value, key: &str| {
+        c["securityContext"][key]
+            .as_u64()
+            .or_else(|| spec["securityContext"][key].as_u64())
+    };
+    if let Some(uid) = id(agent, "runAsUser")
+        && COMMON_WORKLOAD_UIDS.contains(&uid)
+    {
+        p.push(format!(
+            "sds-agent: {uid} is a common workload uid: sharing the host's PID namespace, the \
+             agent may signal that uid's processes on the node; give it a uid no workload uses"
+        ));
+    }
+
+    let env = env_of(agent);
+    check_env_names(&env, flags, p);
+    let literal = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.literal())
+    };
+    let value = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    if literal("SDS_AGENT_MODE") != Some("node") {
+        p.push("SDS_AGENT_MODE must be node".to_owned());
+    }
+    if value("SDS_AGENT_NODE_NAME") != Some(&EnvValue::Field("spec.nodeName".to_owned())) {
+        p.push(
+            "SDS_AGENT_NODE_NAME must come from the Downward API (spec.nodeName): the agent \
+             serves the pods of its own node only"
+                .to_owned(),
+        );
+    }
+    match value("SDS_AGENT_KUBELET_HOST") {
+        None => {}
+        Some(EnvValue::Field(f)) if f == "status.hostIP" => {}
+        Some(EnvValue::Literal(h)) if !h.is_empty() => {}
+        Some(other) => p.push(format!(
+            "SDS_AGENT_KUBELET_HOST must be status.hostIP (Downward API) or a host, is {other:?}"
+        )),
+    }
+    for key in PER_POD_SETTINGS {
+        if value(key).is_some() {
+            p.push(format!(
+                "{key} must not be set in node mode: each caller's identity comes from \
+                 attestation, not from the agent's pod or uid lists"
+            ));
+        }
+    }
+    if literal("SDS_AGENT_SOCKET_MODE") != Some("0666") {
+        p.push(format!(
+            "SDS_AGENT_SOCKET_MODE must be 0666 in node mode (every pod's user connects; \
+             attestation decides what it gets), is {:?}",
+            literal("SDS_AGENT_SOCKET_MODE")
+        ));
+    }
+    check_node_socket(spec, agent, &env, p);
+    check_files(spec, agent, &env, p);
+    check_ports_and_probes(pod, agent, &env, p);
+
+    let sa = spec["serviceAccountName"].as_str().unwrap_or("default");
+    let namespace = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "DaemonSet"
+                && format!(
+                    "DaemonSet/{}",
+                    d["metadata"]["name"].as_str().unwrap_or("?")
+                ) == pod.owner
+        })
+        .and_then(|d| d["metadata"]["namespace"].as_str())
+        .unwrap_or("default");
+    check_kubelet_rbac(docs, sa, namespace, p);
+
+    let ca = literal("SDS_AGENT_CA").unwrap_or("embedded");
+    if !OVERLAYS.iter().any(|(_, c)| *c == ca) {
+        p.push(format!("SDS_AGENT_CA {ca:?} is not a backend"));
+    }
+    if ca != "cert-manager" {
+        // The kubelet takes the service account's token and CA (cert-manager checks these
+        // itself, with its RBAC).
+        check_in_cluster_credentials(spec, agent, p);
+    }
+    check_backend(docs, pod, agent, &env, ca, rbac, RbacScope::Cluster, p);
+}
+
+/// The node's socket directory: the agent's socket is on a writable hostPath of type
+/// `DirectoryOrCreate`; the `socket-dir` init container (a plain init container that exits)
+/// mounts that volume only, drops ALL and adds CHOWN alone, and runs exactly
+/// `chown <agent uid>:<agent gid> <its mount>`; no other container mounts it.
+fn check_node_socket(spec: &Value, agent: &Value, env: &[(String, EnvValue)], p: &mut Vec<String>) {
+    let socket = env
+        .iter()
+        .find(|(k, _)| k == "SDS_AGENT_SOCKET")
+        .and_then(|(_, v)| v.literal())
+        .unwrap_or_default();
+    if socket != SOCKET {
+        p.push(format!("SDS_AGENT_SOCKET must be {SOCKET}, is {socket:?}"));
+        return;
+    }
+    let Some((mount, _)) = mount_for(agent, socket) else {
+        p.push(format!("the agent has no volume at {socket}"));
+        return;
+    };
+    let name = mount["name"].as_str().unwrap_or_default();
+    if mount["readOnly"] == true {
+        p.push("the agent's mount of its socket directory must be writable".to_owned());
+    }
+    let v = volume(spec, name);
+    let host = v.map(|v| &v["hostPath"]);
+    if !host.is_some_and(|h| {
+        h["type"] == "DirectoryOrCreate"
+            && h["path"]
+                .as_str()
+                .is_some_and(|path| path.starts_with('/') && path != "/")
+    }) {
+        p.push(format!(
+            "the socket's volume must be a hostPath of type DirectoryOrCreate, the node's socket \
+             directory, is {v:?}"
+        ));
+    }
+    for c in all_containers(spec) {
+        let cname = c["name"].as_str().unwrap_or("?");
+        if cname != "sds-agent" && cname != SOCKET_DIR_INIT && mounts(c, name) {
+            p.push(format!(
+                "{cname} mounts the node's socket directory; only the agent should"
+            ));
+        }
+    }
+
+    // Deliberate exception: the one root container.
+    let Some(init) = seq(&spec["initContainers"])
+        .iter()
+        .find(|c| c["name"] == SOCKET_DIR_INIT)
+    else {
+        p.push(format!(
+            "no {SOCKET_DIR_INIT} init container: kubelet creates the host directory as root, \
+             0755, and the agent's uid cannot create its socket there"
+        ));
+        return;
+    };
+    if init["restartPolicy"] == "Always" {
+        p.push(format!(
+            "{SOCKET_DIR_INIT}: must be a plain init container, which exits"
+        ));
+    }
+    let caps = &init["securityContext"]["capabilities"];
+    let list = |v: &Value| -> Vec<String> {
+        seq(v)
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    if list(&caps["drop"]) != ["ALL"] || list(&caps["add"]) != ["CHOWN"] {
+        p.push(format!(
+            "{SOCKET_DIR_INIT}: must drop ALL; may add CHOWN and nothing else, adds {:?}",
+            list(&caps["add"])
+        ));
+    }
+    let init_mounts = seq(&init["volumeMounts"]);
+    let owner = format!(
+        "{}:{}",
+        agent["securityContext"]["runAsUser"].as_u64().unwrap_or(0),
+        agent["securityContext"]["runAsGroup"].as_u64().unwrap_or(0)
+    );
+    let dir = init_mounts
+        .first()
+        .and_then(|m| m["mountPath"].as_str())
+        .unwrap_or_default();
+    if init_mounts.len() != 1 || init_mounts[0]["name"] != name {
+        p.push(format!(
+            "{SOCKET_DIR_INIT}: must mount the socket directory {name} and nothing else"
+        ));
+    }
+    let command: Vec<&str> = seq(&init["command"])
+        .iter()
+        .chain(seq(&init["args"]))
+        .filter_map(Value::as_str)
+        .collect();
+    if command != ["chown", owner.as_str(), dir] {
+        p.push(format!(
+            "{SOCKET_DIR_INIT}: must only chown {dir} to the agent's {owner}, runs {command:?}"
+        ));
+    }
+}
+
+/// The kubelet's pod list: a ClusterRole granting `get` on nodes/pods or nodes/proxy, bound to
+/// the agent's service account in its namespace; and no role anywhere grants more than `get`
+/// on a nodes/ subresource (`create` on nodes/proxy is exec into any pod on the node).
+fn check_kubelet_rbac(docs: &[Value], sa: &str, namespace: &str, p: &mut Vec<String>) {
+    let strings = |v: &Value| -> Vec<String> {
+        seq(v)
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut granting = Vec::new();
+    for role in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        let name = role["metadata"]["name"].as_str().unwrap_or("?");
+        for rule in seq(&role["rules"]) {
+            let resources = strings(&rule["resources"]);
+            let verbs = strings(&rule["verbs"]);
+            if !resources.iter().any(|r| r.starts_with("nodes")) {
+                continue;
+            }
+            if verbs != ["get"] {
+                p.push(format!(
+                    "{} {name} grants {verbs:?} on {resources:?}: only get",
+                    role["kind"].as_str().unwrap_or("?")
+                ));
+            }
+            if role["kind"] == "ClusterRole"
+                && strings(&rule["apiGroups"]) == [""]
+                && resources
+                    .iter()
+                    .any(|r| r == "nodes/pods" || r == "nodes/proxy")
+                && verbs.iter().any(|v| v == "get")
+            {
+                granting.push(name.to_owned());
+            }
+        }
+    }
+    if granting.is_empty() {
+        p.push(
+            "no ClusterRole grants get on nodes/pods or nodes/proxy (kubelet's GET /pods)"
+                .to_owned(),
+        );
+        return;
+    }
+    let bound = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding")
+        .any(|b| {
+            b["roleRef"]["kind"] == "ClusterRole"
+                && granting.iter().any(|g| b["roleRef"]["name"] == g.as_str())
+                && seq(&b["subjects"]).iter().any(|s| {
+                    s["kind"] == "ServiceAccount" && s["name"] == sa && s["namespace"] == namespace
+                })
+        });
+    if !bound {
+        p.push(format!(
+            "the kubelet ClusterRole {granting:?} is not bound to the service account {sa} in \
+             namespace {namespace}"
+        ));
+    }
+}
+
+/// Whether some ClusterRole of the rendering grants `resource`.
+fn kubelet_rbac_grants(docs: &[Value], resource: &str) -> bool {
+    docs.iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .flat_map(|r| seq(&r["rules"]))
+        .any(|rule| seq(&rule["resources"]).iter().any(|r| r == resource))
+}
+
+/// A workload of the node agent (`agent`, its rendering): no agent in the pod; every
+/// container hardened, with resources and a pinned image; Envoy mounts, read-only, the agent's
+/// very host directory at the socket's directory, and its bootstrap dials the socket there;
+/// no other container mounts it; a budget when it has replicas.
+fn check_node_workload(docs: &[Value], agent: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let host_dir = pod_templates(agent).iter().find_map(|pod| {
+        let a = container(pod.spec, "sds-agent")?;
+        let (mount, _) = mount_for(a, SOCKET)?;
+        volume(pod.spec, mount["name"].as_str()?)?["hostPath"]["path"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    let Some(host_dir) = host_dir else {
+        return vec!["the node agent has no host directory at its socket".to_owned()];
+    };
+    let pods = pod_templates(docs);
+    if pods.is_empty() {
+        problems.push("no workload with a pod template".to_owned());
+    }
+    for pod in &pods {
+        let spec = pod.spec;
+        let mut p = Vec::new();
+        if container(spec, "sds-agent").is_some() {
+            p.push("the node agent serves this pod: no sds-agent in it".to_owned());
+        }
+        for c in all_containers(spec) {
+            check_security(spec, c, &mut p);
+            check_resources(c, &mut p);
+            check_image(c, &mut p);
+        }
+        check_disruption_budget(docs, pod, &mut p);
+        match container(spec, "envoy") {
+            None => p.push("no container named envoy".to_owned()),
+            Some(envoy) => match mount_for(envoy, SOCKET) {
+                None => p.push(format!("envoy has no volume at {SOCKET}")),
+                Some((mount, _)) => {
+                    let name = mount["name"].as_str().unwrap_or_default();
+                    if mount["readOnly"] != true {
+                        p.push(
+                            "envoy must mount the agent's socket directory read-only".to_owned(),
+                        );
+                    }
+                    let v = volume(spec, name);
+                    let host = v.map(|v| &v["hostPath"]);
+                    if !host.is_some_and(|h| {
+                        h["path"] == host_dir.as_str()
+                            && (h["type"] == "Directory" || h["type"] == "DirectoryOrCreate")
+                    }) {
+                        p.push(format!(
+                            "envoy's {SOCKET} is on {v:?}, not the agent's {host_dir}"
+                        ));
+                    }
+                    for c in all_containers(spec).filter(|c| c["name"] != "envoy") {
+                        if mounts(c, name) {
+                            p.push(format!(
+                                "{} mounts the agent's socket directory; only Envoy should",
+                                c["name"].as_str().unwrap_or("?")
+                            ));
+                        }
+                    }
+                    match envoy_bootstrap(docs, spec, envoy) {
+                        Err(e) => p.push(e),
+                        Ok(bootstrap) => {
+                            let workdir = envoy["workingDir"].as_str().unwrap_or("");
+                            let dials = envoy_dials(&bootstrap, workdir);
+                            if dials.as_deref() != Some(SOCKET) {
+                                p.push(format!(
+                                    "envoy's sds-grpc cluster dials {dials:?} (workingDir \
+                                     {workdir:?}), not the agent's socket {SOCKET}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            },
+        }
+        let sa = spec["serviceAccountName"].as_str().unwrap_or("default");
+        if !docs
+            .iter()
+            .any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == sa)
+        {
+            p.push(format!("the service account {sa} is not in the rendering"));
+        }
+        problems.extend(p.into_iter().map(|m| format!("{}: {m}", pod.owner)));
+    }
+    problems
+}
+
+/// The chart in pod mode: no pod of its own; one ConfigMap of agent settings (real flags, none
+/// twice, none of the pod's own identity, the socket Envoy dials, the status and admin
+/// listeners); the Envoy bootstrap ConfigMap, `deploy/envoy/sidecar.yaml` with the trust
+/// domain's prefix, dialling that socket; with cert-manager, the Role of
+/// `deploy/cert-manager/rbac.yaml` bound to each of `accounts`. The problems, and the settings.
+fn check_pod_mode_chart(
+    docs: &[Value],
+    flags: &BTreeSet<String>,
+    rbac: &[Value],
+    accounts: &[String],
+) -> (Vec<String>, BTreeMap<String, String>) {
+    let mut p = Vec::new();
+    if !pod_templates(docs).is_empty() {
+        p.push("pod mode runs no pod: the agent is each workload's sidecar".to_owned());
+    }
+    let maps: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == "ConfigMap"
+                && d["data"].as_mapping().is_some_and(|m| {
+                    !m.is_empty()
+                        && m.keys()
+                            .all(|k| k.as_str().is_some_and(|k| k.starts_with("SDS_AGENT_")))
+                })
+        })
+        .collect();
+    if maps.len() != 1 {
+        p.push(format!(
+            "one ConfigMap of SDS_AGENT_* settings expected, found {}",
+            maps.len()
+        ));
+        return (p, BTreeMap::new());
+    }
+    let settings: BTreeMap<String, String> = maps[0]["data"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
+        .collect();
+    let env: Vec<(String, EnvValue)> = settings
+        .iter()
+        .map(|(k, v)| (k.clone(), EnvValue::Literal(v.clone())))
+        .collect();
+    check_env_names(&env, flags, &mut p);
+    for key in &PER_POD_SETTINGS[..4] {
+        if settings.contains_key(*key) {
+            p.push(format!(
+                "{key} is each pod's own (Downward API), not a shared setting"
+            ));
+        }
+    }
+    if settings.get("SDS_AGENT_MODE").is_some_and(|m| m != "pod") {
+        p.push("the sidecar's settings must not select node mode".to_owned());
+    }
+    for (key, want) in [
+        ("SDS_AGENT_SOCKET", SOCKET),
+        ("SDS_AGENT_STATUS_ADDR", "0.0.0.0:15021"),
+        ("SDS_AGENT_ADMIN_ADDR", "127.0.0.1:15020"),
+    ] {
+        if settings.get(key).map(String::as_str) != Some(want) {
+            p.push(format!("{key} must be {want}, is {:?}", settings.get(key)));
+        }
+    }
+    let td = settings
+        .get("SDS_AGENT_TRUST_DOMAIN")
+        .map_or("cluster.local", String::as_str);
+    match docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["envoy.yaml"].is_string())
+    {
+        None => p.push("no ConfigMap with Envoy's bootstrap (envoy.yaml)".to_owned()),
+        Some(map) => {
+            let text = map["data"]["envoy.yaml"].as_str().unwrap_or_default();
+            let original =
+                std::fs::read_to_string(repo().join("deploy/envoy/sidecar.yaml")).unwrap();
+            let want = original.replace("spiffe://cluster.local/", &format!("spiffe://{td}/"));
+            if text != want {
+                p.push(format!(
+                    "the Envoy bootstrap is not deploy/envoy/sidecar.yaml for the trust domain {td}"
+                ));
+            }
+            let bootstrap: Value = serde_norway::from_str(text).unwrap_or(Value::Null);
+            if envoy_dials(&bootstrap, "/").as_deref() != Some(SOCKET) {
+                p.push(format!(
+                    "the Envoy bootstrap dials {:?} from workingDir /, not {SOCKET}",
+                    envoy_dials(&bootstrap, "/")
+                ));
+            }
+        }
+    }
+    if settings.get("SDS_AGENT_CA").map(String::as_str) == Some("cert-manager") {
+        for sa in accounts {
+            check_cert_manager_rbac(docs, sa, rbac, RbacScope::Namespace, &mut p);
+        }
+    }
+    (p, settings)
+}
+
+/// The problems that only say a node-mode variable is not a flag of the agent built here:
+/// what the node-mode tests report apart until node mode's flags are merged.
+fn missing_node_flags(problems: &[String]) -> Vec<String> {
+    problems
+        .iter()
+        .filter(|p| {
+            NODE_MODE_FLAGS
+                .iter()
+                .any(|f| p.contains(&format!("{f} is not a flag of")))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The path Envoy's `sds-grpc` cluster dials, from its working directory `workdir`.
+fn envoy_dials(bootstrap: &Value, workdir: &str) -> Option<String> {
+    let pipe = seq(&bootstrap["static_resources"]["clusters"])
+        .iter()
+        .find(|c| c["name"] == "sds-grpc")
+        .and_then(|c| {
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"]
+                .as_str()
+        })?;
+    Some(match pipe.strip_prefix("./") {
+        Some(rel) if workdir.starts_with('/') => {
+            format!("{}/{rel}", workdir.trim_end_matches('/'))
+        }
+        Some(_) => format!("(relative to an unset workingDir) {pipe}"),
+        None => pipe.to_owned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reading the rendered objects
 
 /// A pod template and what owns it.
@@ -2396,6 +3744,8 @@ fn kubelet_env(spec: &Value, agent: &Value) -> Result<BTreeMap<String, String>, 
                     .as_str()
                     .unwrap_or("default")
                     .to_owned(),
+                "spec.nodeName" => SAMPLE_NODE_NAME.to_owned(),
+                "status.hostIP" => SAMPLE_HOST_IP.to_owned(),
                 other => return Err(format!("{name}: no sample value for the field {other}")),
             },
             EnvValue::Other => return Err(format!("{name}: a valueFrom this test cannot resolve")),
@@ -2885,4 +4235,17 @@ fn set_helper_conf(docs: &mut [Value], from: &str, to: &str) {
     let text = map["data"]["helper.conf"].as_str().unwrap().to_owned();
     assert!(text.contains(from), "helper.conf has no {from:?}");
     map["data"]["helper.conf"] = text.replace(from, to).into();
+}
+
+/// The DaemonSet's pod spec.
+fn pod_spec_mut(docs: &mut [Value]) -> &mut Value {
+    &mut docs.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap()["spec"]["template"]["spec"]
+}
+
+/// A container of the DaemonSet.
+fn node_container_mut<'a>(docs: &'a mut [Value], name: &str) -> &'a mut Value {
+    container_mut(
+        docs.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap(),
+        name,
+    )
 }
