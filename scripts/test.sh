@@ -132,6 +132,10 @@ fi
 export SDS_AGENT_PYTHON="$PWD/.venv-test/bin/python"
 # The interop tests skip without this interpreter, except here.
 export SDS_AGENT_REQUIRE_PYTHON=1
+# The node-mode tests (integration/tests/node_e2e.rs) run "pods" as processes in cgroup v2
+# directories of their own; they skip where the machine has no writable cgroup v2
+# hierarchy, except here.
+export SDS_AGENT_REQUIRE_CGROUPS=1
 "$SDS_AGENT_PYTHON" -c "import grpc, spiffe; print('grpcio', grpc.__version__)"
 
 # The end-to-end tests run the agent binary; build it first so they find it.

@@ -18,6 +18,8 @@
 //!   read-only port) for node mode, with pods the test adds and removes while it runs;
 //! - [`mesh`]: two agents and two Envoys doing mTLS, and the rotate-under-traffic check;
 //! - [`moto`]: a real AWS ACM PCA API (moto's server) with a root CA set up as on AWS;
+//! - [`pods`]: pods on one machine for the node-mode tests: cgroup v2 directories laid out as
+//!   the kubelet's, and programs started inside them;
 //! - [`python`]: the Python clients of the interop tests (grpcio, py-spiffe) and running them;
 //! - [`vault`]: a real Vault API (an OpenBao dev server) set up for the Vault backend, and a
 //!   Kubernetes TokenReview stand-in for its Kubernetes auth.
@@ -38,6 +40,7 @@ pub mod kubelet;
 pub mod mesh;
 pub mod moto;
 pub mod pki;
+pub mod pods;
 pub mod process;
 pub mod python;
 pub mod vault;
