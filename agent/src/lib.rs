@@ -89,6 +89,7 @@ fn ca_timeout(ca: &CaConfig) -> Duration {
 pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
     let ctx = BuildContext {
         trust_domain: config.spiffe_id.trust_domain(),
+        node_mode: config.mode == config::Mode::Node,
     };
     Ok(config.ca.build(&ctx)?)
 }

@@ -107,6 +107,10 @@ impl fmt::Debug for ResolveContext<'_> {
 pub struct BuildContext<'a> {
     /// The trust domain of the identities served.
     pub trust_domain: &'a TrustDomain,
+    /// Whether the agent runs in node mode, signing for every pod on its node with its own
+    /// credentials. A backend that must tell the CA whom it signs for (istiod's
+    /// `ImpersonatedIdentity`) reads it; the others ignore it.
+    pub node_mode: bool,
 }
 
 /// A backend's flags: a clap `Args` struct that is also, through serde, its config-file

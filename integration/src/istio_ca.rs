@@ -20,17 +20,38 @@
 //!   combined `root-cert.pem`);
 //! - a plugged-in CA (`cacerts`): an intermediate signs, a root above it.
 //!
+//! - istiod's NodeAuthorizer (`node_auth.go`), for node agents such as ztunnel: a request
+//!   whose `metadata` struct holds a non-empty string `ImpersonatedIdentity` is signed for
+//!   that identity instead of the caller's, only if
+//!   1. node authorization is on: at least one trusted node account, as istiod's
+//!      `CA_TRUSTED_NODE_ACCOUNTS` ([`IstioTestCa::trust_node_accounts`]);
+//!   2. the caller's namespace/service account is one of them;
+//!   3. the identity is `spiffe://<td>/ns/<ns>/sa/<sa>` (istiod parses it and checks no
+//!      trust domain);
+//!   4. the caller's token is bound to a pod (istiod reads its name and UID from the
+//!      TokenReview; here [`IstioTestCa::allow_node_agent`] binds it) that is still in the
+//!      pod registry, with that UID and the token's service account;
+//!   5. a pod of the requested namespace and service account is on that pod's node (istiod's
+//!      pod informer, indexed by node and service account; here [`IstioTestCa::add_pod`]).
+//!
+//!   Every refusal is `Unauthenticated` "request impersonation authentication failure",
+//!   istiod's one opaque answer; the reason istiod logs is kept in [`Call::refused_because`].
+//!   A value that is not a string, or empty, counts as absent, as istiod's
+//!   `GetStringValue` reads it. A request without it is signed for the caller.
+//!
 //! For fault-injection tests it can also misbehave on purpose ([`IstioTestCa::inject`]):
 //! answer late, answer with a leaf that is not a certificate, or with a certificate for a key
 //! other than the CSR's.
 //!
 //! What it does not reproduce: mTLS client authentication with an existing workload
-//! certificate, `ImpersonatedIdentity` metadata (node agents), JWT validation itself
+//! certificate, JWT validation itself
 //! (audience, expiry: a test removes a token to play an expired one), the multicluster
-//! authenticators, istiod's own rate limits, and any signing but this module's (SANs,
+//! authenticators and the multicluster node authorizer (one cluster here), the lag of
+//! istiod's pod informer (the registry changes at once), the `CertSigner` metadata, istiod's
+//! own rate limits, and any signing but this module's (SANs,
 //! key usages and validity as the embedded CA of sds-backends issues them).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -46,6 +67,7 @@ use sds_proto::pb::istio_v1_auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use sds_proto::pb::istio_v1_auth::{IstioCertificateRequest, IstioCertificateResponse};
+use sds_proto::prost_types::value::Kind;
 use tokio::sync::{Mutex, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -64,6 +86,10 @@ pub const CLUSTER_ID: &str = "Kubernetes";
 const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// istiod's default `MAX_WORKLOAD_CERT_TTL`.
 const MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The metadata key a node agent names the identity it signs for with.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// istiod's answer to every refused impersonation.
+pub const IMPERSONATION_REFUSED: &str = "request impersonation authentication failure";
 
 /// One call the CA answered, as it saw it.
 #[derive(Debug, Clone)]
@@ -74,6 +100,12 @@ pub struct Call {
     pub cluster_id: Option<String>,
     /// `validity_duration`.
     pub validity: i64,
+    /// The `ImpersonatedIdentity` metadata, if the request had a non-empty string one.
+    pub impersonated: Option<String>,
+    /// Whether the request had a `metadata` struct at all.
+    pub had_metadata: bool,
+    /// Why an impersonation was refused: what istiod logs, never what it answers.
+    pub refused_because: Option<String>,
     /// `Ok` with the leaf's serial, or the status code and message.
     pub outcome: Result<Serial, String>,
     /// Which root the leaf chains to: 1 for the first, 2 for the one rotated in.
@@ -115,8 +147,39 @@ struct Roots {
     signing_next: bool,
 }
 
+/// A pod as istiod's pod informer knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `spec.serviceAccountName`.
+    pub service_account: String,
+    /// `spec.nodeName`.
+    pub node: String,
+}
+
+/// Who a token belongs to, as istiod learns it from the TokenReview.
+#[derive(Debug, Clone)]
+struct Caller {
+    id: SpiffeId,
+    namespace: String,
+    service_account: String,
+    /// The pod the token is bound to, name and UID: projected tokens carry it, others not.
+    pod: Option<(String, String)>,
+}
+
 struct State {
-    tokens: Mutex<HashMap<String, SpiffeId>>,
+    tokens: Mutex<HashMap<String, Caller>>,
+    /// `CA_TRUSTED_NODE_ACCOUNTS`, as namespace/service account; empty: node
+    /// authorization off.
+    trusted_node_accounts: Mutex<HashSet<(String, String)>>,
+    pods: Mutex<Vec<Pod>>,
+    /// Source of pod UIDs.
+    next_uid: std::sync::atomic::AtomicU64,
     roots: Mutex<Roots>,
     calls: Mutex<Vec<Call>>,
     fault: Mutex<Fault>,
@@ -159,6 +222,9 @@ impl IstioTestCa {
             tls_key_pem,
             state: Arc::new(State {
                 tokens: Mutex::new(HashMap::new()),
+                trusted_node_accounts: Mutex::new(HashSet::new()),
+                pods: Mutex::new(Vec::new()),
+                next_uid: std::sync::atomic::AtomicU64::new(1),
                 roots: Mutex::new(Roots {
                     current: Arc::new(Generation::new(1)?),
                     next: None,
@@ -249,11 +315,77 @@ impl IstioTestCa {
 
     /// Lets `token` in as the service account `sa` of namespace `ns` of `trust_domain`.
     pub async fn allow(&self, token: &str, trust_domain: &str, ns: &str, sa: &str) {
-        let id = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
-        let id = id
-            .parse()
-            .unwrap_or_else(|e| panic!("test identity {id}: {e}"));
-        self.state.tokens.lock().await.insert(token.to_owned(), id);
+        let caller = Caller::new(trust_domain, ns, sa, None);
+        self.state
+            .tokens
+            .lock()
+            .await
+            .insert(token.to_owned(), caller);
+    }
+
+    /// Lets `token` in as a node agent: the service account `sa` of namespace `ns`, its
+    /// token bound to the pod `pod` running on `node`, which joins the pod registry. Returns
+    /// that pod.
+    pub async fn allow_node_agent(
+        &self,
+        token: &str,
+        trust_domain: &str,
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        node: &str,
+    ) -> Pod {
+        let pod = self.add_pod(node, ns, sa, pod).await;
+        let caller = Caller::new(
+            trust_domain,
+            ns,
+            sa,
+            Some((pod.name.clone(), pod.uid.clone())),
+        );
+        self.state
+            .tokens
+            .lock()
+            .await
+            .insert(token.to_owned(), caller);
+        pod
+    }
+
+    /// Sets the trusted node accounts, as `CA_TRUSTED_NODE_ACCOUNTS=ns/sa,...` does istiod's;
+    /// none turns node authorization off, and every impersonation is refused.
+    pub async fn trust_node_accounts(&self, accounts: &[(&str, &str)]) {
+        *self.state.trusted_node_accounts.lock().await = accounts
+            .iter()
+            .map(|(ns, sa)| ((*ns).to_owned(), (*sa).to_owned()))
+            .collect();
+    }
+
+    /// A pod of service account `sa` in namespace `ns`, named `name`, scheduled on `node`,
+    /// with a fresh UID, as the pod informer would see it.
+    pub async fn add_pod(&self, node: &str, ns: &str, sa: &str, name: &str) -> Pod {
+        let n = self
+            .state
+            .next_uid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pod = Pod {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            uid: format!("00000000-0000-4000-8000-{n:012x}"),
+            service_account: sa.to_owned(),
+            node: node.to_owned(),
+        };
+        let mut pods = self.state.pods.lock().await;
+        pods.retain(|p| !(p.namespace == ns && p.name == name));
+        pods.push(pod.clone());
+        pod
+    }
+
+    /// Deletes the pod `name` of namespace `ns`, as the pod informer sees a deletion.
+    pub async fn remove_pod(&self, ns: &str, name: &str) {
+        self.state
+            .pods
+            .lock()
+            .await
+            .retain(|p| !(p.namespace == ns && p.name == name));
     }
 
     /// Stops accepting `token` (an expired or revoked one).
@@ -387,20 +519,30 @@ impl IstioCertificateService for Service {
         let validity = request.get_ref().validity_duration;
         let at = tokio::time::Instant::now();
         let caller = match &token {
-            Some(token) => self.state.tokens.lock().await.get(token).cloned(),
+            Some(token) => self
+                .state
+                .tokens
+                .lock()
+                .await
+                .get(token)
+                .map(|c| c.id.clone()),
             None => None,
         };
+        let had_metadata = request.get_ref().metadata.is_some();
+        let impersonated = impersonated_identity(request.get_ref());
         self.state.received.lock().await.push((at, caller));
         let fault = *self.state.fault.lock().await;
         if let Fault::Delay(delay) = fault {
             tokio::time::sleep(delay).await;
         }
+        let mut refused_because = None;
         let mut outcome = self
             .sign(
                 token.as_deref(),
                 cluster_id.as_deref(),
                 request.get_ref(),
                 fault,
+                &mut refused_because,
             )
             .await;
         if let (Fault::NotACertificate, Ok((response, _, _))) = (fault, &mut outcome) {
@@ -412,6 +554,9 @@ impl IstioCertificateService for Service {
             token,
             cluster_id,
             validity,
+            impersonated,
+            had_metadata,
+            refused_because,
             outcome: match &outcome {
                 Ok((_, serial, _)) => Ok(serial.clone()),
                 Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
@@ -429,6 +574,7 @@ impl Service {
         cluster_id: Option<&str>,
         req: &IstioCertificateRequest,
         fault: Fault,
+        refused_because: &mut Option<String>,
     ) -> Result<(IstioCertificateResponse, Serial, u8), Status> {
         // Authenticate.
         let token = token.ok_or_else(|| {
@@ -454,6 +600,19 @@ impl Service {
                 )
             })?;
 
+        // By default the caller's own identity; a node agent's impersonation replaces it
+        // once the node authorizer agrees (istiod's `CreateCertificate`).
+        let identity = match impersonated_identity(req) {
+            None => caller.id.clone(),
+            Some(requested) => match self.authorize_impersonation(&caller, &requested).await {
+                Ok(id) => id,
+                Err(reason) => {
+                    *refused_because = Some(reason);
+                    return Err(Status::unauthenticated(IMPERSONATION_REFUSED));
+                }
+            },
+        };
+
         // The CSR, and the identity it asks for.
         let csr = CertificateSigningRequestDer::from_pem_slice(req.csr.as_bytes())
             .map_err(|e| Status::invalid_argument(format!("CSR is not PEM: {e}")))?;
@@ -470,7 +629,7 @@ impl Service {
         } else {
             KeyType::default()
         };
-        let wanted = caller.to_string();
+        let wanted = identity.to_string();
         let asked: Vec<String> = parsed
             .requested_extensions()
             .into_iter()
@@ -518,7 +677,7 @@ impl Service {
             (signer, bundle)
         };
         let csr_der = if fault == Fault::WrongKey {
-            crate::bench::sign_request(&caller)
+            crate::bench::sign_request(&identity)
                 .map_err(|e| Status::internal(format!("a CSR for another key: {e}")))?
                 .csr_der
         } else {
@@ -527,7 +686,7 @@ impl Service {
         let issued = signer
             .ca
             .sign(&SignRequest {
-                identity: caller,
+                identity,
                 csr_der,
                 ttl,
                 key_type,
@@ -545,6 +704,105 @@ impl Service {
             serial,
             signer.number,
         ))
+    }
+}
+
+impl Service {
+    /// istiod's NodeAuthorizer: whether `caller` may have a certificate for `requested`.
+    /// The identity to sign for, or why not (what istiod logs).
+    async fn authorize_impersonation(
+        &self,
+        caller: &Caller,
+        requested: &str,
+    ) -> Result<SpiffeId, String> {
+        let trusted = self.state.trusted_node_accounts.lock().await;
+        if trusted.is_empty() {
+            return Err(
+                "impersonation not allowed, as node authorizer (CA_TRUSTED_NODE_ACCOUNTS) is not \
+                 configured"
+                    .into(),
+            );
+        }
+        let account = (caller.namespace.clone(), caller.service_account.clone());
+        if !trusted.contains(&account) {
+            return Err(format!(
+                "caller {}/{} is not allowed to impersonate",
+                account.0, account.1
+            ));
+        }
+        drop(trusted);
+        let invalid = || format!("failed to validate impersonated identity {requested}");
+        let (ns, sa) = namespace_and_account(requested).ok_or_else(invalid)?;
+        let identity: SpiffeId = requested.parse().map_err(|_| invalid())?;
+        let pods = self.state.pods.lock().await;
+        let (pod_name, pod_uid) = caller.pod.clone().unwrap_or_default();
+        let caller_pod = pods
+            .iter()
+            .find(|p| p.namespace == caller.namespace && p.name == pod_name)
+            .ok_or_else(|| {
+                format!(
+                    "failed to lookup pod: pod {:?} of namespace {} not found",
+                    pod_name, caller.namespace
+                )
+            })?;
+        if caller_pod.uid != pod_uid {
+            return Err(format!(
+                "pod found, but UID does not match: {} vs {pod_uid}",
+                caller_pod.uid
+            ));
+        }
+        if caller_pod.service_account != caller.service_account {
+            return Err(format!(
+                "pod found, but ServiceAccount does not match: {} vs {}",
+                caller_pod.service_account, caller.service_account
+            ));
+        }
+        let node = &caller_pod.node;
+        if !pods
+            .iter()
+            .any(|p| p.node == *node && p.namespace == ns && p.service_account == sa)
+        {
+            return Err(format!(
+                "no instances of \"{ns}/{sa}\" found on node \"{node}\""
+            ));
+        }
+        Ok(identity)
+    }
+}
+
+impl Caller {
+    fn new(trust_domain: &str, ns: &str, sa: &str, pod: Option<(String, String)>) -> Self {
+        let id = format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}");
+        let id = id
+            .parse()
+            .unwrap_or_else(|e| panic!("test identity {id}: {e}"));
+        Self {
+            id,
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+            pod,
+        }
+    }
+}
+
+/// The request's `ImpersonatedIdentity`, when it is a non-empty string.
+fn impersonated_identity(req: &IstioCertificateRequest) -> Option<String> {
+    let value = req.metadata.as_ref()?.fields.get(IMPERSONATED_IDENTITY)?;
+    match &value.kind {
+        Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// The namespace and service account of `spiffe://<td>/ns/<ns>/sa/<sa>`, the only form
+/// istiod's `spiffe.ParseIdentity` takes.
+fn namespace_and_account(id: &str) -> Option<(&str, &str)> {
+    let rest = id.strip_prefix("spiffe://")?;
+    match rest.split('/').collect::<Vec<_>>()[..] {
+        [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
+            Some((ns, sa))
+        }
+        _ => None,
     }
 }
 

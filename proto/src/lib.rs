@@ -13,6 +13,9 @@
 
 #![forbid(unsafe_code)]
 
+/// The well-known types the generated messages hold (`google.protobuf.Struct`, ...).
+pub use prost_types;
+
 /// Generated modules, by protobuf package.
 pub mod pb {
     /// `istio.v1.auth`: the Istio CA API.

@@ -24,9 +24,16 @@
 //!   `PermissionDenied` are not retryable, and say what to check (token audience, expiry,
 //!   cluster ID, service account). `InvalidArgument` (a TTL above the CA's maximum, a CSR
 //!   it refuses) and `Unimplemented` (not an Istio CA) are configuration errors.
+//! - **Node mode.** One agent signs for every pod on its node, as ztunnel does: each call
+//!   carries the agent's own token and, in the request's `metadata` struct,
+//!   `ImpersonatedIdentity` set to the SPIFFE ID being signed for. istiod grants it only to a
+//!   caller whose service account is in its `CA_TRUSTED_NODE_ACCOUNTS`, and only for a
+//!   service account that has a pod on the caller's node. In pod mode the metadata is never
+//!   sent: the token alone names the identity.
 
 pub mod settings;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -36,6 +43,8 @@ use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
 use sds_proto::pb::istio_v1_auth::IstioCertificateRequest;
 use sds_proto::pb::istio_v1_auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use sds_proto::prost_types::value::Kind;
+use sds_proto::prost_types::{Struct, Value};
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -44,7 +53,9 @@ use zeroize::Zeroizing;
 
 use crate::chain::{LearnedRoots, split_roots};
 use crate::pem::decode_certificates;
-use crate::{CaError, CertificateAuthority, IssuedChain, SignRequest, TrustBundle, error_chain};
+use crate::{
+    CaError, CertificateAuthority, IssuedChain, SignRequest, SpiffeId, TrustBundle, error_chain,
+};
 
 /// Where istio-agent finds istiod: its TLS gRPC port.
 pub const DEFAULT_ADDR: &str = "istiod.istio-system.svc:15012";
@@ -55,6 +66,9 @@ pub const DEFAULT_TOKEN_FILE: &str = "./var/run/secrets/tokens/istio-token";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest time to open the TCP connection and finish the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The key of the request metadata naming the identity a node agent signs for, as istiod
+/// and ztunnel spell it.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// Longest server message quoted in an error.
 const MAX_QUOTED: usize = 300;
 
@@ -217,6 +231,9 @@ pub struct IstiodConfig {
     pub trust_bundle: Option<TrustBundle>,
     /// Longest time one call may take.
     pub request_timeout: Duration,
+    /// Node mode: every call names the identity it is for in `ImpersonatedIdentity`
+    /// metadata, the token being the node agent's own.
+    pub impersonate: bool,
 }
 
 impl IstiodConfig {
@@ -232,6 +249,7 @@ impl IstiodConfig {
             headers: Vec::new(),
             trust_bundle: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            impersonate: false,
         }
     }
 }
@@ -364,6 +382,16 @@ impl IstiodCa {
                 CaError::Timeout(self.config.request_timeout)
             }
             Code::ResourceExhausted => CaError::Throttled(detail),
+            Code::Unauthenticated if self.config.impersonate => CaError::Denied(format!(
+                "{detail}; the CA did not let this node agent sign for the identity: istiod \
+                 allows impersonation only to a caller whose namespace/service account is in \
+                 its CA_TRUSTED_NODE_ACCOUNTS, with a token bound to a pod that still exists \
+                 (a projected token, audience istio-ca by default), and only for an identity \
+                 that has a pod of its service account on the caller's node; check the token \
+                 in --ca-token-file {} and --cluster-id ({})",
+                self.config.token_file.display(),
+                self.config.cluster_id.as_deref().unwrap_or("not set"),
+            )),
             Code::Unauthenticated => CaError::Denied(format!(
                 "{detail}; the CA did not accept the caller: check that the token in \
                  --ca-token-file {} has the audience the CA expects (istio-ca by default), \
@@ -432,6 +460,17 @@ pub fn parse_cert_chain(elements: &[String]) -> Result<IssuedChain, CaError> {
     })
 }
 
+/// The request metadata of a node agent signing for `identity`: `ImpersonatedIdentity`, its
+/// SPIFFE ID as a string.
+fn impersonation(identity: &SpiffeId) -> Struct {
+    let value = Value {
+        kind: Some(Kind::StringValue(identity.to_string())),
+    };
+    Struct {
+        fields: BTreeMap::from([(IMPERSONATED_IDENTITY.to_owned(), value)]),
+    }
+}
+
 /// `s` as a header value, if it is visible ASCII and spaces only. (`http` would also take
 /// bytes above 0x7f, which gRPC servers reject or mangle.)
 fn ascii_value(s: &str) -> Option<AsciiMetadataValue> {
@@ -459,7 +498,10 @@ impl CertificateAuthority for IstiodCa {
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr,
             validity_duration: validity,
-            metadata: None,
+            metadata: self
+                .config
+                .impersonate
+                .then(|| impersonation(&req.identity)),
         });
         request.set_timeout(self.config.request_timeout);
         let md = request.metadata_mut();
@@ -524,6 +566,7 @@ impl fmt::Debug for IstiodCa {
             .field("token_file", &self.config.token_file)
             .field("cluster_id", &self.config.cluster_id)
             .field("headers", &self.config.headers)
+            .field("impersonate", &self.config.impersonate)
             .finish_non_exhaustive()
     }
 }

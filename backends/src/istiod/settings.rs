@@ -188,7 +188,7 @@ impl IstiodSettings {
     /// not up yet is retried like any outage, and the agent is ready once it answers.
     pub fn build(
         &self,
-        _ctx: &crate::settings::BuildContext<'_>,
+        ctx: &crate::settings::BuildContext<'_>,
     ) -> Result<std::sync::Arc<dyn crate::CertificateAuthority>, crate::settings::BuildError> {
         use crate::istiod::{CaAddr, ExtraHeader, IstiodCa, IstiodConfig};
         use crate::settings::{BuildError, read_pinned_roots};
@@ -212,6 +212,8 @@ impl IstiodSettings {
                 source: Box::new(e),
             })?;
         config.request_timeout = self.timeout;
+        // Node mode signs for many pods with the agent's one token: ztunnel's way.
+        config.impersonate = ctx.node_mode;
         config.trust_bundle = self
             .trust_bundle
             .as_deref()
@@ -228,6 +230,7 @@ impl IstiodSettings {
             token_file = %self.token_file.display(),
             cluster_id = self.cluster_id.as_deref().unwrap_or("(none)"),
             trust_bundle = if pinned { "pinned" } else { "the root each answer ends with" },
+            impersonate = ctx.node_mode,
             "istiod CA configured"
         );
         Ok(std::sync::Arc::new(ca))

@@ -21,6 +21,8 @@ use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
+use sds_proto::prost_types::value::Kind;
+
 use super::*;
 use crate::embedded::EmbeddedCa;
 use crate::pem::encode_certificates;
@@ -34,6 +36,9 @@ struct Seen {
     tenant: Option<String>,
     validity: i64,
     csr: String,
+    /// The request's `metadata` struct, each field as its string value (`None` for a value
+    /// of another kind); `None` when the request had no metadata at all.
+    metadata: Option<Vec<(String, Option<String>)>>,
 }
 
 type Script = dyn Fn(usize, &IstioCertificateRequest) -> Result<IstioCertificateResponse, Status>
@@ -65,6 +70,18 @@ impl IstioCertificateService for StubService {
             tenant: header("x-tenant"),
             validity: request.get_ref().validity_duration,
             csr: request.get_ref().csr.clone(),
+            metadata: request.get_ref().metadata.as_ref().map(|m| {
+                m.fields
+                    .iter()
+                    .map(|(k, v)| {
+                        let s = match &v.kind {
+                            Some(Kind::StringValue(s)) => Some(s.clone()),
+                            _ => None,
+                        };
+                        (k.clone(), s)
+                    })
+                    .collect()
+            }),
         };
         let n = {
             let mut all = self.seen.lock();
@@ -253,7 +270,10 @@ fn csr_for(id: &SpiffeId) -> Vec<u8> {
 }
 
 fn sign_request() -> SignRequest {
-    let id = identity();
+    sign_request_for(identity())
+}
+
+fn sign_request_for(id: SpiffeId) -> SignRequest {
     SignRequest {
         csr_der: csr_for(&id),
         identity: id,
@@ -287,6 +307,23 @@ impl Files {
         config.request_timeout = Duration::from_secs(5);
         config
     }
+}
+
+/// Signs for whatever identity the request impersonates, else for [`identity`]: a stub that
+/// grants every impersonation (the refusals are the test CA's, in `integration/`).
+fn impersonating_script(signer: Arc<Signer>) -> Arc<Script> {
+    Arc::new(move |_, req| {
+        let id = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) => Some(s.parse::<SpiffeId>().unwrap()),
+                _ => None,
+            })
+            .unwrap_or_else(identity);
+        Ok(signer.answer(&id, req))
+    })
 }
 
 fn signing_script(signer: Arc<Signer>) -> Arc<Script> {
@@ -680,4 +717,134 @@ fn config_errors_are_caught_before_any_call() {
     let mut config = IstiodConfig::new(DEFAULT_ADDR.parse().unwrap());
     config.request_timeout = Duration::ZERO;
     assert!(IstiodCa::new(config).is_err());
+}
+
+fn other_identity() -> SpiffeId {
+    SpiffeId::for_service_account(TrustDomain::from_str("cluster.local").unwrap(), "ns2", "db")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn node_mode_names_each_identity_in_impersonated_identity_with_the_nodes_token() {
+    let pki = TlsPki::new();
+    let stub = Stub::start(&pki, impersonating_script(Arc::new(Signer::new()))).await;
+    let files = Files::new(&pki, "node-agent-token");
+    let mut config = files.config(stub.addr);
+    config.impersonate = true;
+    let ca = IstiodCa::new(config).unwrap();
+    assert!(format!("{ca:?}").contains("impersonate: true"));
+
+    for id in [identity(), other_identity()] {
+        let chain = ca.sign(&sign_request_for(id.clone())).await.unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain.leaf.as_ref()).unwrap();
+        let sans = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            sans.value.general_names,
+            [x509_parser::extensions::GeneralName::URI(&id.to_string())]
+        );
+    }
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 2);
+    for (s, id) in seen.iter().zip([identity(), other_identity()]) {
+        // The one token of the node agent, whoever the certificate is for.
+        assert_eq!(s.authorization.as_deref(), Some("Bearer node-agent-token"));
+        // Exactly one field, a string, spelled as istiod reads it.
+        assert_eq!(
+            s.metadata.as_deref(),
+            Some(&[("ImpersonatedIdentity".to_owned(), Some(id.to_string()))][..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn pod_mode_never_sends_metadata() {
+    let pki = TlsPki::new();
+    let stub = Stub::start(&pki, impersonating_script(Arc::new(Signer::new()))).await;
+    let files = Files::new(&pki, "pod-token");
+    let ca = IstiodCa::new(files.config(stub.addr)).unwrap();
+    ca.sign(&sign_request()).await.unwrap();
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].metadata, None,
+        "pod mode sent {:?}",
+        seen[0].metadata
+    );
+}
+
+/// The agent's mode reaches the backend through `BuildContext`: impersonation in node mode,
+/// never in pod mode.
+#[tokio::test]
+async fn the_build_context_decides_impersonation() {
+    use crate::settings::{Backend, BuildContext, ResolveContext};
+    use settings::IstiodArgs;
+
+    let pki = TlsPki::new();
+    let stub = Stub::start(&pki, impersonating_script(Arc::new(Signer::new()))).await;
+    let files = Files::new(&pki, "token");
+    let args = IstiodArgs {
+        ca_addr: Some(stub.addr.to_string()),
+        ca_root_cert: Some(files.path("tls-root.pem")),
+        ca_server_name: Some("ca.test".into()),
+        ca_token_file: Some(files.path("token")),
+        ..Default::default()
+    };
+    let resolve_ctx = ResolveContext {
+        namespace: "ns1",
+        std_env: &|_| None,
+    };
+    let settings = args.resolve(&IstiodArgs::default(), &resolve_ctx).unwrap();
+    let td = TrustDomain::from_str("cluster.local").unwrap();
+    for node_mode in [false, true] {
+        let ctx = BuildContext {
+            trust_domain: &td,
+            node_mode,
+        };
+        let ca = settings.build(&ctx).unwrap();
+        ca.sign(&sign_request()).await.unwrap();
+    }
+    let metadata: Vec<_> = stub.seen().into_iter().map(|s| s.metadata).collect();
+    assert_eq!(
+        metadata,
+        [
+            None,
+            Some(vec![(
+                "ImpersonatedIdentity".to_owned(),
+                Some(identity().to_string())
+            )])
+        ]
+    );
+}
+
+/// istiod answers a refused impersonation with an opaque `Unauthenticated`; in node mode the
+/// error says what istiod checks.
+#[tokio::test]
+async fn a_refused_impersonation_says_what_istiod_requires() {
+    let pki = TlsPki::new();
+    let stub = Stub::start(
+        &pki,
+        status_script(Status::unauthenticated(
+            "request impersonation authentication failure",
+        )),
+    )
+    .await;
+    let files = Files::new(&pki, "t");
+    let mut config = files.config(stub.addr);
+    config.impersonate = true;
+    let ca = IstiodCa::new(config).unwrap();
+    let err = ca.sign(&sign_request()).await.unwrap_err();
+    let text = err.to_string();
+    assert_eq!(
+        (err.kind(), err.is_retryable()),
+        ("denied", false),
+        "{text}"
+    );
+    for needle in [
+        "request impersonation authentication failure",
+        "CA_TRUSTED_NODE_ACCOUNTS",
+        "on the caller's node",
+        "--ca-token-file",
+    ] {
+        assert!(text.contains(needle), "{text} lacks {needle:?}");
+    }
 }
