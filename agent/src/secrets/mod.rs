@@ -334,6 +334,28 @@ impl SecretManager {
         self.wake.notify_one();
     }
 
+    /// Queues a renewal of every identity, due now, in the background lane, as if all their
+    /// certificates had fallen due at the same instant. Unlike [`SecretManager::rotate_now`],
+    /// this leaves real-time work (a new pod, a forced rotation) ahead of it: an identity
+    /// already waiting in the real-time lane stays there, and one whose CA call is running
+    /// is answered by that call. For benches and operators who want to see the scheduler
+    /// under a full renewal load; the agent itself never calls it.
+    pub fn renew_all_in_background(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let State {
+            identities, queue, ..
+        } = &mut *st;
+        for (id, t) in identities.iter() {
+            if !t.in_flight {
+                queue.push(id.clone(), Priority::Background, now);
+            }
+        }
+        self.set_queue_gauges(queue);
+        drop(st);
+        self.wake.notify_one();
+    }
+
     /// Whether the trust bundle and a valid certificate for every pinned identity are
     /// being served. In node mode, the bundle alone: pods come and go.
     pub fn is_ready(&self) -> bool {
@@ -1130,6 +1152,85 @@ mod tests {
             ca_concurrency: 8,
             idle_timeout: Duration::from_secs(3600),
         }
+    }
+
+    /// Background lane depth, real-time lane depth, from the queue gauges.
+    fn queue_depths(metrics: &Metrics) -> (i64, i64) {
+        let depth = |priority| {
+            metrics
+                .renewal_queue
+                .get_or_create(&PriorityLabel { priority })
+                .get()
+        };
+        (depth("background"), depth("realtime"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_all_in_background_queues_every_identity_behind_real_time_work() {
+        use sds_backends::testing::ScriptedCa;
+
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let pod = |n: usize| -> SpiffeId {
+            format!("spiffe://example.org/ns/ns-{n}/sa/sa-{n}")
+                .parse()
+                .unwrap()
+        };
+        let ca = ScriptedCa::new();
+        ca.set_latency(Some(Duration::from_secs(1)));
+        let metrics = Arc::new(Metrics::new());
+        let manager = SecretManager::for_node(
+            td,
+            Policy {
+                ca_concurrency: 1,
+                ..policy()
+            },
+            ca.clone(),
+            metrics.clone(),
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(manager.clone().run(shutdown.clone()));
+        let mut rxs: Vec<_> = (0..3).map(|n| manager.subscribe_cert(&pod(n))).collect();
+        let mut serials = Vec::new();
+        for rx in &mut rxs {
+            let cert = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+                .await
+                .expect("first certificate in time")
+                .unwrap()
+                .clone()
+                .unwrap();
+            serials.push(cert.leaf.serial.clone());
+        }
+        assert_eq!(ca.sign_calls(), 3);
+        assert_eq!(queue_depths(&metrics), (3, 0), "renewals planned in a day");
+
+        // A new pod arrives, then every renewal falls due at once: the new pod keeps its
+        // real-time place and the three renewals wait behind it, due now.
+        let mut newcomer = manager.subscribe_cert(&pod(3));
+        manager.renew_all_in_background();
+        assert_eq!(queue_depths(&metrics), (3, 1));
+        tokio::time::timeout(Duration::from_secs(10), newcomer.wait_for(Option::is_some))
+            .await
+            .expect("the newcomer is served")
+            .unwrap();
+        assert_eq!(ca.sign_order()[3], pod(3), "the newcomer's CSR went first");
+        // The renewals follow within seconds, not a day, one CA call at a time.
+        for (rx, old) in rxs.iter_mut().zip(&serials) {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|c| c.as_ref().is_some_and(|c| c.leaf.serial != *old)),
+            )
+            .await
+            .expect("renewed in time")
+            .unwrap();
+        }
+        assert_eq!(ca.sign_calls(), 7);
+        assert_eq!(ca.max_concurrent_signs(), 1);
+        assert_eq!(
+            queue_depths(&metrics),
+            (4, 0),
+            "each renewed and planned again"
+        );
+        shutdown.cancel();
     }
 
     #[test]
