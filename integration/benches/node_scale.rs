@@ -438,7 +438,10 @@ fn embedded_as_the_agent_builds_it() -> Arc<dyn CertificateAuthority> {
         cert: None,
         key: None,
     }
-    .build(&BuildContext { trust_domain: &td })
+    .build(&BuildContext {
+        trust_domain: &td,
+        node_mode: true,
+    })
     .unwrap()
 }
 
