@@ -319,19 +319,7 @@ impl SecretManager {
     /// Asks for a renewal of every identity now, whatever the schedule says. An identity
     /// whose CA call is running is answered by that call.
     pub fn rotate_now(&self) {
-        let now = Instant::now();
-        let mut st = self.state.lock();
-        let State {
-            identities, queue, ..
-        } = &mut *st;
-        for (id, t) in identities.iter() {
-            if !t.in_flight {
-                queue.push(id.clone(), Priority::RealTime, now);
-            }
-        }
-        self.set_queue_gauges(queue);
-        drop(st);
-        self.wake.notify_one();
+        self.queue_all(Priority::RealTime);
     }
 
     /// Queues a renewal of every identity, due now, in the background lane, as if all their
@@ -341,6 +329,11 @@ impl SecretManager {
     /// is answered by that call. For benches and operators who want to see the scheduler
     /// under a full renewal load; the agent itself never calls it.
     pub fn renew_all_in_background(&self) {
+        self.queue_all(Priority::Background);
+    }
+
+    /// Queues every identity without a running CA call in `priority`'s lane, due now.
+    fn queue_all(&self, priority: Priority) {
         let now = Instant::now();
         let mut st = self.state.lock();
         let State {
@@ -348,7 +341,7 @@ impl SecretManager {
         } = &mut *st;
         for (id, t) in identities.iter() {
             if !t.in_flight {
-                queue.push(id.clone(), Priority::Background, now);
+                queue.push(id.clone(), priority, now);
             }
         }
         self.set_queue_gauges(queue);
