@@ -10,7 +10,8 @@
 //! `UNAUTHENTICATED`; a pod the kubelet does not list is answered `UNAVAILABLE`.
 //!
 //! Skips without Python (grpcio) or a writable cgroup v2 hierarchy, unless
-//! `SDS_AGENT_REQUIRE_PYTHON=1` / `SDS_AGENT_REQUIRE_CGROUPS=1` (scripts/test.sh sets both).
+//! `SDS_AGENT_REQUIRE_PYTHON=1` / `SDS_AGENT_REQUIRE_CGROUPS=1` (scripts/test.sh sets the first
+//! always, and the second where the machine has a cgroup v2 hierarchy it can write).
 
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
