@@ -60,7 +60,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use rcgen::{BasicConstraints, CertificateParams, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use sds_backends::embedded::EmbeddedCa;
 use sds_backends::{CertificateAuthority, KeyType, SignRequest};
 use serde_json::{Value, json};
@@ -1196,28 +1196,12 @@ fn parse_go_duration(s: &str) -> Option<Duration> {
 
 /// A TLS root and the API server's serving certificate for 127.0.0.1 and localhost.
 fn serving_tls() -> Result<(String, Arc<rustls::ServerConfig>), Error> {
-    let (root_pem, cert, key) = crate::pki::serving_pki(
+    crate::pki::serving_tls(
+        "fake API server",
         "sds-agent cert-manager test",
         "fake kube-apiserver TLS root",
         &["localhost", "kubernetes.default.svc"],
-    )?;
-    let tls_error = |e: rustls::Error| Error::Api {
-        call: "fake API server TLS".into(),
-        detail: e.to_string(),
-    };
-    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Api {
-        call: "fake API server TLS key".into(),
-        detail: e.to_string(),
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(tls_error)?
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.der().clone()], key_der)
-    .map_err(tls_error)?;
-    Ok((root_pem, Arc::new(config)))
+    )
 }
 
 /// The CA issuer's PKI: a root (status.ca) and an intermediate that signs.

@@ -45,7 +45,6 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use rustls_pki_types::PrivateKeyDer;
 use serde_json::{Value, json};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -644,28 +643,12 @@ fn route(
 }
 
 fn serving_tls() -> Result<(String, Arc<rustls::ServerConfig>), Error> {
-    let (root_pem, cert, key) = crate::pki::serving_pki(
+    crate::pki::serving_tls(
+        "fake kubelet",
         "sds-agent node mode test",
         "fake kubelet serving root",
         &["localhost"],
-    )?;
-    let tls_error = |e: rustls::Error| Error::Api {
-        call: "fake kubelet TLS".into(),
-        detail: e.to_string(),
-    };
-    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Api {
-        call: "fake kubelet TLS key".into(),
-        detail: e.to_string(),
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(tls_error)?
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.der().clone()], key_der)
-    .map_err(tls_error)?;
-    Ok((root_pem, Arc::new(config)))
+    )
 }
 
 #[cfg(test)]

@@ -71,6 +71,36 @@ pub fn ca_params(
     params
 }
 
+/// A rustls server configuration presenting a serving certificate for `dns_names` and
+/// 127.0.0.1 ([`serving_pki`]), with the root (PEM) its clients trust. `what` names the
+/// server in errors ("fake kubelet", ...).
+pub fn serving_tls(
+    what: &str,
+    organization: &str,
+    root_name: &str,
+    dns_names: &[&str],
+) -> Result<(String, std::sync::Arc<rustls::ServerConfig>), Error> {
+    let (root_pem, cert, key) = serving_pki(organization, root_name, dns_names)?;
+    let tls_error = |e: rustls::Error| Error::Api {
+        call: format!("{what} TLS"),
+        detail: e.to_string(),
+    };
+    let key_der =
+        rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Api {
+            call: format!("{what} TLS key"),
+            detail: e.to_string(),
+        })?;
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(tls_error)?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key_der)
+    .map_err(tls_error)?;
+    Ok((root_pem, std::sync::Arc::new(config)))
+}
+
 /// A TLS root (PEM) and a serving certificate it signed for `dns_names` and 127.0.0.1, with
 /// the certificate's key: what a test server presents, and what its clients trust.
 pub fn serving_pki(
