@@ -143,6 +143,13 @@ if [ -n "$cgroup2" ] && mkdir "$cgroup2/sds-agent-probe-$$" 2> /dev/null; then
 else
   echo "no writable cgroup v2 hierarchy: node-mode end-to-end tests will skip" >&2
 fi
+# The PID-reuse test hands a dead caller's pid to another pod's process by setting the
+# kernel's next pid (/proc/sys/kernel/ns_last_pid, root only); required where that is allowed.
+if [ -w /proc/sys/kernel/ns_last_pid ]; then
+  export SDS_AGENT_REQUIRE_PID_REUSE=1
+else
+  echo "/proc/sys/kernel/ns_last_pid is not writable: the PID-reuse test will skip" >&2
+fi
 "$SDS_AGENT_PYTHON" -c "import grpc, spiffe; print('grpcio', grpc.__version__)"
 
 # The end-to-end tests run the agent binary; build it first so they find it.

@@ -94,6 +94,16 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>
     Ok(config.ca.build(&ctx)?)
 }
 
+/// In node mode, builds the kubelet client as `run` would (reads `--kubelet-ca`, checks the
+/// token file can be read), so `validate` catches a bad file before deployment; nothing is
+/// fetched from the kubelet. Nothing to check in pod mode.
+pub fn check_node(config: &Config) -> anyhow::Result<()> {
+    match &config.node {
+        Some(node) => kubelet_client(node).map(drop),
+        None => Ok(()),
+    }
+}
+
 impl RunningAgent {
     /// Starts the secret manager, binds the socket and the admin address, and serves.
     pub async fn start(

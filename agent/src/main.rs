@@ -38,7 +38,7 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
-                if let Err(e) = check_ca(&config) {
+                if let Err(e) = check_ca(&config).and_then(|()| sds_agent::check_node(&config)) {
                     eprintln!("error: {e:#}");
                     return ExitCode::from(2);
                 }
@@ -106,7 +106,8 @@ fn block_on_client(f: impl Future<Output = u8>) -> u8 {
     }
 }
 
-/// `validate` also builds the CA, so bad CA files are caught before deployment.
+/// `validate` also builds the CA, so bad CA files are caught before deployment (and, in node
+/// mode, the kubelet client: [`sds_agent::check_node`]).
 fn check_ca(config: &sds_agent::config::Config) -> anyhow::Result<()> {
     // Some backends start a background task; give them a runtime to start it in.
     let runtime = tokio::runtime::Builder::new_current_thread()

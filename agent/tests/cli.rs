@@ -1110,6 +1110,52 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         &["--embedded-ca-cert", &missing_pem],
     );
 
+    // Node mode's kubelet files: `validate` reads them as `run` does (which finds them when
+    // it builds the kubelet client).
+    let token = write("kubelet-token", "a-token\n");
+    let empty_token = write("empty-token", "");
+    let missing_token = dir.join("missing-token").display().to_string();
+    let mut node = |what, kubelet_ca: &str, token: &str, needles: &[&str]| {
+        let mut b = bad(
+            what,
+            &[
+                "--mode",
+                "node",
+                "--kubelet-ca",
+                kubelet_ca,
+                "--kubelet-token-file",
+                token,
+            ],
+            needles,
+        );
+        b.ca_file = true;
+        cases.push(b);
+    };
+    node(
+        "node mode: missing kubelet CA",
+        &missing_pem,
+        &token,
+        &["--kubelet", &missing_pem],
+    );
+    node(
+        "node mode: garbage kubelet CA",
+        &garbage,
+        &token,
+        &["--kubelet", &garbage],
+    );
+    node(
+        "node mode: missing kubelet token",
+        &good_cert,
+        &missing_token,
+        &["reading the kubelet token", &missing_token],
+    );
+    node(
+        "node mode: empty kubelet token",
+        &good_cert,
+        &empty_token,
+        &[&empty_token, "empty"],
+    );
+
     let mut env_case = bad("bad env value", &[], &["SDS_AGENT_KEY_TYPE", "dsa"]);
     env_case.env = vec![("SDS_AGENT_KEY_TYPE", "dsa".into())];
     cases.push(env_case);

@@ -26,20 +26,17 @@
 //! counted per identity; the sign counts include it.
 //!
 //! The Istio CA is `integration/src/istio_ca.rs` in this process, answering over TLS gRPC on
-//! loopback. It maps each bearer token to one identity and refuses a CSR for any other, and
-//! this tree's istiod backend sends one token file's token (the node's `ImpersonatedIdentity`
-//! is not here yet), so the bench gives every identity its own token and its own istiod client
-//! behind one routing `CertificateAuthority`. Each client's TLS channel is opened (by one
-//! signature, outside the manager) before the baseline is read, so neither the 1,101 TLS
-//! handshakes nor the connections' memory are in the figures: as with one node client and
-//! one channel, the figures are the manager's and the CA calls'.
+//! loopback, with istiod's NodeAuthorizer: the bench's one istiod client is a node agent's,
+//! as `run --mode node --ca istiod` builds it (the node's token, each identity in
+//! `ImpersonatedIdentity`), and every identity is a pod of that node. Its TLS channel is
+//! opened (by one signature, outside the manager) before the baseline is read, so the
+//! figures are the manager's and the CA calls'.
 //!
 //! `cargo bench -p sds-integration --bench node_scale` (after `--`: `--ca-concurrency N`,
 //! `--identities N`, `--newcomers N`, `--newcomer-every-ms N`, `--backend embedded|istiod`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -60,7 +57,7 @@ use sds_backends::{
 };
 use sds_integration::bench;
 use sds_integration::istio_ca::{IstioTestCa, SERVER_NAME};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -199,7 +196,7 @@ async fn measure(backend: &str, o: &Options) {
         "embedded" => (embedded_as_the_agent_builds_it(), None),
         "istiod" => {
             // One more for the warm-up identity.
-            let (ca, istio) = istiod_per_identity(dir.path(), total + 1).await;
+            let (ca, istio) = istiod_node_client(dir.path(), total + 1).await;
             (ca, Some(istio))
         }
         other => panic!("unknown backend {other}"),
@@ -445,51 +442,60 @@ fn embedded_as_the_agent_builds_it() -> Arc<dyn CertificateAuthority> {
     .unwrap()
 }
 
-/// The test Istio CA, serving, and a CA that sends each identity's CSR through that
-/// identity's own istiod client (its own token, allowed by the test CA, and its own TLS
-/// channel, opened here by one signature each).
-async fn istiod_per_identity(
+/// The test Istio CA, serving, and one istiod client as a node agent builds it: the node
+/// agent's own token (a trusted node account, its pod on [`NODE`]), and each identity named
+/// in `ImpersonatedIdentity`. The test CA's NodeAuthorizer allows an identity only when a pod
+/// of that service account runs on the same node, so the `count` pods are registered there.
+/// The client's TLS channel is opened (by one signature, outside the manager) before the
+/// baseline is read.
+async fn istiod_node_client(
     dir: &Path,
     count: usize,
 ) -> (Arc<dyn CertificateAuthority>, IstioTestCa) {
+    const NODE: &str = "node-a";
     let istio = IstioTestCa::start(dir).await.unwrap();
-    let mut clients = HashMap::with_capacity(count);
+    istio
+        .trust_node_accounts(&[("sds-agent-system", "sds-agent")])
+        .await;
+    istio
+        .allow_node_agent(
+            "node-agent-token",
+            TRUST_DOMAIN,
+            "sds-agent-system",
+            "sds-agent",
+            "sds-agent-x7k2p",
+            NODE,
+        )
+        .await;
     for i in 0..count {
-        let token = format!("token-{i}");
         istio
-            .allow(&token, TRUST_DOMAIN, &format!("ns-{i}"), &format!("sa-{i}"))
+            .add_pod(
+                NODE,
+                &format!("ns-{i}"),
+                &format!("sa-{i}"),
+                &format!("pod-{i}"),
+            )
             .await;
-        let token_file = dir.join(&token);
-        std::fs::write(&token_file, &token).unwrap();
-        let mut config = IstiodConfig::new(istio.addr().to_string().parse().unwrap());
-        config.root_cert = Some(istio.tls_root().to_owned());
-        config.server_name = Some(SERVER_NAME.into());
-        config.token_file = token_file;
-        clients.insert(identity(i), Arc::new(IstiodCa::new(config).unwrap()));
     }
+    let token_file = dir.join("node-agent-token");
+    std::fs::write(&token_file, "node-agent-token").unwrap();
+    let mut config = IstiodConfig::new(istio.addr().to_string().parse().unwrap());
+    config.root_cert = Some(istio.tls_root().to_owned());
+    config.server_name = Some(SERVER_NAME.into());
+    config.token_file = token_file;
+    config.impersonate = true;
+    let client = IstiodCa::new(config).unwrap();
     let started = Instant::now();
-    let opening = Arc::new(Semaphore::new(16));
-    let mut opened = JoinSet::new();
-    for (id, client) in &clients {
-        let (id, client, opening) = (id.clone(), client.clone(), opening.clone());
-        opened.spawn(async move {
-            let _turn = opening.acquire_owned().await.unwrap();
-            client
-                .sign(&bench::sign_request(&id).unwrap())
-                .await
-                .unwrap();
-        });
-    }
-    while let Some(done) = opened.join_next().await {
-        done.unwrap();
-    }
+    client
+        .sign(&bench::sign_request(&identity(0)).unwrap())
+        .await
+        .unwrap();
     println!(
-        "[istiod] {count} istiod clients, each with its own token and TLS channel, opened in {:.1?} \
-         (before the baseline; not in the figures)",
+        "[istiod] one node client (impersonating each identity), its TLS channel opened in \
+         {:.1?} (before the baseline; not in the figures)",
         started.elapsed()
     );
-    let first = clients.get(&identity(0)).unwrap().clone();
-    (Arc::new(Routing { clients, first }), istio)
+    (Arc::new(client), istio)
 }
 
 /// `VmRSS` and `RssAnon` of this process, KiB.
@@ -548,43 +554,8 @@ impl GaugeSampler {
     }
 }
 
-/// Sends each identity's CSR to its own istiod client.
-struct Routing {
-    clients: HashMap<SpiffeId, Arc<IstiodCa>>,
-    /// Any client: all learned the same roots when their channels were opened.
-    first: Arc<IstiodCa>,
-}
-
 /// What an `async fn` of [`CertificateAuthority`] returns once `async_trait` has expanded it.
 type CaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CaError>> + Send + 'a>>;
-
-impl CertificateAuthority for Routing {
-    fn name(&self) -> &'static str {
-        "istiod"
-    }
-
-    fn sign<'a, 'b, 'c>(&'a self, req: &'b SignRequest) -> CaFuture<'c, IssuedChain>
-    where
-        'a: 'c,
-        'b: 'c,
-        Self: 'c,
-    {
-        Box::pin(async move {
-            let client = self.clients.get(&req.identity).ok_or_else(|| {
-                CaError::Denied(format!("no token for {} in this bench", req.identity))
-            })?;
-            client.sign(req).await
-        })
-    }
-
-    fn trust_bundle<'a, 'c>(&'a self) -> CaFuture<'c, TrustBundle>
-    where
-        'a: 'c,
-        Self: 'c,
-    {
-        self.first.trust_bundle()
-    }
-}
 
 /// Counts the sign calls made through it and the most that ran at once.
 struct Counting {

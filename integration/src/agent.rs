@@ -266,7 +266,7 @@ impl Agent {
     }
 }
 
-fn parse_secrets(body: &str) -> Result<Vec<SecretInfo>, Error> {
+pub(crate) fn parse_secrets(body: &str) -> Result<Vec<SecretInfo>, Error> {
     let malformed = |detail: String| Error::Malformed {
         what: "agent /secrets",
         detail,

@@ -14,6 +14,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -49,8 +50,8 @@ pub struct Bootstrap {
 pub struct Envoy {
     proc: ChildGuard,
     admin: SocketAddr,
-    /// What [`Envoy::restart`] starts again: the binary, the bootstrap file, the name.
-    bin: PathBuf,
+    /// What [`Envoy::restart`] starts again: the command, the bootstrap file, the name.
+    launcher: Launcher,
     bootstrap: PathBuf,
     name: String,
     /// How many times it was restarted, for the log file of the next start.
@@ -103,6 +104,29 @@ impl Envoy {
         name: &str,
         bootstrap: &Bootstrap,
     ) -> Result<Self, Error> {
+        let bin = bin.to_owned();
+        let launcher = Launcher(Arc::new(move || Ok(Command::new(&bin))));
+        Self::start_with_launcher(launcher, dir, name, bootstrap).await
+    }
+
+    /// Like [`Envoy::start`], with Envoy started by the command `launch` returns (Envoy's own
+    /// arguments are appended to it): e.g. a shell that moves itself into a pod's cgroup and
+    /// then execs Envoy ([`crate::pods::PodCgroups::command_in`]). Restarts use it again.
+    pub async fn start_in(
+        launch: impl Fn() -> Result<Command, Error> + Send + Sync + 'static,
+        dir: &Path,
+        name: &str,
+        bootstrap: &Bootstrap,
+    ) -> Result<Self, Error> {
+        Self::start_with_launcher(Launcher(Arc::new(launch)), dir, name, bootstrap).await
+    }
+
+    async fn start_with_launcher(
+        launcher: Launcher,
+        dir: &Path,
+        name: &str,
+        bootstrap: &Bootstrap,
+    ) -> Result<Self, Error> {
         let file = dir.join(format!("{name}.json"));
         let text =
             serde_json::to_string_pretty(&bootstrap.config).map_err(|e| Error::Malformed {
@@ -111,7 +135,7 @@ impl Envoy {
             })?;
         std::fs::write(&file, text).map_err(io_error(format!("writing {}", file.display())))?;
         let proc = launch(
-            bin,
+            &launcher,
             &file,
             name,
             &dir.join(format!("{name}.log")),
@@ -121,7 +145,7 @@ impl Envoy {
         Ok(Self {
             proc,
             admin: bootstrap.admin,
-            bin: bin.to_owned(),
+            launcher,
             bootstrap: file,
             name: name.to_owned(),
             restarts: 0,
@@ -137,7 +161,14 @@ impl Envoy {
         let log = self
             .bootstrap
             .with_file_name(format!("{}-restart{}.log", self.name, self.restarts));
-        self.proc = launch(&self.bin, &self.bootstrap, &self.name, &log, self.admin).await?;
+        self.proc = launch(
+            &self.launcher,
+            &self.bootstrap,
+            &self.name,
+            &log,
+            self.admin,
+        )
+        .await?;
         Ok(())
     }
 
@@ -194,15 +225,29 @@ impl Envoy {
     }
 }
 
-/// Starts `bin` on the bootstrap `file` and waits until its admin `/ready` answers `200`.
+/// How an Envoy is started: a command to which Envoy's arguments are appended.
+#[derive(Clone)]
+struct Launcher(Arc<dyn Fn() -> Result<Command, Error> + Send + Sync>);
+
+impl std::fmt::Debug for Launcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0)() {
+            Ok(cmd) => write!(f, "{:?}", cmd.get_program()),
+            Err(e) => write!(f, "<{e}>"),
+        }
+    }
+}
+
+/// Starts Envoy with `launcher` on the bootstrap `file` and waits until its admin `/ready`
+/// answers `200`.
 async fn launch(
-    bin: &Path,
+    launcher: &Launcher,
     file: &Path,
     name: &str,
     log: &Path,
     admin: SocketAddr,
 ) -> Result<ChildGuard, Error> {
-    let mut cmd = Command::new(bin);
+    let mut cmd = (launcher.0)()?;
     cmd.arg("-c")
         .arg(file)
         .args(["--base-id", &unique_base_id().to_string()])
@@ -301,15 +346,23 @@ pub fn sds_cluster(socket: &Path) -> Value {
 /// A `CommonTlsContext` presenting the agent's `default` certificate and accepting a peer
 /// that chains to `ROOTCA` and has exactly the URI SAN `peer_spiffe_id`.
 pub fn common_tls_context(peer_spiffe_id: &str) -> Value {
+    common_tls_context_any(&[peer_spiffe_id])
+}
+
+/// A `CommonTlsContext` like [`common_tls_context`] that accepts a peer with any one of the
+/// URI SANs `peer_spiffe_ids`.
+pub fn common_tls_context_any(peer_spiffe_ids: &[&str]) -> Value {
+    let matchers: Vec<Value> = peer_spiffe_ids
+        .iter()
+        .map(|id| json!({ "san_type": "URI", "matcher": { "exact": id } }))
+        .collect();
     json!({
         "tls_certificate_sds_secret_configs": [
             { "name": WORKLOAD_SECRET, "sds_config": sds_config() },
         ],
         "combined_validation_context": {
             "default_validation_context": {
-                "match_typed_subject_alt_names": [
-                    { "san_type": "URI", "matcher": { "exact": peer_spiffe_id } },
-                ],
+                "match_typed_subject_alt_names": matchers,
             },
             "validation_context_sds_secret_config": { "name": ROOT_SECRET, "sds_config": sds_config() },
         },
@@ -318,12 +371,18 @@ pub fn common_tls_context(peer_spiffe_id: &str) -> Value {
 
 /// A listener's TLS transport socket that requires a client certificate of `peer_spiffe_id`.
 pub fn downstream_tls(peer_spiffe_id: &str) -> Value {
+    downstream_tls_any(&[peer_spiffe_id])
+}
+
+/// A listener's TLS transport socket that requires a client certificate of any one of
+/// `peer_spiffe_ids`.
+pub fn downstream_tls_any(peer_spiffe_ids: &[&str]) -> Value {
     json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             "require_client_certificate": true,
-            "common_tls_context": common_tls_context(peer_spiffe_id),
+            "common_tls_context": common_tls_context_any(peer_spiffe_ids),
         },
     })
 }

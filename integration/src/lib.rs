@@ -39,6 +39,7 @@ pub mod kube_api;
 pub mod kubelet;
 pub mod mesh;
 pub mod moto;
+pub mod node;
 pub mod pki;
 pub mod pods;
 pub mod process;

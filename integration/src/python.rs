@@ -65,9 +65,20 @@ pub async fn run_json(
         script.file_name().unwrap_or_default().to_string_lossy(),
         args.join(" ")
     );
-    let child = tokio::process::Command::new(python)
-        .arg(script)
-        .args(args)
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).args(args);
+    run_json_command(cmd, &what, limit).await
+}
+
+/// Runs `cmd` (a Python client, perhaps wrapped, e.g. into a pod's cgroup by
+/// [`crate::pods::PodCgroups::command_in`]) as [`run_json`] does; `what` names it in errors.
+pub async fn run_json_command(
+    cmd: std::process::Command,
+    what: &str,
+    limit: Duration,
+) -> Result<Value, Error> {
+    let what = what.to_owned();
+    let child = tokio::process::Command::from(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

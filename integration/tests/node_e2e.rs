@@ -16,15 +16,16 @@
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use sds_integration::kubelet::{FakeKubelet, FakePod};
+use sds_integration::node::NodeAgent;
+use sds_integration::pki::serial_of_pem;
 use sds_integration::pods::PodCgroups;
-use sds_integration::process::{ChildGuard, agent_bin};
-use sds_integration::{free_port, python};
+use sds_integration::python;
+use sds_integration::vault::Vault;
 use serde_json::Value;
 
 const TD: &str = "cluster.local";
@@ -37,73 +38,13 @@ fn spiffe_id(pod: &FakePod) -> String {
     )
 }
 
-/// A node-mode agent on `dir/agent.sock` (SDS) and `dir/workload.sock`, asking `kubelet`.
-struct NodeAgent {
-    _proc: ChildGuard,
-    admin: SocketAddr,
+/// A node-mode agent on the embedded CA in `dir`, asking `kubelet`.
+async fn node_agent(dir: &Path, kubelet: &FakeKubelet) -> NodeAgent {
+    NodeAgent::start(dir, TD, kubelet, &[]).await.unwrap()
 }
 
-impl NodeAgent {
-    async fn start(dir: &Path, kubelet: &FakeKubelet) -> Self {
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
-        let mut cmd = Command::new(agent_bin().unwrap());
-        cmd.arg("run")
-            .args(["--mode", "node", "--trust-domain", TD])
-            .arg("--socket")
-            .arg(dir.join("agent.sock"))
-            .arg("--workload-api-socket")
-            .arg(dir.join("workload.sock"))
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--kubelet-host", &kubelet.host()])
-            .args(["--kubelet-port", &kubelet.port().to_string()])
-            .arg("--kubelet-ca")
-            .arg(kubelet.ca_path())
-            .arg("--kubelet-token-file")
-            .arg(kubelet.token_file())
-            .args([
-                "--kubelet-poll-interval",
-                "50ms",
-                "--kubelet-max-attempts",
-                "4",
-            ])
-            .args(["--log-level", "info,sds_agent::attest=debug"])
-            .env("NO_COLOR", "1");
-        let proc = ChildGuard::spawn("node agent", cmd, &dir.join("agent.log")).unwrap();
-        let agent = Self { _proc: proc, admin };
-        // Ready (the trust bundle is read at start) before any pod has asked.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if agent
-                .get("/readyz")
-                .await
-                .is_some_and(|(code, _)| code == 200)
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the node agent never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        agent
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let resp = reqwest::get(format!("http://{}{path}", self.admin))
-            .await
-            .ok()?;
-        let code = resp.status().as_u16();
-        Some((code, resp.text().await.ok()?))
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics").await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .map_or(0.0, |v| v.parse().unwrap())
-    }
+async fn metric(agent: &NodeAgent, prefix: &str) -> f64 {
+    agent.metric(prefix).await.unwrap()
 }
 
 /// Runs the probe as `cmd` (already wrapped into a pod, or not) and returns its JSON.
@@ -117,28 +58,9 @@ async fn probe(mut cmd: Command, dir: &Path, own: &str, others: &[String]) -> Va
     for o in others {
         cmd.args(["--other", o]);
     }
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the probe did not finish in time")
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "probe failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "probe printed no JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    python::run_json_command(cmd, "node_probe.py", Duration::from_secs(90))
+        .await
+        .unwrap()
 }
 
 const METHODS: [&str; 3] = ["stream", "fetch", "delta"];
@@ -161,7 +83,7 @@ async fn each_pod_gets_its_own_identity_and_never_anothers() {
     for pod in &pods {
         kubelet.add_pod(pod.clone());
     }
-    let agent = NodeAgent::start(dir.path(), &kubelet).await;
+    let agent = node_agent(dir.path(), &kubelet).await;
     let ids: Vec<String> = pods.iter().map(spiffe_id).collect();
 
     for (i, pod) in pods.iter().enumerate() {
@@ -206,12 +128,14 @@ async fn each_pod_gets_its_own_identity_and_never_anothers() {
             out["workload"]
         );
     }
-    assert_eq!(agent.metric("sds_agent_identities ").await, 3.0);
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 3.0);
     // Two other identities asked for by each pod, over three methods.
     assert_eq!(
-        agent
-            .metric("sds_agent_sds_bad_requests_total{reason=\"not_authorized\"}")
-            .await,
+        metric(
+            &agent,
+            "sds_agent_sds_bad_requests_total{reason=\"not_authorized\"}"
+        )
+        .await,
         18.0
     );
     // One kubelet list answered every pod (they were all listed from the start), give or
@@ -235,7 +159,7 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
     let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
     let listed = FakePod::new("shop", "frontend-1", "frontend");
     kubelet.add_pod(listed.clone());
-    let agent = NodeAgent::start(dir.path(), &kubelet).await;
+    let agent = node_agent(dir.path(), &kubelet).await;
 
     // A process in no pod's cgroup (this test's own children are not in one).
     let out = probe(Command::new(&python), dir.path(), &spiffe_id(&listed), &[]).await;
@@ -257,7 +181,7 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
         "{codes:?}"
     );
     assert_ne!(out["workload"]["code"], "OK", "{}", out["workload"]);
-    assert!(agent.metric("sds_agent_attestations_refused_total ").await >= 1.0);
+    assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 1.0);
 
     // A pod in a cgroup the kubelet does not list: proven process, unknown pod.
     let unlisted = FakePod::new("shop", "ghost-1", "ghost");
@@ -269,11 +193,254 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
         assert_eq!(r["names"], serde_json::json!([]));
     }
     assert!(
-        agent
-            .metric("sds_agent_sds_bad_requests_total{reason=\"pod_unknown\"}")
-            .await
+        metric(
+            &agent,
+            "sds_agent_sds_bad_requests_total{reason=\"pod_unknown\"}"
+        )
+        .await
             >= 3.0
     );
     // Nothing was issued for anyone.
-    assert_eq!(agent.metric("sds_agent_identities ").await, 0.0);
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+}
+
+/// Whether this process may set the kernel's next pid (root in the initial PID namespace).
+/// Without it the PID-reuse test cannot force a reuse and skips, unless
+/// `SDS_AGENT_REQUIRE_PID_REUSE=1` (scripts/test.sh sets it where the file is writable).
+fn can_choose_pids() -> bool {
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/sys/kernel/ns_last_pid")
+        .is_ok();
+    if !writable {
+        assert_ne!(
+            std::env::var("SDS_AGENT_REQUIRE_PID_REUSE").as_deref(),
+            Ok("1"),
+            "/proc/sys/kernel/ns_last_pid is not writable, and SDS_AGENT_REQUIRE_PID_REUSE=1"
+        );
+        eprintln!("skipping: /proc/sys/kernel/ns_last_pid is not writable (needs root)");
+    }
+    writable
+}
+
+/// Runs `integration/python/pid_reuse.py` as `cmd` (inside the attacker's pod) against the
+/// agent, handing the connecting process's pid to a process in `victim_cgroup` unless
+/// `no_reuse`, and returns its JSON.
+async fn pid_reuse(
+    mut cmd: Command,
+    agent: &NodeAgent,
+    victim_cgroup: &Path,
+    no_reuse: bool,
+) -> Value {
+    cmd.arg(python::script("pid_reuse.py"))
+        .arg("--socket")
+        .arg(agent.socket())
+        .arg("--victim-cgroup")
+        .arg(victim_cgroup);
+    if no_reuse {
+        cmd.arg("--no-reuse");
+    }
+    python::run_json_command(cmd, "pid_reuse.py", Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
+/// The connection's process exits and its pid goes to a process of another pod, which the
+/// kubelet lists and which would be served if it asked itself: the connection must get
+/// nothing, and certainly not that pod's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
+    let Some(python) = python::python().unwrap() else {
+        return;
+    };
+    let Some(cgroups) = PodCgroups::create().unwrap() else {
+        return;
+    };
+    if !can_choose_pids() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let attacker = FakePod::new("shop", "web-1", "web");
+    let victim = FakePod::new("bank", "teller-0", "teller");
+    kubelet.add_pod(attacker.clone());
+    kubelet.add_pod(victim.clone());
+    let agent = node_agent(dir.path(), &kubelet).await;
+    let victim_cgroup = cgroups.container_cgroup(&victim).unwrap();
+
+    // Control: the connecting process is gone and nobody has its pid.
+    let out = pid_reuse(
+        cgroups.command_in(&attacker, &python).unwrap(),
+        &agent,
+        &victim_cgroup,
+        true,
+    )
+    .await;
+    assert_eq!(out["code"], "UNAUTHENTICATED", "{out}");
+    assert_eq!(out["names"], serde_json::json!([]), "{out}");
+    let gone = format!("process {} is gone", out["connected_pid"]);
+    assert!(agent.log_contains(&gone), "no {gone:?} in the agent's log");
+
+    // The attack: the victim pod's process now has the connecting process's pid.
+    let out = pid_reuse(
+        cgroups.command_in(&attacker, &python).unwrap(),
+        &agent,
+        &victim_cgroup,
+        false,
+    )
+    .await;
+    eprintln!("pid reuse: {out}");
+    assert_eq!(out["victim_pid"], out["connected_pid"], "{out}");
+    assert_eq!(out["code"], "UNAUTHENTICATED", "{out}");
+    assert_eq!(out["names"], serde_json::json!([]), "{out}");
+    assert_eq!(out["uri_sans"], serde_json::json!([]), "{out}");
+    let reused = format!(
+        "process {} started after its connection was accepted: the pid was reused",
+        out["connected_pid"]
+    );
+    assert!(
+        agent.log_contains(&reused),
+        "no {reused:?} in the agent's log"
+    );
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+    assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 2.0);
+
+    // The victim pod asking for itself is served: the refusal above was the PID-reuse
+    // defence, not a pod the agent could not find.
+    let own = spiffe_id(&victim);
+    let out = probe(
+        cgroups.command_in(&victim, &python).unwrap(),
+        dir.path(),
+        &own,
+        &[],
+    )
+    .await;
+    let asked = &out["sds"]["default,ROOTCA"]["fetch"];
+    assert_eq!(asked["code"], "OK", "{asked}");
+    assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{asked}");
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 1.0);
+}
+
+/// Node mode on the Vault backend against OpenBao, with a node role as docs/node-mode.md
+/// sets one up, narrowed to one namespace: `allowed_uri_sans` of
+/// `spiffe://cluster.local/ns/shop/sa/*`. The agent signs each shop pod's identity with its
+/// one Vault token and role; a pod of another namespace gets no certificate (Vault refuses,
+/// the agent says why), and that refusal costs the shop pods nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
+    let Some(python) = python::python().unwrap() else {
+        return;
+    };
+    let Some(cgroups) = PodCgroups::create().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(vault) = Vault::start(dir.path()).await.unwrap() else {
+        return;
+    };
+    let root = vault.pki_with_root("pki", "node test root").await.unwrap();
+    vault
+        .role(
+            "pki",
+            "sds-node",
+            &format!("spiffe://{TD}/ns/shop/sa/*"),
+            "1h",
+        )
+        .await
+        .unwrap();
+    vault
+        .sign_policy("sds-node", "pki", "sds-node")
+        .await
+        .unwrap();
+    let token = vault.token("sds-node", "1h", true).await.unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, token).unwrap();
+
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let shop = [
+        FakePod::new("shop", "frontend-7d9f", "frontend"),
+        FakePod::new("shop", "backend-5c4b", "backend"),
+    ];
+    let billing = FakePod::new("billing", "ledger-0", "ledger");
+    for pod in shop.iter().chain([&billing]) {
+        kubelet.add_pod(pod.clone());
+    }
+    let ca: Vec<std::ffi::OsString> = [
+        "--ca",
+        "vault",
+        "--vault-addr",
+        vault.addr(),
+        "--vault-role",
+        "sds-node",
+    ]
+    .iter()
+    .map(Into::into)
+    .chain(["--vault-token-file".into(), token_file.into()])
+    .collect();
+    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ca)
+        .await
+        .unwrap();
+    let vault_root = serial_of_pem(&root).unwrap();
+    let served_roots: Vec<_> = agent
+        .secrets()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "ROOTCA")
+        .map(|s| s.serial)
+        .collect();
+    assert_eq!(served_roots, [vault_root], "the bundle is Vault's root");
+
+    // The pod outside the role's namespace first: its refusal must not hurt the others.
+    let refused = spiffe_id(&billing);
+    let out = probe(
+        cgroups.command_in(&billing, &python).unwrap(),
+        dir.path(),
+        &refused,
+        &[],
+    )
+    .await;
+    for label in ["default,ROOTCA", "own"] {
+        for m in METHODS {
+            let r = &out["sds"][label][m];
+            assert_ne!(r["code"], "OK", "{refused} {m} {label}: {r}");
+            assert_eq!(r["uri_sans"], serde_json::json!([]), "{m} {label}: {r}");
+            assert!(!r["private_key"].as_bool().unwrap(), "{m} {label}: {r}");
+        }
+    }
+    assert!(
+        agent.log_contains("refused to sign") && agent.log_contains("allowed_uri_sans"),
+        "the agent's log does not say why Vault refused {refused}"
+    );
+
+    for pod in &shop {
+        let own = spiffe_id(pod);
+        let out = probe(
+            cgroups.command_in(pod, &python).unwrap(),
+            dir.path(),
+            &own,
+            &[],
+        )
+        .await;
+        for m in METHODS {
+            let asked = &out["sds"]["default,ROOTCA"][m];
+            assert_eq!(asked["code"], "OK", "{own} {m}: {asked}");
+            assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{m}: {asked}");
+        }
+    }
+    let issued: Vec<String> = agent
+        .secrets()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "default")
+        .map(|s| s.spiffe_id)
+        .collect();
+    let mut expected: Vec<String> = shop.iter().map(spiffe_id).collect();
+    expected.sort();
+    assert_eq!(issued, expected, "only the shop pods hold certificates");
+    assert!(
+        metric(&agent, "sds_agent_ca_errors_total{").await >= 1.0,
+        "Vault's refusal is counted"
+    );
 }

@@ -1,0 +1,144 @@
+//! A node-mode agent for the tests: `sds-agent run --mode node` on `<dir>/agent.sock` (SDS)
+//! and `<dir>/workload.sock` (Workload API), on the embedded CA, asking a
+//! [`FakeKubelet`] which pod a caller is in; and what its admin endpoint says.
+//!
+//! Which process is in which pod is the kernel's business ([`crate::pods`]): the agent reads
+//! the real SO_PEERCRED and the real `/proc`, so this harness only starts the agent.
+
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::agent::{SecretInfo, parse_secrets};
+use crate::kubelet::{FakeKubelet, FakePod};
+use crate::process::{ChildGuard, agent_bin};
+use crate::{Error, free_port, http};
+
+/// How long a node agent may take to become ready.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// A running node-mode agent, killed when dropped.
+#[derive(Debug)]
+pub struct NodeAgent {
+    proc: ChildGuard,
+    admin: SocketAddr,
+    dir: PathBuf,
+    trust_domain: String,
+}
+
+impl NodeAgent {
+    /// Starts the agent in `dir` for `trust_domain`, asking `kubelet` (its CA and token file),
+    /// with `extra` flags appended (a CA, `--cert-ttl`, ...), and waits until `/readyz`
+    /// answers `200`: the trust bundle is read at start, before any pod has asked.
+    pub async fn start(
+        dir: &Path,
+        trust_domain: &str,
+        kubelet: &FakeKubelet,
+        extra: &[OsString],
+    ) -> Result<Self, Error> {
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let mut cmd = Command::new(agent_bin()?);
+        cmd.arg("run")
+            .args(["--mode", "node", "--trust-domain", trust_domain])
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .arg("--workload-api-socket")
+            .arg(dir.join("workload.sock"))
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--kubelet-host", &kubelet.host()])
+            .args(["--kubelet-port", &kubelet.port().to_string()])
+            .arg("--kubelet-ca")
+            .arg(kubelet.ca_path())
+            .arg("--kubelet-token-file")
+            .arg(kubelet.token_file())
+            .args([
+                "--kubelet-poll-interval",
+                "50ms",
+                "--kubelet-max-attempts",
+                "4",
+            ])
+            .args(["--log-level", "info,sds_agent::attest=debug"])
+            .args(extra)
+            .env("NO_COLOR", "1");
+        let mut proc = ChildGuard::spawn("node agent", cmd, &dir.join("agent.log"))?;
+        proc.wait_ready("GET /readyz = 200", READY_LIMIT, || async move {
+            http::get(admin, "/readyz")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+        Ok(Self {
+            proc,
+            admin,
+            dir: dir.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// The SDS socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// The Workload API socket.
+    pub fn workload_socket(&self) -> PathBuf {
+        self.dir.join("workload.sock")
+    }
+
+    /// The admin address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The process, for its log.
+    pub fn process(&self) -> &ChildGuard {
+        &self.proc
+    }
+
+    /// The SPIFFE ID the agent must give `pod`.
+    pub fn spiffe_id(&self, pod: &FakePod) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain,
+            pod.namespace,
+            pod.service_account.as_deref().unwrap_or("default")
+        )
+    }
+
+    /// `GET path` on the admin endpoint: status and body.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), Error> {
+        let r = http::get(self.admin, path).await?;
+        Ok((r.status, r.body))
+    }
+
+    /// The sum of the `/metrics` lines that start with `prefix` (a name and a space, or a
+    /// name and `{` for every series of a family, or a name with its labels), 0 if none does.
+    pub async fn metric(&self, prefix: &str) -> Result<f64, Error> {
+        let (_, text) = self.get("/metrics").await?;
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|line| {
+                line.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(|| Error::Malformed {
+                        what: "agent /metrics",
+                        detail: line.to_owned(),
+                    })
+            })
+            .sum()
+    }
+
+    /// `GET /secrets`, parsed: a `default` entry per identity served, and the roots.
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>, Error> {
+        let (_, body) = self.get("/secrets").await?;
+        parse_secrets(&body)
+    }
+
+    /// Whether the agent's log holds `needle` now.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(self.proc.log_path()).is_ok_and(|log| log.contains(needle))
+    }
+}
