@@ -1210,6 +1210,16 @@ fn the_agent_accepts_the_node_mode_configurations() {
     let scratch = tempfile::tempdir().unwrap();
     let kubeconfig = scratch.path().join("kubeconfig");
     std::fs::write(&kubeconfig, KUBECONFIG).unwrap();
+    // validate reads the files node mode starts with (the kubelet's CA and the agent's token;
+    // for istiod, the mesh's roots); they are the pod's, so stand-ins are written here.
+    let ca = sds_integration::pki::SharedCa::write(scratch.path()).unwrap();
+    let token = scratch.path().join("token");
+    std::fs::write(&token, "a-service-account-token").unwrap();
+    let stand_ins = [
+        ("SDS_AGENT_KUBELET_CA", ca.cert.display().to_string()),
+        ("SDS_AGENT_KUBELET_TOKEN_FILE", token.display().to_string()),
+        ("SDS_AGENT_CA_TRUST_BUNDLE", ca.cert.display().to_string()),
+    ];
     let mut renderings = vec![(
         NODE.to_owned(),
         tools.render(&kubernetes_dir().join(NODE)).unwrap(),
@@ -1237,6 +1247,24 @@ fn the_agent_accepts_the_node_mode_configurations() {
                     "SDS_AGENT_KUBECONFIG".into(),
                     kubeconfig.display().to_string(),
                 );
+            }
+            // The kubelet files default to the pod's service-account mount (no CA where the
+            // kubelet is not verified); the trust bundle is replaced only where it is set.
+            let unverified = [
+                "SDS_AGENT_KUBELET_READ_ONLY_PORT",
+                "SDS_AGENT_KUBELET_SKIP_TLS_VERIFY",
+            ]
+            .iter()
+            .any(|k| env.get(*k).is_some_and(|v| !v.is_empty() && v != "false"));
+            for (key, stand_in) in &stand_ins {
+                let wanted = match *key {
+                    "SDS_AGENT_KUBELET_CA" => !unverified,
+                    "SDS_AGENT_KUBELET_TOKEN_FILE" => true,
+                    _ => env.contains_key(*key),
+                };
+                if wanted {
+                    env.insert((*key).to_owned(), stand_in.clone());
+                }
             }
             let out = Command::new(&bin)
                 .arg("validate")

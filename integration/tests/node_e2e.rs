@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use sds_integration::istio_ca::{IstioTestCa, args_for, write_token};
 use sds_integration::kubelet::{FakeKubelet, FakePod};
 use sds_integration::node::NodeAgent;
 use sds_integration::pki::serial_of_pem;
@@ -442,5 +443,130 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
     assert!(
         metric(&agent, "sds_agent_ca_errors_total{").await >= 1.0,
         "Vault's refusal is counted"
+    );
+}
+
+/// Node mode on the istiod backend, the ztunnel way, end to end: the agent proves each pod
+/// from its cgroup and the kubelet, then asks the test Istio CA (with istiod's node
+/// authorizer) for that pod's identity with the node agent's own token and the identity in
+/// `ImpersonatedIdentity`. A pod the kubelet lists here but istiod's registry places on
+/// another node is refused by istiod too: a second, independent check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
+    const NODE: &str = "node-a";
+    let Some(python) = python::python().unwrap() else {
+        return;
+    };
+    let Some(cgroups) = PodCgroups::create().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let istio = IstioTestCa::start(dir.path()).await.unwrap();
+    istio
+        .trust_node_accounts(&[("sds-agent", "sds-agent")])
+        .await;
+    istio
+        .allow_node_agent(
+            "node-a-agent-token",
+            TD,
+            "sds-agent",
+            "sds-agent",
+            "sds-agent-x7k2p",
+            NODE,
+        )
+        .await;
+    let token_file = dir.path().join("node-a-agent-token");
+    write_token(&token_file, "node-a-agent-token").unwrap();
+
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let here = [
+        FakePod::new("shop", "frontend-7d9f", "frontend"),
+        FakePod::new("billing", "ledger-0", "ledger"),
+    ];
+    for pod in &here {
+        kubelet.add_pod(pod.clone());
+        istio
+            .add_pod(
+                NODE,
+                &pod.namespace,
+                pod.service_account.as_deref().unwrap(),
+                &pod.name,
+            )
+            .await;
+    }
+    // Listed by this node's kubelet, but on node-b as istiod sees it.
+    let elsewhere = FakePod::new("shop", "batch-1", "batch");
+    kubelet.add_pod(elsewhere.clone());
+    istio.add_pod("node-b", "shop", "batch", "batch-1").await;
+
+    // The mesh's roots as istiod publishes them (the `istio-ca-root-cert` ConfigMap): with
+    // them the node agent knows its bundle, and is ready, before any pod has asked.
+    let bundle = dir.path().join("root-cert.pem");
+    std::fs::write(&bundle, istio.roots_pem().await).unwrap();
+    let mut ca = args_for(istio.addr(), istio.tls_root(), &token_file, None);
+    ca.extend(["--ca-trust-bundle".into(), bundle.into()]);
+    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ca)
+        .await
+        .unwrap();
+    for pod in &here {
+        let own = spiffe_id(pod);
+        let out = probe(
+            cgroups.command_in(pod, &python).unwrap(),
+            dir.path(),
+            &own,
+            &[],
+        )
+        .await;
+        for m in METHODS {
+            let asked = &out["sds"]["default,ROOTCA"][m];
+            assert_eq!(asked["code"], "OK", "{own} {m}: {asked}");
+            assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{m}: {asked}");
+        }
+    }
+    let refused = spiffe_id(&elsewhere);
+    let out = probe(
+        cgroups.command_in(&elsewhere, &python).unwrap(),
+        dir.path(),
+        &refused,
+        &[],
+    )
+    .await;
+    let fetched = &out["sds"]["default,ROOTCA"]["fetch"];
+    assert_ne!(fetched["code"], "OK", "{refused}: {fetched}");
+    assert!(!fetched["private_key"].as_bool().unwrap(), "{fetched}");
+
+    // Every call carried the node agent's token and named the pod it was for.
+    let calls = istio.calls().await;
+    assert!(!calls.is_empty());
+    for call in &calls {
+        assert_eq!(
+            call.token.as_deref(),
+            Some("node-a-agent-token"),
+            "{call:?}"
+        );
+    }
+    let signed: std::collections::BTreeSet<String> = calls
+        .iter()
+        .filter(|c| c.outcome.is_ok())
+        .filter_map(|c| c.impersonated.clone())
+        .collect();
+    let expected: std::collections::BTreeSet<String> = here.iter().map(spiffe_id).collect();
+    assert_eq!(signed, expected);
+    let denied: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.outcome.is_err())
+        .filter_map(|c| c.refused_because.as_deref())
+        .collect();
+    assert!(
+        !denied.is_empty()
+            && calls
+                .iter()
+                .filter(|c| c.outcome.is_err())
+                .all(|c| c.impersonated.as_deref() == Some(refused.as_str())),
+        "only {refused} is refused, by the node authorizer: {calls:#?}"
+    );
+    assert!(
+        agent.log_contains("request impersonation authentication failure"),
+        "the agent's log does not carry istiod's answer"
     );
 }
