@@ -1156,6 +1156,34 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         &[&empty_token, "empty"],
     );
 
+    cases.push(bad(
+        "unknown mode",
+        &["--mode", "nodes"],
+        &["mode", "nodes", "expected pod or node"],
+    ));
+    let out_dir = dir.join("out").display().to_string();
+    cases.push(bad(
+        "node mode with --output-dir",
+        &["--mode", "node", "--output-dir", &out_dir],
+        &["--output-dir", "--mode node"],
+    ));
+    cases.push(bad(
+        "a kubelet CA and no verification",
+        &[
+            "--mode",
+            "node",
+            "--kubelet-ca",
+            &good_cert,
+            "--kubelet-skip-tls-verify",
+        ],
+        &["--kubelet-ca", "--kubelet-skip-tls-verify"],
+    ));
+    cases.push(bad(
+        "a CA concurrency of 0",
+        &["--mode", "node", "--ca-concurrency", "0"],
+        &["ca-concurrency", "0"],
+    ));
+
     let mut env_case = bad("bad env value", &[], &["SDS_AGENT_KEY_TYPE", "dsa"]);
     env_case.env = vec![("SDS_AGENT_KEY_TYPE", "dsa".into())];
     cases.push(env_case);
