@@ -596,3 +596,42 @@ async fn an_identity_the_ca_refuses_backs_off_alone() {
     );
     assert!(served.borrow().is_some());
 }
+
+/// A node agent on a CA that sends its roots only with a certificate (istiod, cert-manager
+/// without a pinned bundle) cannot read its bundle before a pod asks, and is ready anyway:
+/// otherwise a node where no pod uses it would never be ready (and a startup probe would
+/// restart it). The first pod's certificate brings the roots. On a CA that can be asked for
+/// its roots, a bundle that cannot be read keeps the node agent not ready.
+#[tokio::test(start_paused = true)]
+async fn a_node_agent_on_a_ca_that_sends_roots_with_certificates_is_ready_before_any_pod() {
+    let ca = ScriptedCa::new();
+    ca.set_bundle_needs_a_certificate(true);
+    let (manager, _metrics, _shutdown) = node_manager(ca.clone(), policy());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(ca.bundle_calls() >= 1, "the bundle was asked for");
+    assert!(
+        manager.subscribe_bundle().borrow().is_none(),
+        "no roots yet"
+    );
+    assert!(manager.is_ready(), "ready with no pods and no roots");
+
+    let mut rx = manager.subscribe_cert(&pod_id(0));
+    cert_of(&mut rx, None, Duration::from_secs(5)).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut bundle = manager.subscribe_bundle();
+        while bundle.borrow_and_update().is_none() {
+            bundle.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the roots came with the first certificate");
+    assert!(manager.is_ready());
+
+    // The same outage on a CA that can be asked for its roots: not ready.
+    let ca = ScriptedCa::new();
+    ca.set_outage(Some(CaError::Unavailable("down".into())));
+    let (manager, _metrics, _shutdown) = node_manager(ca.clone(), policy());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(ca.bundle_calls() >= 1);
+    assert!(!manager.is_ready());
+}

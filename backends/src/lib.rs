@@ -75,6 +75,14 @@ pub trait CertificateAuthority: Send + Sync + 'static {
     /// The roots that workload certificates chain to. It may change over time; the caller
     /// re-reads it periodically.
     async fn trust_bundle(&self) -> Result<TrustBundle, CaError>;
+
+    /// Whether the roots come only with a signed certificate: the CA has no call that returns
+    /// them (istiod, cert-manager's `status.ca`), so [`CertificateAuthority::trust_bundle`]
+    /// fails until a first [`CertificateAuthority::sign`]. A node agent, which signs nothing
+    /// until a pod asks, does not wait for the bundle to call itself ready on such a CA.
+    fn roots_come_with_certificates(&self) -> bool {
+        false
+    }
 }
 
 /// What the secret manager asks a CA to sign.

@@ -240,8 +240,15 @@ impl CertificateAuthority for ScriptedCa {
         Ok(chain)
     }
 
+    fn roots_come_with_certificates(&self) -> bool {
+        self.bundle_needs_a_certificate.load(Ordering::SeqCst)
+    }
+
     async fn trust_bundle(&self) -> Result<TrustBundle, CaError> {
         self.bundle_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(error) = self.outage.lock().clone() {
+            return Err(error);
+        }
         if self.bundle_needs_a_certificate.load(Ordering::SeqCst)
             && !self.signed.load(Ordering::SeqCst)
         {

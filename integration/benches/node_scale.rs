@@ -618,6 +618,10 @@ impl CertificateAuthority for Counting {
         })
     }
 
+    fn roots_come_with_certificates(&self) -> bool {
+        self.inner.roots_come_with_certificates()
+    }
+
     fn trust_bundle<'a, 'c>(&'a self) -> CaFuture<'c, TrustBundle>
     where
         'a: 'c,

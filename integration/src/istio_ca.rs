@@ -428,17 +428,6 @@ impl IstioTestCa {
         Ok(serials)
     }
 
-    /// The roots it serves now, current first, as PEM: what istiod publishes in the
-    /// `istio-ca-root-cert` ConfigMap of every namespace (`root-cert.pem`).
-    pub async fn roots_pem(&self) -> String {
-        let roots = self.state.roots.lock().await;
-        let mut pem = roots.current.root_pem.clone();
-        if let Some(next) = &roots.next {
-            pem.push_str(&next.root_pem);
-        }
-        pem
-    }
-
     /// Root rotation, step 1: a new root joins the root bundle of every answer, while the
     /// old intermediate still signs.
     pub async fn add_next_root(&self) -> Result<(), Error> {

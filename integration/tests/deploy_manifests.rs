@@ -1210,8 +1210,9 @@ fn the_agent_accepts_the_node_mode_configurations() {
     let scratch = tempfile::tempdir().unwrap();
     let kubeconfig = scratch.path().join("kubeconfig");
     std::fs::write(&kubeconfig, KUBECONFIG).unwrap();
-    // validate reads the files node mode starts with (the kubelet's CA and the agent's token;
-    // for istiod, the mesh's roots); they are the pod's, so stand-ins are written here.
+    // validate reads the files node mode starts with (the kubelet's CA and the agent's
+    // token, and a pinned trust bundle where one is set); they are the pod's, so stand-ins
+    // are written here.
     let ca = sds_integration::pki::SharedCa::write(scratch.path()).unwrap();
     let token = scratch.path().join("token");
     std::fs::write(&token, "a-service-account-token").unwrap();

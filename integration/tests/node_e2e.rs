@@ -499,12 +499,9 @@ async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
     kubelet.add_pod(elsewhere.clone());
     istio.add_pod("node-b", "shop", "batch", "batch-1").await;
 
-    // The mesh's roots as istiod publishes them (the `istio-ca-root-cert` ConfigMap): with
-    // them the node agent knows its bundle, and is ready, before any pod has asked.
-    let bundle = dir.path().join("root-cert.pem");
-    std::fs::write(&bundle, istio.roots_pem().await).unwrap();
-    let mut ca = args_for(istio.addr(), istio.tls_root(), &token_file, None);
-    ca.extend(["--ca-trust-bundle".into(), bundle.into()]);
+    // No --ca-trust-bundle: istiod's roots come with the first pod's certificate, and the
+    // node agent is ready (NodeAgent::start waits for /readyz) before any pod has asked.
+    let ca = args_for(istio.addr(), istio.tls_root(), &token_file, None);
     let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ca)
         .await
         .unwrap();

@@ -350,10 +350,14 @@ impl SecretManager {
     }
 
     /// Whether the trust bundle and a valid certificate for every pinned identity are
-    /// being served. In node mode, the bundle alone: pods come and go.
+    /// being served. In node mode, the bundle alone (pods come and go), and not even that on
+    /// a CA whose roots come only with a certificate
+    /// ([`CertificateAuthority::roots_come_with_certificates`]).
     pub fn is_ready(&self) -> bool {
         if self.bundle.borrow().is_none() {
-            return false;
+            // A node agent on a CA that sends its roots only with a certificate learns them
+            // from the first pod's: until then it is ready to take that pod.
+            return self.workload.is_none() && self.ca.roots_come_with_certificates();
         }
         let st = self.state.lock();
         st.identities

@@ -233,15 +233,6 @@ impl IstiodSettings {
             impersonate = ctx.node_mode,
             "istiod CA configured"
         );
-        if ctx.node_mode && !pinned {
-            // istiod has no call that returns its roots: they come with a certificate, and a
-            // node agent asks for none until a pod does.
-            tracing::warn!(
-                "node mode without --ca-trust-bundle: istiod's roots are learned from the first \
-                 pod's certificate, so the agent is not ready (/readyz 503) until a pod on this \
-                 node asks; give it the mesh's roots (istiod's istio-ca-root-cert ConfigMap)"
-            );
-        }
         Ok(std::sync::Arc::new(ca))
     }
 }

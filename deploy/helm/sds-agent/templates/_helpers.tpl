@@ -77,10 +77,6 @@ SDS_AGENT_CA_ADDR: {{ $ca.istiod.addr | quote }}
 SDS_AGENT_CA_ROOT_CERT: {{ printf "%s/root-cert.pem" (include "sds-agent.istioRootDir" .) | quote }}
 SDS_AGENT_CA_TOKEN_FILE: {{ printf "%s/istio-token" (include "sds-agent.tokenDir" .) | quote }}
 SDS_AGENT_CLUSTER_ID: {{ $ca.istiod.clusterId | quote }}
-{{- if eq .Values.mode "node" }}
-{{- /* The mesh's roots, so a node agent is ready before any pod asks (docs/backends/istiod.md). */}}
-SDS_AGENT_CA_TRUST_BUNDLE: {{ printf "%s/root-cert.pem" (include "sds-agent.istioRootDir" .) | quote }}
-{{- end }}
 {{- end }}
 {{- if eq .Values.mode "node" }}
 {{- $node := .Values.node }}
