@@ -12,8 +12,9 @@
 //! kubelet does not list is answered `UNAVAILABLE`.
 //!
 //! Every test runs in the mode `Pods::create()` picks (real cgroups where it can create a
-//! cgroup v2 directory; `SDS_AGENT_PODS=fake-proc` forces the fake), except the PID-reuse
-//! test: it needs the real kernel, and skips without a writable cgroup v2 hierarchy.
+//! cgroup v2 directory; `SDS_AGENT_PODS=fake-proc` forces the fake), except two: the PID-reuse
+//! test needs the real kernel, and skips without a writable cgroup v2 hierarchy, and the
+//! `..._in_a_fake_proc` tests always use the fake, so that it is tested on every machine.
 //!
 //! Skips without Python (grpcio), unless `SDS_AGENT_REQUIRE_PYTHON=1`. With
 //! `SDS_AGENT_REQUIRE_CGROUPS=1` a machine without a writable cgroup v2 hierarchy fails instead
@@ -76,6 +77,13 @@ const METHODS: [&str; 3] = ["stream", "fetch", "delta"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_gets_its_own_identity_and_never_anothers() {
     each_pod_gets_its_own_identity(Pods::create).await;
+}
+
+/// The same in a fake `/proc`, whatever the machine allows: the fallback is exercised
+/// everywhere, not only where it is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pod_gets_its_own_identity_and_never_anothers_in_a_fake_proc() {
+    each_pod_gets_its_own_identity(Pods::fake_proc).await;
 }
 
 /// Three pods in `pods`, each asking for its own identity and the other two's.
@@ -196,6 +204,44 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
     );
     // Nothing was issued for anyone.
     assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+}
+
+/// A fake `/proc` is not a free pass: the agent reads it as it reads the real one, so a
+/// process whose entry names no pod, or that has no entry at all, is refused
+/// `UNAUTHENTICATED`, while the process of a listed pod beside them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fake_proc_an_entry_naming_no_pod_or_no_entry_is_refused() {
+    let Some(python) = python::python().unwrap() else {
+        return;
+    };
+    let pods = Pods::fake_proc().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let listed = FakePod::new("shop", "frontend-1", "frontend");
+    kubelet.add_pod(listed.clone());
+    let agent = node_agent(dir.path(), &kubelet, &pods).await;
+    let own = spiffe_id(&listed);
+
+    // An entry whose cgroup is the container runtime's service: no pod's.
+    let cmd = pods.command_in_no_pod(&python).unwrap();
+    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    assert!(why.contains("is not a pod container"), "{why}");
+
+    // No entry: to the agent, a process that is gone.
+    let cmd = pods.command_without_entry(&python).unwrap();
+    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    assert!(why.contains("is gone"), "{why}");
+    assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 2.0);
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+
+    // The listed pod's process, with its entry, is served: the refusals above were the
+    // entries', not an agent that cannot read the fake /proc.
+    let cmd = pods.command_in(&listed, &python).unwrap();
+    let out = probe(cmd, dir.path(), &own, &[]).await;
+    let asked = &out["sds"]["default,ROOTCA"]["fetch"];
+    assert_eq!(asked["code"], "OK", "{asked}");
+    assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{asked}");
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 1.0);
 }
 
 /// Asserts that node_probe.py's answer `out` got nothing: every SDS question refused
