@@ -132,9 +132,11 @@ fi
 export SDS_AGENT_PYTHON="$PWD/.venv-test/bin/python"
 # The interop tests skip without this interpreter, except here.
 export SDS_AGENT_REQUIRE_PYTHON=1
-# The node-mode tests (integration/tests/node_e2e.rs) run "pods" as processes in cgroup v2
-# directories of their own. Where this machine allows that (a cgroup v2 mount this user can
-# create a directory in), they must run; elsewhere they print a line and skip.
+# The node-mode tests (integration/tests/node_e2e.rs, node_mesh_e2e.rs) run "pods" as
+# processes in cgroup v2 directories of their own. Where this machine allows that (a cgroup v2
+# mount this user can create a directory in), they must use real cgroups; elsewhere they fall
+# back to a fake /proc given to the agent as --proc-root (integration/src/pods.rs says what
+# that does not prove), and only the PID-reuse test, which needs the real kernel, skips.
 cgroup2=$(awk '$0 ~ / - cgroup2 / { print $5; exit }' /proc/self/mountinfo)
 if [ -n "$cgroup2" ] && mkdir "$cgroup2/sds-agent-probe-$$" 2> /dev/null; then
   rmdir "$cgroup2/sds-agent-probe-$$"
