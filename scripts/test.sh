@@ -132,16 +132,18 @@ fi
 export SDS_AGENT_PYTHON="$PWD/.venv-test/bin/python"
 # The interop tests skip without this interpreter, except here.
 export SDS_AGENT_REQUIRE_PYTHON=1
-# The node-mode tests (integration/tests/node_e2e.rs) run "pods" as processes in cgroup v2
-# directories of their own. Where this machine allows that (a cgroup v2 mount this user can
-# create a directory in), they must run; elsewhere they print a line and skip.
+# The node-mode tests (integration/tests/node_e2e.rs, node_mesh_e2e.rs) run "pods" as
+# processes in cgroup v2 directories of their own. Where this machine allows that (a cgroup v2
+# mount this user can create a directory in), they must use real cgroups; elsewhere they fall
+# back to a fake /proc given to the agent as --proc-root (integration/src/pods.rs says what
+# that does not prove), and only the PID-reuse test, which needs the real kernel, skips.
 cgroup2=$(awk '$0 ~ / - cgroup2 / { print $5; exit }' /proc/self/mountinfo)
 if [ -n "$cgroup2" ] && mkdir "$cgroup2/sds-agent-probe-$$" 2> /dev/null; then
   rmdir "$cgroup2/sds-agent-probe-$$"
   export SDS_AGENT_REQUIRE_CGROUPS=1
   echo "cgroup v2 at $cgroup2: node-mode end-to-end tests required"
 else
-  echo "no writable cgroup v2 hierarchy: node-mode end-to-end tests will skip" >&2
+  echo "no writable cgroup v2 hierarchy: node-mode end-to-end tests run on a fake /proc (--proc-root); the PID-reuse test skips" >&2
 fi
 # The PID-reuse test hands a dead caller's pid to another pod's process by setting the
 # kernel's next pid (/proc/sys/kernel/ns_last_pid, root only); required where that is allowed.

@@ -111,7 +111,7 @@ impl Envoy {
 
     /// Like [`Envoy::start`], with Envoy started by the command `launch` returns (Envoy's own
     /// arguments are appended to it): e.g. a shell that moves itself into a pod's cgroup and
-    /// then execs Envoy ([`crate::pods::PodCgroups::command_in`]). Restarts use it again.
+    /// then execs Envoy ([`crate::pods::Pods::command_in`]). Restarts use it again.
     pub async fn start_in(
         launch: impl Fn() -> Result<Command, Error> + Send + Sync + 'static,
         dir: &Path,

@@ -2,8 +2,9 @@
 //! and `<dir>/workload.sock` (Workload API), on the embedded CA, asking a
 //! [`FakeKubelet`] which pod a caller is in; and what its admin endpoint says.
 //!
-//! Which process is in which pod is the kernel's business ([`crate::pods`]): the agent reads
-//! the real SO_PEERCRED and the real `/proc`, so this harness only starts the agent.
+//! Which process is in which pod is [`crate::pods`]' business: the agent reads the real
+//! SO_PEERCRED, and the real `/proc` or, where the pods are in a fake one, that directory
+//! (`--proc-root`, from [`Pods::agent_args`]), so this harness only starts the agent.
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use crate::agent::{SecretInfo, parse_secrets};
 use crate::kubelet::{FakeKubelet, FakePod};
+use crate::pods::Pods;
 use crate::process::{ChildGuard, agent_bin};
 use crate::{Error, free_port, http};
 
@@ -30,12 +32,14 @@ pub struct NodeAgent {
 
 impl NodeAgent {
     /// Starts the agent in `dir` for `trust_domain`, asking `kubelet` (its CA and token file),
-    /// with `extra` flags appended (a CA, `--cert-ttl`, ...), and waits until `/readyz`
-    /// answers `200`: the trust bundle is read at start, before any pod has asked.
+    /// seeing the processes of `pods` (`--proc-root` for a fake `/proc`), with `extra` flags
+    /// appended (a CA, `--cert-ttl`, ...), and waits until `/readyz` answers `200`: the trust
+    /// bundle is read at start, before any pod has asked.
     pub async fn start(
         dir: &Path,
         trust_domain: &str,
         kubelet: &FakeKubelet,
+        pods: &Pods,
         extra: &[OsString],
     ) -> Result<Self, Error> {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -60,6 +64,7 @@ impl NodeAgent {
                 "4",
             ])
             .args(["--log-level", "info,sds_agent::attest=debug"])
+            .args(pods.agent_args())
             .args(extra)
             .env("NO_COLOR", "1");
         let mut proc = ChildGuard::spawn("node agent", cmd, &dir.join("agent.log"))?;

@@ -71,7 +71,7 @@ pub async fn run_json(
 }
 
 /// Runs `cmd` (a Python client, perhaps wrapped, e.g. into a pod's cgroup by
-/// [`crate::pods::PodCgroups::command_in`]) as [`run_json`] does; `what` names it in errors.
+/// [`crate::pods::Pods::command_in`]) as [`run_json`] does; `what` names it in errors.
 pub async fn run_json_command(
     cmd: std::process::Command,
     what: &str,

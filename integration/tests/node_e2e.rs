@@ -1,17 +1,25 @@
 //! Node mode end to end: one agent (`run --mode node`) serving three "pods" on one machine.
 //!
-//! Each pod is a cgroup v2 directory laid out as the kubelet lays it out
-//! (`sds_integration::pods`), listed by the fake kubelet with the same pod UID and container
-//! ID; each pod's process is gRPC C-core (grpcio, `integration/python/node_probe.py`) started
-//! inside that cgroup. The agent proves every caller with the real SO_PEERCRED, the real
-//! `/proc` and the kubelet's pod list, and each pod must get its own identity and nothing
-//! else: over StreamSecrets, FetchSecrets and DeltaSecrets, by `default`, by its own SPIFFE ID
-//! and by every other pod's, and over the Workload API. A process in no pod is refused
-//! `UNAUTHENTICATED`; a pod the kubelet does not list is answered `UNAVAILABLE`.
+//! Each pod is a cgroup v2 directory laid out as the kubelet lays it out, or, where the
+//! machine has no writable cgroup v2 hierarchy, an entry in a fake `/proc` given to the agent
+//! as `--proc-root` (`sds_integration::pods`, which says what the fake does not prove); either
+//! way listed by the fake kubelet with the same pod UID and container ID. Each pod's process
+//! is gRPC C-core (grpcio, `integration/python/node_probe.py`) started in that pod. The agent
+//! proves every caller with the real SO_PEERCRED, the (real or fake) `/proc` and the kubelet's
+//! pod list, and each pod must get its own identity and nothing else: over StreamSecrets,
+//! FetchSecrets and DeltaSecrets, by `default`, by its own SPIFFE ID and by every other pod's,
+//! and over the Workload API. A process in no pod is refused `UNAUTHENTICATED`; a pod the
+//! kubelet does not list is answered `UNAVAILABLE`.
 //!
-//! Skips without Python (grpcio) or a writable cgroup v2 hierarchy, unless
-//! `SDS_AGENT_REQUIRE_PYTHON=1` / `SDS_AGENT_REQUIRE_CGROUPS=1` (scripts/test.sh sets the first
-//! always, and the second where the machine has a cgroup v2 hierarchy it can write).
+//! Every test runs in the mode `Pods::create()` picks (real cgroups where it can create a
+//! cgroup v2 directory; `SDS_AGENT_PODS=fake-proc` forces the fake), except two: the PID-reuse
+//! test needs the real kernel, and skips without a writable cgroup v2 hierarchy, and the
+//! `..._in_a_fake_proc` tests always use the fake, so that it is tested on every machine.
+//!
+//! Skips without Python (grpcio), unless `SDS_AGENT_REQUIRE_PYTHON=1`. With
+//! `SDS_AGENT_REQUIRE_CGROUPS=1` a machine without a writable cgroup v2 hierarchy fails instead
+//! of falling back to the fake (scripts/test.sh sets the first always, and the second where
+//! the machine has a cgroup v2 hierarchy it can write).
 
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,9 +32,9 @@ use sds_integration::istio_ca::{IstioTestCa, args_for, write_token};
 use sds_integration::kubelet::{FakeKubelet, FakePod};
 use sds_integration::node::NodeAgent;
 use sds_integration::pki::serial_of_pem;
-use sds_integration::pods::PodCgroups;
-use sds_integration::python;
+use sds_integration::pods::Pods;
 use sds_integration::vault::Vault;
+use sds_integration::{Error, python};
 use serde_json::Value;
 
 const TD: &str = "cluster.local";
@@ -39,9 +47,9 @@ fn spiffe_id(pod: &FakePod) -> String {
     )
 }
 
-/// A node-mode agent on the embedded CA in `dir`, asking `kubelet`.
-async fn node_agent(dir: &Path, kubelet: &FakeKubelet) -> NodeAgent {
-    NodeAgent::start(dir, TD, kubelet, &[]).await.unwrap()
+/// A node-mode agent on the embedded CA in `dir`, asking `kubelet`, seeing `pods`.
+async fn node_agent(dir: &Path, kubelet: &FakeKubelet, pods: &Pods) -> NodeAgent {
+    NodeAgent::start(dir, TD, kubelet, pods, &[]).await.unwrap()
 }
 
 async fn metric(agent: &NodeAgent, prefix: &str) -> f64 {
@@ -68,29 +76,39 @@ const METHODS: [&str; 3] = ["stream", "fetch", "delta"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_gets_its_own_identity_and_never_anothers() {
+    each_pod_gets_its_own_identity(Pods::create).await;
+}
+
+/// The same in a fake `/proc`, whatever the machine allows: the fallback is exercised
+/// everywhere, not only where it is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pod_gets_its_own_identity_and_never_anothers_in_a_fake_proc() {
+    each_pod_gets_its_own_identity(Pods::fake_proc).await;
+}
+
+/// Three pods in `pods`, each asking for its own identity and the other two's.
+async fn each_pod_gets_its_own_identity(make_pods: fn() -> Result<Pods, Error>) {
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
-        return;
-    };
+    let pods = make_pods().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let pods = [
+    let fakes = [
         FakePod::new("shop", "frontend-7d9f", "frontend"),
         FakePod::new("shop", "backend-5c4b", "backend"),
         FakePod::new("billing", "ledger-0", "ledger"),
     ];
-    for pod in &pods {
+    for pod in &fakes {
         kubelet.add_pod(pod.clone());
     }
-    let agent = node_agent(dir.path(), &kubelet).await;
-    let ids: Vec<String> = pods.iter().map(spiffe_id).collect();
+    let agent = node_agent(dir.path(), &kubelet, &pods).await;
+    let ids: Vec<String> = fakes.iter().map(spiffe_id).collect();
 
-    for (i, pod) in pods.iter().enumerate() {
+    for (i, pod) in fakes.iter().enumerate() {
         let own = &ids[i];
         let others: Vec<String> = ids.iter().filter(|id| *id != own).cloned().collect();
-        let cmd = cgroups.command_in(pod, &python).unwrap();
+        let cmd = pods.command_in(pod, &python).unwrap();
         let out = probe(cmd, dir.path(), own, &others).await;
         for m in METHODS {
             let asked = &out["sds"]["default,ROOTCA"][m];
@@ -153,40 +171,23 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
-        return;
-    };
+    let pods = Pods::create().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
     let listed = FakePod::new("shop", "frontend-1", "frontend");
     kubelet.add_pod(listed.clone());
-    let agent = node_agent(dir.path(), &kubelet).await;
+    let agent = node_agent(dir.path(), &kubelet, &pods).await;
 
-    // A process in no pod's cgroup (this test's own children are not in one).
-    let out = probe(Command::new(&python), dir.path(), &spiffe_id(&listed), &[]).await;
-    let mut codes = Vec::new();
-    for label in ["default,ROOTCA", "own"] {
-        for m in METHODS {
-            let r = &out["sds"][label][m];
-            assert_eq!(r["names"], serde_json::json!([]), "{r}");
-            assert!(!r["private_key"].as_bool().unwrap());
-            codes.push(r["code"].as_str().unwrap().to_owned());
-        }
-    }
-    // Refused, and the connection closed: a call racing the close sees it as UNAVAILABLE.
-    assert_eq!(codes[0], "UNAUTHENTICATED", "{codes:?}");
-    assert!(
-        codes
-            .iter()
-            .all(|c| c == "UNAUTHENTICATED" || c == "UNAVAILABLE"),
-        "{codes:?}"
-    );
-    assert_ne!(out["workload"]["code"], "OK", "{}", out["workload"]);
+    // A process in no pod's cgroup (with real cgroups, this test's own children are not in
+    // one; in a fake /proc, its entry names the container runtime's service).
+    let cmd = pods.command_in_no_pod(&python).unwrap();
+    let out = probe(cmd, dir.path(), &spiffe_id(&listed), &[]).await;
+    assert_unauthenticated(&out);
     assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 1.0);
 
     // A pod in a cgroup the kubelet does not list: proven process, unknown pod.
     let unlisted = FakePod::new("shop", "ghost-1", "ghost");
-    let cmd = cgroups.command_in(&unlisted, &python).unwrap();
+    let cmd = pods.command_in(&unlisted, &python).unwrap();
     let out = probe(cmd, dir.path(), &spiffe_id(&unlisted), &[]).await;
     for m in METHODS {
         let r = &out["sds"]["default,ROOTCA"][m];
@@ -203,6 +204,71 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
     );
     // Nothing was issued for anyone.
     assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+}
+
+/// A fake `/proc` is not a free pass: the agent reads it as it reads the real one, so a
+/// process whose entry names no pod, or that has no entry at all, is refused
+/// `UNAUTHENTICATED`, while the process of a listed pod beside them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fake_proc_an_entry_naming_no_pod_or_no_entry_is_refused() {
+    let Some(python) = python::python().unwrap() else {
+        return;
+    };
+    let pods = Pods::fake_proc().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    let listed = FakePod::new("shop", "frontend-1", "frontend");
+    kubelet.add_pod(listed.clone());
+    let agent = node_agent(dir.path(), &kubelet, &pods).await;
+    let own = spiffe_id(&listed);
+
+    // An entry whose cgroup is the container runtime's service: no pod's.
+    let cmd = pods.command_in_no_pod(&python).unwrap();
+    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    assert!(why.contains("is not a pod container"), "{why}");
+
+    // No entry: to the agent, a process that is gone.
+    let cmd = pods.command_without_entry(&python).unwrap();
+    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    assert!(why.contains("is gone"), "{why}");
+    assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 2.0);
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
+
+    // The listed pod's process, with its entry, is served: the refusals above were the
+    // entries', not an agent that cannot read the fake /proc.
+    let cmd = pods.command_in(&listed, &python).unwrap();
+    let out = probe(cmd, dir.path(), &own, &[]).await;
+    let asked = &out["sds"]["default,ROOTCA"]["fetch"];
+    assert_eq!(asked["code"], "OK", "{asked}");
+    assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{asked}");
+    assert_eq!(metric(&agent, "sds_agent_identities ").await, 1.0);
+}
+
+/// Asserts that node_probe.py's answer `out` got nothing: every SDS question refused
+/// `UNAUTHENTICATED` (a call racing the close of the refused connection sees `UNAVAILABLE`),
+/// and the Workload API refused too. Returns the details of the first refusal.
+fn assert_unauthenticated(out: &Value) -> String {
+    let mut codes = Vec::new();
+    for label in ["default,ROOTCA", "own"] {
+        for m in METHODS {
+            let r = &out["sds"][label][m];
+            assert_eq!(r["names"], serde_json::json!([]), "{r}");
+            assert!(!r["private_key"].as_bool().unwrap());
+            codes.push(r["code"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(codes[0], "UNAUTHENTICATED", "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| c == "UNAUTHENTICATED" || c == "UNAVAILABLE"),
+        "{codes:?}"
+    );
+    assert_ne!(out["workload"]["code"], "OK", "{}", out["workload"]);
+    out["sds"]["default,ROOTCA"][METHODS[0]]["details"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// Whether this process may set the kernel's next pid (root in the initial PID namespace).
@@ -254,7 +320,8 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
+    // The real kernel or nothing: a fake /proc's entries outlive their processes.
+    let Some(pods) = Pods::cgroups().unwrap() else {
         return;
     };
     if !can_choose_pids() {
@@ -266,12 +333,12 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
     let victim = FakePod::new("bank", "teller-0", "teller");
     kubelet.add_pod(attacker.clone());
     kubelet.add_pod(victim.clone());
-    let agent = node_agent(dir.path(), &kubelet).await;
-    let victim_cgroup = cgroups.container_cgroup(&victim).unwrap();
+    let agent = node_agent(dir.path(), &kubelet, &pods).await;
+    let victim_cgroup = pods.container_cgroup(&victim).unwrap();
 
     // Control: the connecting process is gone and nobody has its pid.
     let out = pid_reuse(
-        cgroups.command_in(&attacker, &python).unwrap(),
+        pods.command_in(&attacker, &python).unwrap(),
         &agent,
         &victim_cgroup,
         true,
@@ -284,7 +351,7 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
 
     // The attack: the victim pod's process now has the connecting process's pid.
     let out = pid_reuse(
-        cgroups.command_in(&attacker, &python).unwrap(),
+        pods.command_in(&attacker, &python).unwrap(),
         &agent,
         &victim_cgroup,
         false,
@@ -310,7 +377,7 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
     // defence, not a pod the agent could not find.
     let own = spiffe_id(&victim);
     let out = probe(
-        cgroups.command_in(&victim, &python).unwrap(),
+        pods.command_in(&victim, &python).unwrap(),
         dir.path(),
         &own,
         &[],
@@ -332,9 +399,7 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
-        return;
-    };
+    let pods = Pods::create().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let Some(vault) = Vault::start(dir.path()).await.unwrap() else {
         return;
@@ -378,7 +443,7 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
     .map(Into::into)
     .chain(["--vault-token-file".into(), token_file.into()])
     .collect();
-    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ca)
+    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &pods, &ca)
         .await
         .unwrap();
     let vault_root = serial_of_pem(&root).unwrap();
@@ -395,7 +460,7 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
     // The pod outside the role's namespace first: its refusal must not hurt the others.
     let refused = spiffe_id(&billing);
     let out = probe(
-        cgroups.command_in(&billing, &python).unwrap(),
+        pods.command_in(&billing, &python).unwrap(),
         dir.path(),
         &refused,
         &[],
@@ -417,7 +482,7 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
     for pod in &shop {
         let own = spiffe_id(pod);
         let out = probe(
-            cgroups.command_in(pod, &python).unwrap(),
+            pods.command_in(pod, &python).unwrap(),
             dir.path(),
             &own,
             &[],
@@ -457,9 +522,7 @@ async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
-        return;
-    };
+    let pods = Pods::create().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let istio = IstioTestCa::start(dir.path()).await.unwrap();
     istio
@@ -502,13 +565,13 @@ async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
     // No --ca-trust-bundle: istiod's roots come with the first pod's certificate, and the
     // node agent is ready (NodeAgent::start waits for /readyz) before any pod has asked.
     let ca = args_for(istio.addr(), istio.tls_root(), &token_file, None);
-    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ca)
+    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &pods, &ca)
         .await
         .unwrap();
     for pod in &here {
         let own = spiffe_id(pod);
         let out = probe(
-            cgroups.command_in(pod, &python).unwrap(),
+            pods.command_in(pod, &python).unwrap(),
             dir.path(),
             &own,
             &[],
@@ -522,7 +585,7 @@ async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
     }
     let refused = spiffe_id(&elsewhere);
     let out = probe(
-        cgroups.command_in(&elsewhere, &python).unwrap(),
+        pods.command_in(&elsewhere, &python).unwrap(),
         dir.path(),
         &refused,
         &[],

@@ -1,5 +1,6 @@
 //! Node mode under real traffic: three pods on one node, each with a real Envoy 1.40 started
-//! inside its pod's cgroup, all fetching `default` and `ROOTCA` from one node agent, doing
+//! inside its pod (its cgroup, or its entry in a fake `/proc` where the machine has no
+//! writable cgroup v2 hierarchy: `sds_integration::pods`), all fetching `default` and `ROOTCA` from one node agent, doing
 //! mTLS to each other while their certificates rotate every few seconds.
 //!
 //! ```text
@@ -14,7 +15,8 @@
 //! inbound side accepts only the other two. Every request opens a new connection, so a new
 //! handshake with whatever certificates are current. Both Envoys name, in response headers,
 //! the certificates the handshake actually used. The agent proves every Envoy by its
-//! process's cgroup and the fake kubelet's pod list, nothing else: no Envoy says who it is.
+//! process's cgroup (as `/proc`, real or fake, shows it) and the fake kubelet's pod list,
+//! nothing else: no Envoy says who it is.
 //!
 //! Passing means: not one failed request on any of the six directed paths; every handshake
 //! had the right identities on both sides; every identity rotated at least twice and its new
@@ -23,9 +25,10 @@
 //! of the three identities by name over every SDS method and is refused every time, while
 //! `default` and the Workload API give it its own.
 //!
-//! Skips without Envoy, Python (grpcio) or a writable cgroup v2 hierarchy, unless
-//! `SDS_AGENT_REQUIRE_ENVOY=1` / `SDS_AGENT_REQUIRE_PYTHON=1` / `SDS_AGENT_REQUIRE_CGROUPS=1`
-//! (scripts/test.sh).
+//! Skips without Envoy or Python (grpcio), unless `SDS_AGENT_REQUIRE_ENVOY=1` /
+//! `SDS_AGENT_REQUIRE_PYTHON=1`. Without a writable cgroup v2 hierarchy it runs in a fake
+//! `/proc`, unless `SDS_AGENT_REQUIRE_CGROUPS=1` (then it fails); `SDS_AGENT_PODS=fake-proc`
+//! forces the fake (scripts/test.sh, `sds_integration::pods`).
 
 // Test code: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,7 +45,7 @@ use sds_integration::envoy::{
 use sds_integration::http::{self, Upstream};
 use sds_integration::kubelet::{FakeKubelet, FakePod};
 use sds_integration::node::NodeAgent;
-use sds_integration::pods::PodCgroups;
+use sds_integration::pods::Pods;
 use sds_integration::process::envoy_bin;
 use sds_integration::{Serial, free_port, python, test_dir, wait_until};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -240,9 +243,7 @@ async fn three_pods_do_mtls_through_one_node_agent_and_rotate_with_zero_failed_r
     let Some(python) = python::python().unwrap() else {
         return;
     };
-    let Some(cgroups) = PodCgroups::create().unwrap() else {
-        return;
-    };
+    let place = Pods::create().unwrap();
     let dir = test_dir().unwrap();
     let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
     let fakes = [
@@ -254,7 +255,7 @@ async fn three_pods_do_mtls_through_one_node_agent_and_rotate_with_zero_failed_r
         kubelet.add_pod(p.clone());
     }
     let ttl: Vec<OsString> = vec!["--cert-ttl".into(), CERT_TTL.into()];
-    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &ttl)
+    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &place, &ttl)
         .await
         .unwrap();
     let pods: Vec<Pod> = fakes
@@ -271,7 +272,7 @@ async fn three_pods_do_mtls_through_one_node_agent_and_rotate_with_zero_failed_r
     let mut envoys = Vec::new();
     for p in &pods {
         let b = bootstrap(p, &pods, &agent, upstream.addr());
-        let launch = cgroups.command_in(&p.pod, &envoy_bin).unwrap();
+        let launch = place.command_in(&p.pod, &envoy_bin).unwrap();
         let (program, args): (OsString, Vec<OsString>) = (
             launch.get_program().to_owned(),
             launch.get_args().map(ToOwned::to_owned).collect(),
@@ -327,7 +328,7 @@ async fn three_pods_do_mtls_through_one_node_agent_and_rotate_with_zero_failed_r
     let intruder = FakePod::new("shop", "debug-shell", "intruder");
     kubelet.add_pod(intruder.clone());
     let intruder_id = agent.spiffe_id(&intruder);
-    let mut ask = cgroups.command_in(&intruder, &python).unwrap();
+    let mut ask = place.command_in(&intruder, &python).unwrap();
     ask.arg(python::script("node_probe.py"))
         .arg("--socket")
         .arg(agent.socket())
