@@ -12,11 +12,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::agent::{SecretInfo, parse_secrets};
 use crate::kubelet::{FakeKubelet, FakePod};
 use crate::pods::Pods;
 use crate::process::{ChildGuard, agent_bin};
-use crate::{Error, free_port, http};
+use crate::{Error, free_port, http, python};
+
+/// The SDS methods `node_probe.py` asks with, as its JSON names them.
+pub const SDS_METHODS: [&str; 3] = ["stream", "fetch", "delta"];
+
+/// How long one `node_probe.py` run may take (each question has 5 s).
+const PROBE_LIMIT: Duration = Duration::from_secs(90);
 
 /// How long a node agent may take to become ready.
 const READY_LIMIT: Duration = Duration::from_secs(20);
@@ -42,6 +50,19 @@ impl NodeAgent {
         pods: &Pods,
         extra: &[OsString],
     ) -> Result<Self, Error> {
+        Self::start_with_env(dir, trust_domain, kubelet, pods, extra, &[]).await
+    }
+
+    /// [`NodeAgent::start`] with `env` added to the agent's environment (a CA's
+    /// credentials).
+    pub async fn start_with_env(
+        dir: &Path,
+        trust_domain: &str,
+        kubelet: &FakeKubelet,
+        pods: &Pods,
+        extra: &[OsString],
+        env: &[(String, String)],
+    ) -> Result<Self, Error> {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let mut cmd = Command::new(agent_bin()?);
         cmd.arg("run")
@@ -66,7 +87,8 @@ impl NodeAgent {
             .args(["--log-level", "info,sds_agent::attest=debug"])
             .args(pods.agent_args())
             .args(extra)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let mut proc = ChildGuard::spawn("node agent", cmd, &dir.join("agent.log"))?;
         proc.wait_ready("GET /readyz = 200", READY_LIMIT, || async move {
             http::get(admin, "/readyz")
@@ -140,6 +162,33 @@ impl NodeAgent {
     pub async fn secrets(&self) -> Result<Vec<SecretInfo>, Error> {
         let (_, body) = self.get("/secrets").await?;
         parse_secrets(&body)
+    }
+
+    /// `cmd` (a Python interpreter with grpcio, wrapped into a pod or not) with
+    /// `integration/python/node_probe.py` and its arguments appended: it asks this agent for
+    /// `default,ROOTCA`, for `own` and for each of `others` over the three SDS methods, and
+    /// for the caller's SVID over the Workload API, and prints one JSON object.
+    pub fn probe_command(&self, mut cmd: Command, own: &str, others: &[String]) -> Command {
+        cmd.arg(python::script("node_probe.py"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--workload-socket")
+            .arg(self.workload_socket())
+            .args(["--own", own, "--timeout", "5"]);
+        for o in others {
+            cmd.args(["--other", o]);
+        }
+        cmd
+    }
+
+    /// Runs [`NodeAgent::probe_command`] and returns its JSON.
+    pub async fn probe(&self, cmd: Command, own: &str, others: &[String]) -> Result<Value, Error> {
+        python::run_json_command(
+            self.probe_command(cmd, own, others),
+            "node_probe.py",
+            PROBE_LIMIT,
+        )
+        .await
     }
 
     /// Whether the agent's log holds `needle` now.

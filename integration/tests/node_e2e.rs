@@ -28,12 +28,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sds_integration::istio_ca::{IstioTestCa, args_for, write_token};
 use sds_integration::kubelet::{FakeKubelet, FakePod};
-use sds_integration::node::NodeAgent;
-use sds_integration::pki::serial_of_pem;
+use sds_integration::node::{NodeAgent, SDS_METHODS};
 use sds_integration::pods::Pods;
-use sds_integration::vault::Vault;
 use sds_integration::{Error, python};
 use serde_json::Value;
 
@@ -56,23 +53,12 @@ async fn metric(agent: &NodeAgent, prefix: &str) -> f64 {
     agent.metric(prefix).await.unwrap()
 }
 
-/// Runs the probe as `cmd` (already wrapped into a pod, or not) and returns its JSON.
-async fn probe(mut cmd: Command, dir: &Path, own: &str, others: &[String]) -> Value {
-    cmd.arg(python::script("node_probe.py"))
-        .arg("--socket")
-        .arg(dir.join("agent.sock"))
-        .arg("--workload-socket")
-        .arg(dir.join("workload.sock"))
-        .args(["--own", own, "--timeout", "5"]);
-    for o in others {
-        cmd.args(["--other", o]);
-    }
-    python::run_json_command(cmd, "node_probe.py", Duration::from_secs(90))
-        .await
-        .unwrap()
+/// Runs `node_probe.py` as `cmd` (already wrapped into a pod, or not) against `agent`.
+async fn probe(agent: &NodeAgent, cmd: Command, own: &str, others: &[String]) -> Value {
+    agent.probe(cmd, own, others).await.unwrap()
 }
 
-const METHODS: [&str; 3] = ["stream", "fetch", "delta"];
+const METHODS: [&str; 3] = SDS_METHODS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_pod_gets_its_own_identity_and_never_anothers() {
@@ -109,7 +95,7 @@ async fn each_pod_gets_its_own_identity(make_pods: fn() -> Result<Pods, Error>) 
         let own = &ids[i];
         let others: Vec<String> = ids.iter().filter(|id| *id != own).cloned().collect();
         let cmd = pods.command_in(pod, &python).unwrap();
-        let out = probe(cmd, dir.path(), own, &others).await;
+        let out = probe(&agent, cmd, own, &others).await;
         for m in METHODS {
             let asked = &out["sds"]["default,ROOTCA"][m];
             assert_eq!(asked["code"], "OK", "{own} {m} default,ROOTCA: {asked}");
@@ -181,14 +167,14 @@ async fn callers_that_are_not_proven_pods_get_nothing() {
     // A process in no pod's cgroup (with real cgroups, this test's own children are not in
     // one; in a fake /proc, its entry names the container runtime's service).
     let cmd = pods.command_in_no_pod(&python).unwrap();
-    let out = probe(cmd, dir.path(), &spiffe_id(&listed), &[]).await;
+    let out = probe(&agent, cmd, &spiffe_id(&listed), &[]).await;
     assert_unauthenticated(&out);
     assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 1.0);
 
     // A pod in a cgroup the kubelet does not list: proven process, unknown pod.
     let unlisted = FakePod::new("shop", "ghost-1", "ghost");
     let cmd = pods.command_in(&unlisted, &python).unwrap();
-    let out = probe(cmd, dir.path(), &spiffe_id(&unlisted), &[]).await;
+    let out = probe(&agent, cmd, &spiffe_id(&unlisted), &[]).await;
     for m in METHODS {
         let r = &out["sds"]["default,ROOTCA"][m];
         assert_eq!(r["code"], "UNAVAILABLE", "{m}: {r}");
@@ -224,12 +210,12 @@ async fn in_a_fake_proc_an_entry_naming_no_pod_or_no_entry_is_refused() {
 
     // An entry whose cgroup is the container runtime's service: no pod's.
     let cmd = pods.command_in_no_pod(&python).unwrap();
-    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    let why = assert_unauthenticated(&probe(&agent, cmd, &own, &[]).await);
     assert!(why.contains("is not a pod container"), "{why}");
 
     // No entry: to the agent, a process that is gone.
     let cmd = pods.command_without_entry(&python).unwrap();
-    let why = assert_unauthenticated(&probe(cmd, dir.path(), &own, &[]).await);
+    let why = assert_unauthenticated(&probe(&agent, cmd, &own, &[]).await);
     assert!(why.contains("is gone"), "{why}");
     assert!(metric(&agent, "sds_agent_attestations_refused_total ").await >= 2.0);
     assert_eq!(metric(&agent, "sds_agent_identities ").await, 0.0);
@@ -237,7 +223,7 @@ async fn in_a_fake_proc_an_entry_naming_no_pod_or_no_entry_is_refused() {
     // The listed pod's process, with its entry, is served: the refusals above were the
     // entries', not an agent that cannot read the fake /proc.
     let cmd = pods.command_in(&listed, &python).unwrap();
-    let out = probe(cmd, dir.path(), &own, &[]).await;
+    let out = probe(&agent, cmd, &own, &[]).await;
     let asked = &out["sds"]["default,ROOTCA"]["fetch"];
     assert_eq!(asked["code"], "OK", "{asked}");
     assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{asked}");
@@ -377,8 +363,8 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
     // defence, not a pod the agent could not find.
     let own = spiffe_id(&victim);
     let out = probe(
+        &agent,
         pods.command_in(&victim, &python).unwrap(),
-        dir.path(),
         &own,
         &[],
     )
@@ -387,246 +373,4 @@ async fn a_connection_whose_pid_is_reused_by_another_pod_gets_nothing() {
     assert_eq!(asked["code"], "OK", "{asked}");
     assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{asked}");
     assert_eq!(metric(&agent, "sds_agent_identities ").await, 1.0);
-}
-
-/// Node mode on the Vault backend against OpenBao, with a node role as docs/node-mode.md
-/// sets one up, narrowed to one namespace: `allowed_uri_sans` of
-/// `spiffe://cluster.local/ns/shop/sa/*`. The agent signs each shop pod's identity with its
-/// one Vault token and role; a pod of another namespace gets no certificate (Vault refuses,
-/// the agent says why), and that refusal costs the shop pods nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
-    let Some(python) = python::python().unwrap() else {
-        return;
-    };
-    let pods = Pods::create().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(vault) = Vault::start(dir.path()).await.unwrap() else {
-        return;
-    };
-    let root = vault.pki_with_root("pki", "node test root").await.unwrap();
-    vault
-        .role(
-            "pki",
-            "sds-node",
-            &format!("spiffe://{TD}/ns/shop/sa/*"),
-            "1h",
-        )
-        .await
-        .unwrap();
-    vault
-        .sign_policy("sds-node", "pki", "sds-node")
-        .await
-        .unwrap();
-    let token = vault.token("sds-node", "1h", true).await.unwrap();
-    let token_file = dir.path().join("vault-token");
-    std::fs::write(&token_file, token).unwrap();
-
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let shop = [
-        FakePod::new("shop", "frontend-7d9f", "frontend"),
-        FakePod::new("shop", "backend-5c4b", "backend"),
-    ];
-    let billing = FakePod::new("billing", "ledger-0", "ledger");
-    for pod in shop.iter().chain([&billing]) {
-        kubelet.add_pod(pod.clone());
-    }
-    let ca: Vec<std::ffi::OsString> = [
-        "--ca",
-        "vault",
-        "--vault-addr",
-        vault.addr(),
-        "--vault-role",
-        "sds-node",
-    ]
-    .iter()
-    .map(Into::into)
-    .chain(["--vault-token-file".into(), token_file.into()])
-    .collect();
-    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &pods, &ca)
-        .await
-        .unwrap();
-    let vault_root = serial_of_pem(&root).unwrap();
-    let served_roots: Vec<_> = agent
-        .secrets()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.name == "ROOTCA")
-        .map(|s| s.serial)
-        .collect();
-    assert_eq!(served_roots, [vault_root], "the bundle is Vault's root");
-
-    // The pod outside the role's namespace first: its refusal must not hurt the others.
-    let refused = spiffe_id(&billing);
-    let out = probe(
-        pods.command_in(&billing, &python).unwrap(),
-        dir.path(),
-        &refused,
-        &[],
-    )
-    .await;
-    for label in ["default,ROOTCA", "own"] {
-        for m in METHODS {
-            let r = &out["sds"][label][m];
-            assert_ne!(r["code"], "OK", "{refused} {m} {label}: {r}");
-            assert_eq!(r["uri_sans"], serde_json::json!([]), "{m} {label}: {r}");
-            assert!(!r["private_key"].as_bool().unwrap(), "{m} {label}: {r}");
-        }
-    }
-    assert!(
-        agent.log_contains("refused to sign") && agent.log_contains("allowed_uri_sans"),
-        "the agent's log does not say why Vault refused {refused}"
-    );
-
-    for pod in &shop {
-        let own = spiffe_id(pod);
-        let out = probe(
-            pods.command_in(pod, &python).unwrap(),
-            dir.path(),
-            &own,
-            &[],
-        )
-        .await;
-        for m in METHODS {
-            let asked = &out["sds"]["default,ROOTCA"][m];
-            assert_eq!(asked["code"], "OK", "{own} {m}: {asked}");
-            assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{m}: {asked}");
-        }
-    }
-    let issued: Vec<String> = agent
-        .secrets()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.name == "default")
-        .map(|s| s.spiffe_id)
-        .collect();
-    let mut expected: Vec<String> = shop.iter().map(spiffe_id).collect();
-    expected.sort();
-    assert_eq!(issued, expected, "only the shop pods hold certificates");
-    assert!(
-        metric(&agent, "sds_agent_ca_errors_total{").await >= 1.0,
-        "Vault's refusal is counted"
-    );
-}
-
-/// Node mode on the istiod backend, the ztunnel way, end to end: the agent proves each pod
-/// from its cgroup and the kubelet, then asks the test Istio CA (with istiod's node
-/// authorizer) for that pod's identity with the node agent's own token and the identity in
-/// `ImpersonatedIdentity`. A pod the kubelet lists here but istiod's registry places on
-/// another node is refused by istiod too: a second, independent check.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
-    const NODE: &str = "node-a";
-    let Some(python) = python::python().unwrap() else {
-        return;
-    };
-    let pods = Pods::create().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let istio = IstioTestCa::start(dir.path()).await.unwrap();
-    istio
-        .trust_node_accounts(&[("sds-agent", "sds-agent")])
-        .await;
-    istio
-        .allow_node_agent(
-            "node-a-agent-token",
-            TD,
-            "sds-agent",
-            "sds-agent",
-            "sds-agent-x7k2p",
-            NODE,
-        )
-        .await;
-    let token_file = dir.path().join("node-a-agent-token");
-    write_token(&token_file, "node-a-agent-token").unwrap();
-
-    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
-    let here = [
-        FakePod::new("shop", "frontend-7d9f", "frontend"),
-        FakePod::new("billing", "ledger-0", "ledger"),
-    ];
-    for pod in &here {
-        kubelet.add_pod(pod.clone());
-        istio
-            .add_pod(
-                NODE,
-                &pod.namespace,
-                pod.service_account.as_deref().unwrap(),
-                &pod.name,
-            )
-            .await;
-    }
-    // Listed by this node's kubelet, but on node-b as istiod sees it.
-    let elsewhere = FakePod::new("shop", "batch-1", "batch");
-    kubelet.add_pod(elsewhere.clone());
-    istio.add_pod("node-b", "shop", "batch", "batch-1").await;
-
-    // No --ca-trust-bundle: istiod's roots come with the first pod's certificate, and the
-    // node agent is ready (NodeAgent::start waits for /readyz) before any pod has asked.
-    let ca = args_for(istio.addr(), istio.tls_root(), &token_file, None);
-    let agent = NodeAgent::start(dir.path(), TD, &kubelet, &pods, &ca)
-        .await
-        .unwrap();
-    for pod in &here {
-        let own = spiffe_id(pod);
-        let out = probe(
-            pods.command_in(pod, &python).unwrap(),
-            dir.path(),
-            &own,
-            &[],
-        )
-        .await;
-        for m in METHODS {
-            let asked = &out["sds"]["default,ROOTCA"][m];
-            assert_eq!(asked["code"], "OK", "{own} {m}: {asked}");
-            assert_eq!(asked["uri_sans"], serde_json::json!([own]), "{m}: {asked}");
-        }
-    }
-    let refused = spiffe_id(&elsewhere);
-    let out = probe(
-        pods.command_in(&elsewhere, &python).unwrap(),
-        dir.path(),
-        &refused,
-        &[],
-    )
-    .await;
-    let fetched = &out["sds"]["default,ROOTCA"]["fetch"];
-    assert_ne!(fetched["code"], "OK", "{refused}: {fetched}");
-    assert!(!fetched["private_key"].as_bool().unwrap(), "{fetched}");
-
-    // Every call carried the node agent's token and named the pod it was for.
-    let calls = istio.calls().await;
-    assert!(!calls.is_empty());
-    for call in &calls {
-        assert_eq!(
-            call.token.as_deref(),
-            Some("node-a-agent-token"),
-            "{call:?}"
-        );
-    }
-    let signed: std::collections::BTreeSet<String> = calls
-        .iter()
-        .filter(|c| c.outcome.is_ok())
-        .filter_map(|c| c.impersonated.clone())
-        .collect();
-    let expected: std::collections::BTreeSet<String> = here.iter().map(spiffe_id).collect();
-    assert_eq!(signed, expected);
-    let denied: Vec<&str> = calls
-        .iter()
-        .filter(|c| c.outcome.is_err())
-        .filter_map(|c| c.refused_because.as_deref())
-        .collect();
-    assert!(
-        !denied.is_empty()
-            && calls
-                .iter()
-                .filter(|c| c.outcome.is_err())
-                .all(|c| c.impersonated.as_deref() == Some(refused.as_str())),
-        "only {refused} is refused, by the node authorizer: {calls:#?}"
-    );
-    assert!(
-        agent.log_contains("request impersonation authentication failure"),
-        "the agent's log does not carry istiod's answer"
-    );
 }

@@ -328,16 +328,12 @@ async fn three_pods_do_mtls_through_one_node_agent_and_rotate_with_zero_failed_r
     let intruder = FakePod::new("shop", "debug-shell", "intruder");
     kubelet.add_pod(intruder.clone());
     let intruder_id = agent.spiffe_id(&intruder);
-    let mut ask = place.command_in(&intruder, &python).unwrap();
-    ask.arg(python::script("node_probe.py"))
-        .arg("--socket")
-        .arg(agent.socket())
-        .arg("--workload-socket")
-        .arg(agent.workload_socket())
-        .args(["--own", &intruder_id, "--timeout", "5"]);
-    for p in &pods {
-        ask.args(["--other", &p.id]);
-    }
+    let others: Vec<String> = pods.iter().map(|p| p.id.clone()).collect();
+    let ask = agent.probe_command(
+        place.command_in(&intruder, &python).unwrap(),
+        &intruder_id,
+        &others,
+    );
     let intruding = tokio::spawn(python::run_json_command(
         ask,
         "node_probe.py",
