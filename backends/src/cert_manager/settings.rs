@@ -315,6 +315,7 @@ mod tests {
     fn ctx(namespace: &str) -> ResolveContext<'_> {
         ResolveContext {
             namespace,
+            node_mode: false,
             std_env: &|_| None,
         }
     }
