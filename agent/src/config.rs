@@ -719,9 +719,13 @@ impl RunArgs {
             invalid(setting, value, e)
         })?;
 
+        // The mode first: a backend refuses, in node mode, what names one workload's
+        // resources.
+        let (mode, node, ca_concurrency, identity_idle_timeout) = self.node.resolve(&file)?;
         let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
         let ctx = ResolveContext {
             namespace: &ns,
+            node_mode: mode == Mode::Node,
             std_env,
         };
         let ca = self.backends.resolve(&ca_raw, &file_backends, &ctx)?;
@@ -769,7 +773,6 @@ impl RunArgs {
         {
             return Err(invalid("output-dir", "", "must not be empty"));
         }
-        let (mode, node, ca_concurrency, identity_idle_timeout) = self.node.resolve(&file)?;
         if mode == Mode::Node && output_dir.is_some() {
             return Err(ConfigError::Conflict(
                 "--output-dir writes one workload's files; it cannot be used with --mode node"

@@ -1261,6 +1261,71 @@ fn bad_input_exits_2_naming_the_setting() {
     );
 }
 
+/// In node mode each pod's CertificateRequest goes in the pod's own namespace, so naming one
+/// namespace for them all is refused, whether it comes from the flag, the environment or
+/// the config file; pod mode takes it as before. Without it, node mode resolves to each
+/// pod's namespace.
+#[test]
+fn node_mode_refuses_one_cert_manager_namespace_for_every_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
+         https://127.0.0.1:1\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  \
+         context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(&file, "cert-manager-namespace = \"sds-agent\"\n").unwrap();
+    let validate = |mode: &str| {
+        let mut cmd = agent();
+        cmd.args(["validate", "--mode", mode, "--ca", "cert-manager"])
+            .args(["--cert-manager-issuer-name", "mesh-ca"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .current_dir(dir.path());
+        cmd
+    };
+    let add = |cmd: &mut Command, source: &str| {
+        match source {
+            "flag" => cmd.args(["--cert-manager-namespace", "sds-agent"]),
+            "environment" => cmd.env("SDS_AGENT_CERT_MANAGER_NAMESPACE", "sds-agent"),
+            _ => cmd.arg("--config").arg(&file),
+        };
+    };
+    for source in ["flag", "environment", "config file"] {
+        let mut cmd = validate("node");
+        add(&mut cmd, source);
+        let out = finish(&mut cmd, QUICK);
+        assert_eq!(out.code(), Some(2), "{source}: {}", out.stderr);
+        assert!(out.stdout.trim().is_empty(), "{source}: {}", out.stdout);
+        for needle in [
+            "--cert-manager-namespace (SDS_AGENT_CERT_MANAGER_NAMESPACE, file key \
+             cert-manager-namespace)",
+            "cannot be used with --mode node",
+            "each pod's request goes in that pod's own namespace",
+        ] {
+            assert!(
+                out.stderr.contains(needle),
+                "{source}: stderr lacks {needle:?}: {}",
+                out.stderr
+            );
+        }
+
+        let mut cmd = validate("pod");
+        add(&mut cmd, source);
+        let v = validate_json(&mut cmd);
+        assert_eq!(v["ca"]["namespace"], "sds-agent", "{source}: {v}");
+    }
+
+    let v = validate_json(&mut validate("node"));
+    assert_eq!(v["mode"], "node", "{v}");
+    assert_eq!(v["ca"]["backend"], "cert-manager", "{v}");
+    assert_eq!(v["ca"]["per-pod-namespace"], true, "{v}");
+    assert!(v["ca"].get("namespace").is_none(), "{v}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. `run` end to end
 // ---------------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ pub enum BuildError {
 pub struct ResolveContext<'a> {
     /// The workload's Kubernetes namespace (`--namespace`).
     pub namespace: &'a str,
+    /// Whether the agent runs in node mode (`--mode node`), serving every pod of its node:
+    /// a backend refuses here the settings that name one workload's resources.
+    pub node_mode: bool,
     /// The process environment, for the fallbacks clap does not read (`VAULT_ADDR`, ...);
     /// a function so that tests never set variables.
     pub std_env: &'a dyn Fn(&str) -> Option<String>,
@@ -98,6 +101,7 @@ impl fmt::Debug for ResolveContext<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResolveContext")
             .field("namespace", &self.namespace)
+            .field("node_mode", &self.node_mode)
             .finish_non_exhaustive()
     }
 }
@@ -388,6 +392,7 @@ mod tests {
     fn an_unknown_backend_lists_the_known_ones() {
         let ctx = ResolveContext {
             namespace: "default",
+            node_mode: false,
             std_env: &|_| None,
         };
         let args = CaArgs::default();
@@ -405,6 +410,7 @@ mod tests {
     fn names_match_the_tag_validate_prints() {
         let ctx = ResolveContext {
             namespace: "default",
+            node_mode: false,
             std_env: &|_| None,
         };
         let args = CaArgs::default();

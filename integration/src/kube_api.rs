@@ -20,8 +20,14 @@
 //!   etcd compaction gives. `timeoutSeconds` ends the stream cleanly.
 //! - Errors are `Status` objects with the API server's messages: `401 Unauthorized` for an
 //!   unknown token, `403 Forbidden` naming the user, verb, resource, group and namespace
-//!   when the test RBAC does not grant the verb, `404` "the server could not find the
-//!   requested resource" when the CRD is "not installed".
+//!   when the test RBAC does not grant the verb, or grants it in other namespaces only (the
+//!   verbs are granted cluster-wide, as by a ClusterRoleBinding, or in chosen namespaces,
+//!   as by RoleBindings), `404` "the server could not find the requested resource" when the
+//!   CRD is "not installed".
+//! - Namespaces: [`NAMESPACE`] and `default` exist, tests add others
+//!   ([`KubeApi::add_namespace`]). As on a real API server, only a create needs its
+//!   namespace to exist; a list or a watch in a missing one finds nothing, a get or a delete
+//!   gets the object's `404`.
 //!
 //! **The signer**, as cert-manager's controllers set the conditions:
 //! - the approver (cert-manager's internal approver, or approver-policy) adds
@@ -136,6 +142,8 @@ struct Behaviour {
     /// Longest life of a watch stream, whatever `timeoutSeconds` asks.
     watch_lifetime: Option<Duration>,
     allowed_verbs: HashSet<&'static str>,
+    /// The namespaces the verbs are granted in; `None`: all of them (a ClusterRoleBinding).
+    granted_in: Option<HashSet<String>>,
     namespaces: HashSet<String>,
     tokens: HashMap<String, String>,
 }
@@ -199,6 +207,7 @@ impl KubeApi {
                 crd_installed: true,
                 watch_lifetime: None,
                 allowed_verbs: ["create", "get", "list", "watch", "delete"].into(),
+                granted_in: None,
                 namespaces: [NAMESPACE.to_owned(), "default".to_owned()].into(),
                 tokens: [(TOKEN.to_owned(), USER.to_owned())].into(),
             }),
@@ -336,6 +345,19 @@ impl KubeApi {
         } else {
             b.allowed_verbs.remove(verb);
         }
+    }
+
+    /// Grants the verbs of [`KubeApi::set_allowed`] in these namespaces only, as RoleBindings
+    /// do (`Some`), or in every namespace, as a ClusterRoleBinding does (`None`, the
+    /// default).
+    pub fn set_granted_in(&self, namespaces: Option<&[&str]>) {
+        self.state.behaviour.lock().granted_in =
+            namespaces.map(|list| list.iter().map(|ns| (*ns).to_owned()).collect());
+    }
+
+    /// Creates namespace `ns` (nothing happens if it exists).
+    pub fn add_namespace(&self, ns: &str) {
+        self.state.behaviour.lock().namespaces.insert(ns.to_owned());
     }
 
     /// Every request answered so far.
@@ -491,7 +513,8 @@ fn admit(
             None,
         ));
     }
-    if !b.allowed_verbs.contains(verb) {
+    let granted_here = b.granted_in.as_ref().is_none_or(|list| list.contains(ns));
+    if !b.allowed_verbs.contains(verb) || !granted_here {
         let subject = match name {
             Some(n) => format!("certificaterequests.cert-manager.io \"{n}\""),
             None => "certificaterequests.cert-manager.io".to_owned(),

@@ -54,6 +54,7 @@ fn backend(ca: &IstioTestCa, token_file: &Path, node_mode: bool) -> Arc<dyn Cert
     };
     let ctx = ResolveContext {
         namespace: NAMESPACE,
+        node_mode,
         std_env: &|_| None,
     };
     let settings = args.resolve(&IstiodArgs::default(), &ctx).unwrap();

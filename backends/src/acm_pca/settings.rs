@@ -234,6 +234,7 @@ mod tests {
     ) -> Result<AcmPcaSettings, SettingsError> {
         let ctx = ResolveContext {
             namespace: "default",
+            node_mode: false,
             std_env,
         };
         args.resolve(&AcmPcaArgs::default(), &ctx)

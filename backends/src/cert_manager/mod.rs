@@ -3,7 +3,8 @@
 //! an external issuer) signs it once an approver has approved it.
 //!
 //! One signature is one request object:
-//! 1. **Create** it in the configured namespace with a generated name, the PEM CSR (one URI
+//! 1. **Create** it in the configured namespace (in node mode: the namespace of the pod, the
+//!    `ns/<namespace>` of its SPIFFE ID) with a generated name, the PEM CSR (one URI
 //!    SAN, nothing else), the issuer reference, `duration` = the TTL asked for, `isCA: false`
 //!    and the usages of a workload certificate (digital signature, key encipherment, server
 //!    auth, client auth). It is labelled `app.kubernetes.io/managed-by: sds-agent` and with a
@@ -18,9 +19,12 @@
 //!    resourceVersion seen (after a fresh `get` when the server says it is too old).
 //! 3. **Delete** it once read, whatever the outcome, or with `keep_requests` keep the last
 //!    one and delete the one kept before. A delete that fails is retried at the next
-//!    signature. At the first signature, requests of this identity left by a crashed run are
-//!    found by label and deleted (this needs `list`; without it, they are left to the
-//!    garbage collector, with a warning).
+//!    signature. At the first signature of each identity, requests of this identity left by
+//!    a crashed run are found by label in its namespace and deleted (this needs `list`;
+//!    without it, they are left to the garbage collector, with a warning).
+//!
+//! Every call names the namespace it is about, and so does every error and log line: in node
+//! mode one agent works in the namespace of each pod it serves.
 //!
 //! Errors: API server unreachable, 429, 5xx, a broken watch and the request vanishing are
 //! retryable; 401/403 (with the RBAC rule that is missing), 404 (cert-manager's CRDs not
@@ -113,8 +117,11 @@ pub struct PodRef {
 pub struct CertManagerConfig {
     /// Where the credentials come from.
     pub credentials: Credentials,
-    /// Namespace the requests are created in.
+    /// Namespace the requests are created in; not used with `per_pod_namespace`.
     pub namespace: String,
+    /// Node mode: each identity's requests go in the namespace its SPIFFE ID names
+    /// (`spiffe://<trust domain>/ns/<namespace>/sa/<service account>`), the pod's.
+    pub per_pod_namespace: bool,
     /// The issuer that signs.
     pub issuer: IssuerRef,
     /// Longest wait for cert-manager's verdict on one request, creation included.
@@ -134,11 +141,20 @@ impl CertManagerConfig {
         Self {
             credentials: Credentials::InCluster,
             namespace: namespace.into(),
+            per_pod_namespace: false,
             issuer,
             timeout: DEFAULT_TIMEOUT,
             keep_requests: false,
             pod: None,
             trust_bundle: None,
+        }
+    }
+
+    /// The same defaults for node mode: each identity's requests in its own namespace.
+    pub fn per_pod_namespace(issuer: IssuerRef) -> Self {
+        Self {
+            per_pod_namespace: true,
+            ..Self::new(String::new(), issuer)
         }
     }
 }
@@ -152,11 +168,24 @@ pub struct CertManagerCa {
     /// The roots of the last `status.ca` seen.
     roots: LearnedRoots,
     /// Requests to delete at the next chance: ones whose delete failed, and the kept one.
-    to_delete: Mutex<Vec<String>>,
+    to_delete: Mutex<Vec<RequestRef>>,
     /// The request kept with `keep_requests`, per identity.
-    kept: Mutex<HashMap<String, String>>,
+    kept: Mutex<HashMap<String, RequestRef>>,
     /// Identities whose leftovers from an earlier run have been looked for.
     swept: Mutex<HashSet<String>>,
+}
+
+/// One namespace's CertificateRequests: the API bound to it, and its name for messages.
+struct Requests {
+    api: Api<CertificateRequest>,
+    namespace: String,
+}
+
+/// A request by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestRef {
+    namespace: String,
+    name: String,
 }
 
 /// Which API call failed: names the RBAC verb in errors.
@@ -198,7 +227,7 @@ impl CertManagerCa {
                 "the issuer name is empty: give --cert-manager-issuer-name".into(),
             ));
         }
-        if config.namespace.is_empty() {
+        if config.namespace.is_empty() && !config.per_pod_namespace {
             return Err(CaError::Misconfigured(
                 "the namespace for CertificateRequests is empty".into(),
             ));
@@ -238,8 +267,39 @@ impl CertManagerCa {
         })
     }
 
-    /// The API of requests in the configured namespace; the client is built at first use.
-    async fn api(&self) -> Result<Api<CertificateRequest>, CaError> {
+    /// The namespace `identity`'s requests go in: the configured one, or in node mode the
+    /// one its SPIFFE ID names. An ID without a namespace cannot come from node mode's
+    /// attestation; it is refused, not retried.
+    fn namespace_of(&self, identity: &SpiffeId) -> Result<String, CaError> {
+        if !self.config.per_pod_namespace {
+            return Ok(self.config.namespace.clone());
+        }
+        let segments: Vec<&str> = identity.path().split('/').skip(1).collect();
+        match segments.as_slice() {
+            ["ns", ns, "sa", _] if settings::is_dns_label(ns) => Ok((*ns).to_owned()),
+            ["ns", ns, "sa", _] => Err(CaError::Misconfigured(format!(
+                "{identity} names the namespace {ns:?}, which is not a Kubernetes namespace \
+                 name: in node mode each pod's CertificateRequest goes in the namespace of its \
+                 SPIFFE ID"
+            ))),
+            _ => Err(CaError::Misconfigured(format!(
+                "{identity} names no namespace: in node mode each pod's CertificateRequest \
+                 goes in the namespace of its SPIFFE ID, which must be \
+                 spiffe://<trust domain>/ns/<namespace>/sa/<service account>"
+            ))),
+        }
+    }
+
+    /// The requests of namespace `ns`; the client is built at first use.
+    async fn requests(&self, ns: &str) -> Result<Requests, CaError> {
+        Ok(Requests {
+            api: Api::namespaced(self.client().await?, ns),
+            namespace: ns.to_owned(),
+        })
+    }
+
+    /// The client, built at first use.
+    async fn client(&self) -> Result<kube::Client, CaError> {
         let client = self
             .client
             .get_or_try_init(|| async {
@@ -268,11 +328,11 @@ impl CertManagerCa {
                 })
             })
             .await?;
-        Ok(Api::namespaced(client.clone(), &self.config.namespace))
+        Ok(client.clone())
     }
 
-    /// The object to create for `req`.
-    fn request_object(&self, req: &SignRequest) -> CertificateRequest {
+    /// The object to create for `req`, in namespace `ns`.
+    fn request_object(&self, req: &SignRequest, ns: &str) -> CertificateRequest {
         let hash = identity_hash(&req.identity);
         let mut labels = BTreeMap::from([
             (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
@@ -298,7 +358,7 @@ impl CertManagerCa {
             kind: resource::KIND.into(),
             metadata: ObjectMeta {
                 generate_name: Some(generate_name(&req.identity)),
-                namespace: Some(self.config.namespace.clone()),
+                namespace: Some(ns.to_owned()),
                 labels: Some(labels),
                 annotations: Some(BTreeMap::from([(
                     SPIFFE_ID_ANNOTATION.to_owned(),
@@ -435,10 +495,11 @@ impl CertManagerCa {
     /// Waits for cert-manager's verdict on `created`, until `deadline`.
     async fn wait(
         &self,
-        api: &Api<CertificateRequest>,
+        requests: &Requests,
         created: CertificateRequest,
         deadline: Instant,
     ) -> Result<IssuedChain, CaError> {
+        let Requests { api, namespace: ns } = requests;
         let name = created.metadata.name.clone().unwrap_or_default();
         let mut waiting = match self.verdict(&created)? {
             Verdict::Issued(chain) => return Ok(chain),
@@ -461,9 +522,9 @@ impl CertManagerCa {
                 // early; ours ends it (290 s is below kube's client read timeout).
                 .timeout(u32::try_from((remaining.as_secs() + 1).min(290)).unwrap_or(290));
             match tokio::time::timeout_at(deadline, api.watch(&params, &version)).await {
-                Err(_) => return Err(self.timed_out(&name, &waiting)),
+                Err(_) => return Err(self.timed_out(ns, &name, &waiting)),
                 Ok(Err(e)) => {
-                    let error = self.classify(&e, Verb::Watch);
+                    let error = self.classify(ns, &e, Verb::Watch);
                     if !error.is_retryable() {
                         return Err(error);
                     }
@@ -476,7 +537,7 @@ impl CertManagerCa {
                     loop {
                         let event = match tokio::time::timeout_at(deadline, stream.try_next()).await
                         {
-                            Err(_) => return Err(self.timed_out(&name, &waiting)),
+                            Err(_) => return Err(self.timed_out(ns, &name, &waiting)),
                             Ok(event) => event,
                         };
                         match event {
@@ -489,7 +550,7 @@ impl CertManagerCa {
                                 }
                             }
                             Ok(Some(WatchEvent::Deleted(_))) => {
-                                return Err(self.vanished(&name));
+                                return Err(self.vanished(ns, &name));
                             }
                             Ok(Some(WatchEvent::Bookmark(b))) => {
                                 version = b.metadata.resource_version;
@@ -500,7 +561,7 @@ impl CertManagerCa {
                                     version.clear();
                                 } else {
                                     let error =
-                                        self.classify(&kube::Error::Api(status), Verb::Watch);
+                                        self.classify(ns, &kube::Error::Api(status), Verb::Watch);
                                     if !error.is_retryable() {
                                         return Err(error);
                                     }
@@ -518,7 +579,7 @@ impl CertManagerCa {
                                 break;
                             }
                             Err(e) => {
-                                let error = self.classify(&e, Verb::Watch);
+                                let error = self.classify(ns, &e, Verb::Watch);
                                 debug!(%name, error = %error, "cert-manager: watch broke");
                                 last_break = Some(error);
                                 break;
@@ -536,7 +597,7 @@ impl CertManagerCa {
                 pause = (pause * 2).min(RESUME_MAX);
             } else if std::mem::take(&mut ended_early) {
                 if Instant::now() + pause >= deadline {
-                    return Err(self.timed_out(&name, &waiting));
+                    return Err(self.timed_out(ns, &name, &waiting));
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(RESUME_MAX);
@@ -544,8 +605,8 @@ impl CertManagerCa {
             if last_break.take().is_some() || version.is_empty() {
                 let got = match self.call_raw(deadline, api.get(&name)).await {
                     Ok(Ok(cr)) => Ok(cr),
-                    Ok(Err(e)) if is_not_found(&e) => return Err(self.vanished(&name)),
-                    Ok(Err(e)) => Err(self.classify(&e, Verb::Get)),
+                    Ok(Err(e)) if is_not_found(&e) => return Err(self.vanished(ns, &name)),
+                    Ok(Err(e)) => Err(self.classify(ns, &e, Verb::Get)),
                     Err(timeout) => Err(timeout),
                 };
                 match got {
@@ -563,16 +624,18 @@ impl CertManagerCa {
         }
     }
 
-    /// One API call, within `CALL_TIMEOUT` and `deadline`, its error sorted.
+    /// One API call in namespace `ns`, within `CALL_TIMEOUT` and `deadline`, its error
+    /// sorted.
     async fn call<T>(
         &self,
+        ns: &str,
         deadline: Instant,
         verb: Verb,
         call: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, CaError> {
         self.call_raw(deadline, call)
             .await?
-            .map_err(|e| self.classify(&e, verb))
+            .map_err(|e| self.classify(ns, &e, verb))
     }
 
     /// One API call, within `CALL_TIMEOUT` and `deadline`; the outer error is the time
@@ -590,16 +653,15 @@ impl CertManagerCa {
     }
 
     /// Someone deleted the request while the agent waited on it: retryable, with a new one.
-    fn vanished(&self, name: &str) -> CaError {
+    fn vanished(&self, ns: &str, name: &str) -> CaError {
         CaError::Unavailable(format!(
-            "CertificateRequest {}/{name} was deleted before it was issued",
-            self.config.namespace
+            "CertificateRequest {ns}/{name} was deleted before it was issued"
         ))
     }
 
-    fn timed_out(&self, name: &str, waiting: &str) -> CaError {
+    fn timed_out(&self, ns: &str, name: &str, waiting: &str) -> CaError {
         warn!(
-            request = %format!("{}/{name}", self.config.namespace),
+            request = %format!("{ns}/{name}"),
             issuer = %self.issuer_text(),
             timeout = ?self.config.timeout,
             "cert-manager: no verdict in time: {waiting}"
@@ -607,9 +669,9 @@ impl CertManagerCa {
         CaError::Timeout(self.config.timeout)
     }
 
-    /// Sorts a failed API call into the trait's error kinds, with what to do about it.
-    fn classify(&self, error: &kube::Error, verb: Verb) -> CaError {
-        let ns = &self.config.namespace;
+    /// Sorts a failed API call in namespace `ns` into the trait's error kinds, with what to
+    /// do about it.
+    fn classify(&self, ns: &str, error: &kube::Error, verb: Verb) -> CaError {
         let kube::Error::Api(status) = error else {
             let detail = error_chain(error);
             return match error {
@@ -647,6 +709,15 @@ impl CertManagerCa {
                 "{detail}; the API server did not accept the agent's credentials (an expired \
                  or revoked service-account token?)"
             )),
+            403 if self.config.per_pod_namespace => CaError::Denied(format!(
+                "{detail}; RBAC is missing: in node mode each pod's CertificateRequest goes in \
+                 the pod's namespace (here {ns}), so the agent's service account needs a \
+                 ClusterRole, bound by a ClusterRoleBinding, with apiGroups \
+                 [\"cert-manager.io\"], resources [\"certificaterequests\"], verbs [\"{}\"] \
+                 (deploy/cert-manager/rbac.yaml has the full rules; the Helm chart's node mode \
+                 grants them)",
+                verb.as_str()
+            )),
             403 => CaError::Denied(format!(
                 "{detail}; RBAC is missing: the agent's service account needs a Role in \
                  namespace {ns} with apiGroups [\"cert-manager.io\"], resources \
@@ -659,9 +730,15 @@ impl CertManagerCa {
                 .as_ref()
                 .is_some_and(|d| d.kind == "namespaces") =>
             {
-                CaError::Misconfigured(format!(
-                    "{detail}; namespace {ns} does not exist: check --cert-manager-namespace"
-                ))
+                CaError::Misconfigured(if self.config.per_pod_namespace {
+                    format!(
+                        "{detail}; namespace {ns}, the pod's (from its SPIFFE ID), does not exist"
+                    )
+                } else {
+                    format!(
+                        "{detail}; namespace {ns} does not exist: check --cert-manager-namespace"
+                    )
+                })
             }
             404 if matches!(verb, Verb::Get | Verb::Delete) => {
                 CaError::Unavailable(format!("{detail}; the CertificateRequest is gone"))
@@ -684,20 +761,35 @@ impl CertManagerCa {
         }
     }
 
-    /// Deletes what should go: earlier failures to delete, the request kept before, and at
-    /// the first signature of `identity`, what a crashed run left.
-    async fn clean_up(&self, api: &Api<CertificateRequest>, identity: &SpiffeId) {
+    /// Deletes what should go: earlier failures to delete and the request kept before,
+    /// whatever their namespace, and at the first signature of `identity`, what a crashed
+    /// run left in its namespace (`requests`). So each namespace is swept when it is first
+    /// used, for each identity that uses it.
+    async fn clean_up(&self, requests: &Requests, identity: &SpiffeId) {
         if self.swept.lock().insert(identity.to_string()) {
-            self.sweep(api, identity).await;
+            self.sweep(requests, identity).await;
         }
-        let names: Vec<String> = std::mem::take(&mut *self.to_delete.lock());
-        for name in names {
-            self.delete(api, &name).await;
+        let pending: Vec<RequestRef> = std::mem::take(&mut *self.to_delete.lock());
+        for request in pending {
+            self.delete_anywhere(requests, request).await;
+        }
+    }
+
+    /// Deletes `request`, through `near` when it is in that namespace.
+    async fn delete_anywhere(&self, near: &Requests, request: RequestRef) {
+        if request.namespace == near.namespace {
+            return self.delete(near, &request.name).await;
+        }
+        match self.requests(&request.namespace).await {
+            Ok(elsewhere) => self.delete(&elsewhere, &request.name).await,
+            // Only building the client can fail, and it was built for `near`; keep it anyway.
+            Err(_) => self.to_delete.lock().push(request),
         }
     }
 
     /// Deletes one request; on failure, remembers it for next time.
-    async fn delete(&self, api: &Api<CertificateRequest>, name: &str) {
+    async fn delete(&self, requests: &Requests, name: &str) {
+        let Requests { api, namespace: ns } = requests;
         let deadline = Instant::now() + CALL_TIMEOUT;
         let outcome = match self
             .call_raw(deadline, api.delete(name, &DeleteParams::default()))
@@ -705,28 +797,35 @@ impl CertManagerCa {
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if is_not_found(&e) => Ok(()),
-            Ok(Err(e)) => Err(self.classify(&e, Verb::Delete)),
+            Ok(Err(e)) => Err(self.classify(ns, &e, Verb::Delete)),
             Err(timeout) => Err(timeout),
         };
         match outcome {
-            Ok(()) => debug!(%name, "cert-manager: CertificateRequest deleted"),
+            Ok(()) => {
+                debug!(request = %format!("{ns}/{name}"), "cert-manager: CertificateRequest deleted")
+            }
             Err(error) => {
                 warn!(
-                    request = %format!("{}/{name}", self.config.namespace),
+                    request = %format!("{ns}/{name}"),
                     %error,
                     "cert-manager: could not delete the CertificateRequest; will try again at the next renewal"
                 );
+                let request = RequestRef {
+                    namespace: ns.clone(),
+                    name: name.to_owned(),
+                };
                 let mut pending = self.to_delete.lock();
-                if !pending.iter().any(|n| n == name) {
-                    pending.push(name.to_owned());
+                if !pending.contains(&request) {
+                    pending.push(request);
                 }
             }
         }
     }
 
     /// Finds this identity's requests left by an earlier run of this agent (same pod, when
-    /// the pod is known) and deletes the ones no one can be waiting for.
-    async fn sweep(&self, api: &Api<CertificateRequest>, identity: &SpiffeId) {
+    /// the pod is known) in its namespace, and deletes the ones no one can be waiting for.
+    async fn sweep(&self, requests: &Requests, identity: &SpiffeId) {
+        let Requests { api, namespace: ns } = requests;
         let mut selector = format!(
             "{MANAGED_BY_LABEL}={MANAGED_BY},{IDENTITY_LABEL}={}",
             identity_hash(identity)
@@ -737,6 +836,7 @@ impl CertManagerCa {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let list = match self
             .call(
+                ns,
                 deadline,
                 Verb::List,
                 api.list(&ListParams::default().labels(&selector)),
@@ -746,6 +846,7 @@ impl CertManagerCa {
             Ok(list) => list,
             Err(error) => {
                 warn!(
+                    namespace = %ns,
                     %error,
                     "cert-manager: cannot look for CertificateRequests left by an earlier run; \
                      they are left to the garbage collector (ownerReference to the pod)"
@@ -773,15 +874,21 @@ impl CertManagerCa {
             if self.config.pod.is_none() && young && undecided {
                 continue;
             }
-            info!(request = %format!("{}/{name}", self.config.namespace), "cert-manager: deleting a CertificateRequest left by an earlier run");
-            self.delete(api, &name).await;
+            info!(request = %format!("{ns}/{name}"), "cert-manager: deleting a CertificateRequest left by an earlier run");
+            self.delete(requests, &name).await;
         }
     }
 
+    /// `CertificateRequest <namespace>/<name>`, the namespace the object's own (the API
+    /// server sets it), else the configured one.
     fn describe(&self, cr: &CertificateRequest) -> String {
+        let ns = match cr.metadata.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns,
+            _ if !self.config.namespace.is_empty() => &self.config.namespace,
+            _ => "?",
+        };
         format!(
-            "CertificateRequest {}/{}",
-            self.config.namespace,
+            "CertificateRequest {ns}/{}",
             cr.metadata.name.as_deref().unwrap_or("?")
         )
     }
@@ -859,28 +966,33 @@ impl CertificateAuthority for CertManagerCa {
 
     async fn sign(&self, req: &SignRequest) -> Result<IssuedChain, CaError> {
         let deadline = Instant::now() + self.config.timeout;
-        let api = self.api().await?;
-        self.clean_up(&api, &req.identity).await;
+        let ns = self.namespace_of(&req.identity)?;
+        let requests = self.requests(&ns).await?;
+        self.clean_up(&requests, &req.identity).await;
         let created = self
             .call(
+                &ns,
                 deadline,
                 Verb::Create,
-                api.create(&PostParams::default(), &self.request_object(req)),
+                requests
+                    .api
+                    .create(&PostParams::default(), &self.request_object(req, &ns)),
             )
             .await?;
         let name = created.metadata.name.clone().unwrap_or_default();
-        debug!(request = %format!("{}/{name}", self.config.namespace), "cert-manager: CertificateRequest created");
-        let result = self.wait(&api, created, deadline).await;
+        debug!(request = %format!("{ns}/{name}"), "cert-manager: CertificateRequest created");
+        let result = self.wait(&requests, created, deadline).await;
         if self.config.keep_requests {
-            let previous = self
-                .kept
-                .lock()
-                .insert(req.identity.to_string(), name.clone());
+            let kept = RequestRef {
+                namespace: ns,
+                name,
+            };
+            let previous = self.kept.lock().insert(req.identity.to_string(), kept);
             if let Some(previous) = previous {
-                self.delete(&api, &previous).await;
+                self.delete_anywhere(&requests, previous).await;
             }
         } else {
-            self.delete(&api, &name).await;
+            self.delete(&requests, &name).await;
         }
         result
     }
@@ -899,6 +1011,7 @@ impl fmt::Debug for CertManagerCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertManagerCa")
             .field("namespace", &self.config.namespace)
+            .field("per_pod_namespace", &self.config.per_pod_namespace)
             .field("issuer", &self.config.issuer)
             .field("credentials", &self.config.credentials)
             .field("timeout", &self.config.timeout)

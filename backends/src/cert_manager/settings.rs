@@ -2,6 +2,10 @@
 //! UID among them, for the requests' ownerReference), their checks, and building the
 //! backend from them. Compiled whatever the cargo features; building needs `cert-manager`.
 //!
+//! In node mode each pod's CertificateRequest goes in that pod's namespace, so the settings
+//! that name one namespace or one pod (`--cert-manager-namespace`, `--pod-name`,
+//! `--pod-uid`) are refused there.
+//!
 //! Resolving reads no kubeconfig and calls no API server; building reads the kubeconfig.
 
 use std::path::PathBuf;
@@ -10,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::settings::{
-    Backend, BackendSettings, ResolveContext, SettingsError, humanized, invalid, pick,
+    Backend, BackendSettings, ResolveContext, SettingsError, humanized, invalid, pick, setting_name,
 };
 
 const DEFAULT_GROUP: &str = "cert-manager.io";
@@ -23,8 +27,8 @@ const MANAGER_MARGIN: Duration = Duration::from_secs(15);
 #[command(rename_all = "kebab-case")]
 #[serde(rename_all = "kebab-case")]
 pub struct CertManagerArgs {
-    /// cert-manager: namespace the CertificateRequests are created in.
-    /// [default: --namespace, the pod's]
+    /// cert-manager: namespace the CertificateRequests are created in (not with --mode
+    /// node, where each pod's goes in its own namespace). [default: --namespace, the pod's]
     #[arg(long, env = "SDS_AGENT_CERT_MANAGER_NAMESPACE", value_name = "NS")]
     pub cert_manager_namespace: Option<String>,
     /// cert-manager: name of the Issuer or ClusterIssuer that signs (required with
@@ -77,8 +81,14 @@ pub struct CertManagerArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CertManagerSettings {
-    /// Namespace of the requests.
+    /// Namespace of the requests. Empty (and not printed) in node mode: see
+    /// `per_pod_namespace`.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub namespace: String,
+    /// Node mode: each pod's request goes in that pod's namespace, the `ns/<namespace>` of
+    /// its SPIFFE ID. Printed only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub per_pod_namespace: bool,
     /// Issuer name.
     pub issuer_name: String,
     /// Issuer kind.
@@ -103,15 +113,28 @@ pub struct CertManagerSettings {
 impl Backend for CertManagerArgs {
     type Settings = CertManagerSettings;
 
-    /// The requests' namespace defaults to the pod's (`ctx.namespace`).
+    /// The requests' namespace defaults to the pod's (`ctx.namespace`); in node mode it is
+    /// each pod's own, and naming one is refused.
     fn resolve(
         &self,
         file: &Self,
         ctx: &ResolveContext<'_>,
     ) -> Result<CertManagerSettings, SettingsError> {
-        let namespace = pick(&self.cert_manager_namespace, &file.cert_manager_namespace)
-            .unwrap_or_else(|| ctx.namespace.to_owned());
-        if !is_dns_label(&namespace) {
+        let given_namespace = pick(&self.cert_manager_namespace, &file.cert_manager_namespace);
+        if ctx.node_mode && given_namespace.is_some() {
+            return Err(SettingsError::Conflict(format!(
+                "{} puts every CertificateRequest in one namespace; it cannot be used with \
+                 --mode node, where each pod's request goes in that pod's own namespace (the \
+                 agent needs a ClusterRole for certificaterequests: docs/backends/cert-manager.md)",
+                setting_name("cert-manager-namespace")
+            )));
+        }
+        let namespace = match given_namespace {
+            Some(namespace) => namespace,
+            None if ctx.node_mode => String::new(),
+            None => ctx.namespace.to_owned(),
+        };
+        if !ctx.node_mode && !is_dns_label(&namespace) {
             return Err(invalid(
                 "cert-manager-namespace",
                 &namespace,
@@ -199,8 +222,21 @@ impl Backend for CertManagerArgs {
         {
             return Err(invalid("pod-name", name, "expected a pod name"));
         }
+        if ctx.node_mode && pod_name.is_some() {
+            // They would name the agent's own pod, in the agent's namespace: an
+            // ownerReference from a request in another namespace is invalid, and the garbage
+            // collector deletes such a dependent, while it is still being waited on.
+            return Err(SettingsError::Conflict(format!(
+                "{} and {} make one pod the owner of the CertificateRequests; they cannot be \
+                 used with --mode node, where the requests go in each pod's own namespace and \
+                 an owner in the agent's namespace would have the garbage collector delete them",
+                setting_name("pod-name"),
+                setting_name("pod-uid")
+            )));
+        }
         Ok(CertManagerSettings {
             namespace,
+            per_pod_namespace: ctx.node_mode,
             issuer_name,
             issuer_kind,
             issuer_group,
@@ -230,7 +266,7 @@ impl BackendSettings for CertManagerSettings {
 }
 
 /// An RFC 1123 label: what a namespace name must be.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -264,7 +300,11 @@ impl CertManagerSettings {
             kind: self.issuer_kind.clone(),
             group: self.issuer_group.clone(),
         };
-        let mut config = CertManagerConfig::new(self.namespace.clone(), issuer);
+        let mut config = if self.per_pod_namespace {
+            CertManagerConfig::per_pod_namespace(issuer)
+        } else {
+            CertManagerConfig::new(self.namespace.clone(), issuer)
+        };
         config.credentials = match &self.kubeconfig {
             Some(path) => Credentials::Kubeconfig(path.clone()),
             None => Credentials::InCluster,
@@ -287,7 +327,11 @@ impl CertManagerSettings {
         let owned = config.pod.is_some();
         let ca = CertManagerCa::new(config)?;
         tracing::info!(
-            namespace = %self.namespace,
+            namespace = if self.per_pod_namespace {
+                "each pod's own"
+            } else {
+                self.namespace.as_str()
+            },
             issuer = %format!("{}/{} ({})", self.issuer_kind, self.issuer_name, self.issuer_group),
             credentials = self
                 .kubeconfig
@@ -298,7 +342,7 @@ impl CertManagerSettings {
             trust_bundle = if pinned { "pinned" } else { "status.ca" },
             "cert-manager CA configured"
         );
-        if !owned {
+        if !owned && !self.per_pod_namespace {
             tracing::warn!(
                 "cert-manager: --pod-name/--pod-uid not given: CertificateRequests are not owned \
                  by the pod, so requests left by a pod that dies mid-issuance are not garbage-collected"
@@ -315,6 +359,16 @@ mod tests {
     fn ctx(namespace: &str) -> ResolveContext<'_> {
         ResolveContext {
             namespace,
+            node_mode: false,
+            std_env: &|_| None,
+        }
+    }
+
+    /// What `--mode node` gives a backend: the agent's own namespace, and node mode.
+    fn node_ctx() -> ResolveContext<'static> {
+        ResolveContext {
+            namespace: "sds-agent",
+            node_mode: true,
             std_env: &|_| None,
         }
     }
@@ -428,6 +482,100 @@ mod tests {
         for (args, needle) in cases {
             let err = resolve(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn node_mode_puts_each_request_in_its_pods_namespace_and_says_so() {
+        let args = CertManagerArgs {
+            cert_manager_issuer_name: Some("mesh-ca".into()),
+            cert_manager_issuer_kind: Some("ClusterIssuer".into()),
+            ..Default::default()
+        };
+        let node = args
+            .resolve(&CertManagerArgs::default(), &node_ctx())
+            .unwrap();
+        assert!(node.per_pod_namespace);
+        assert_eq!(node.namespace, "", "not the agent's own namespace");
+        let printed = serde_json::to_value(&node).unwrap();
+        assert_eq!(printed["per-pod-namespace"], true, "{printed}");
+        assert!(printed.get("namespace").is_none(), "{printed}");
+
+        // Pod mode prints what it always printed.
+        let pod = args
+            .resolve(&CertManagerArgs::default(), &ctx("shop"))
+            .unwrap();
+        assert!(!pod.per_pod_namespace);
+        let printed = serde_json::to_value(&pod).unwrap();
+        assert_eq!(printed["namespace"], "shop", "{printed}");
+        assert!(printed.get("per-pod-namespace").is_none(), "{printed}");
+    }
+
+    #[test]
+    fn node_mode_refuses_a_namespace_or_a_pod_for_every_request() {
+        let base = || CertManagerArgs {
+            cert_manager_issuer_name: Some("mesh-ca".into()),
+            ..Default::default()
+        };
+        let namespace = CertManagerArgs {
+            cert_manager_namespace: Some("sds-agent".into()),
+            ..Default::default()
+        };
+        let pod = CertManagerArgs {
+            pod_name: Some("sds-agent-x7k2p".into()),
+            pod_uid: Some("0d3c2b1a-1111-4222-8333-444455556666".into()),
+            ..Default::default()
+        };
+        let flag_and_file = [
+            // (flags, file)
+            (
+                CertManagerArgs {
+                    cert_manager_namespace: namespace.cert_manager_namespace.clone(),
+                    ..base()
+                },
+                CertManagerArgs::default(),
+            ),
+            (base(), namespace.clone()),
+        ];
+        for (flags, file) in flag_and_file {
+            let err = flags.resolve(&file, &node_ctx()).unwrap_err();
+            assert!(matches!(err, SettingsError::Conflict(_)), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(
+                    "--cert-manager-namespace (SDS_AGENT_CERT_MANAGER_NAMESPACE, file key \
+                     cert-manager-namespace) puts every CertificateRequest in one namespace; it \
+                     cannot be used with --mode node"
+                ),
+                "{text}"
+            );
+            assert!(text.contains("each pod's request goes in that pod's own namespace"));
+            // The same settings are fine in pod mode.
+            assert_eq!(
+                flags.resolve(&file, &ctx("shop")).unwrap().namespace,
+                "sds-agent"
+            );
+        }
+        for (flags, file) in [
+            (
+                CertManagerArgs {
+                    pod_name: pod.pod_name.clone(),
+                    pod_uid: pod.pod_uid.clone(),
+                    ..base()
+                },
+                CertManagerArgs::default(),
+            ),
+            (base(), pod.clone()),
+        ] {
+            let text = flags.resolve(&file, &node_ctx()).unwrap_err().to_string();
+            assert!(
+                text.starts_with(
+                    "--pod-name (SDS_AGENT_POD_NAME, file key pod-name) and --pod-uid"
+                ),
+                "{text}"
+            );
+            assert!(text.contains("cannot be used with --mode node"), "{text}");
+            assert!(flags.resolve(&file, &ctx("shop")).is_ok());
         }
     }
 }

@@ -174,7 +174,7 @@ fn the_request_is_serialized_with_cert_managers_field_names() {
         ttl: Duration::from_secs(86400),
         key_type: crate::KeyType::EcdsaP256,
     };
-    let json = serde_json::to_value(ca.request_object(&req)).unwrap();
+    let json = serde_json::to_value(ca.request_object(&req, "mesh")).unwrap();
     assert_eq!(json["apiVersion"], "cert-manager.io/v1");
     assert_eq!(json["kind"], "CertificateRequest");
     assert_eq!(json["metadata"]["generateName"], "sds-agent-web-");
@@ -204,20 +204,29 @@ fn api_errors_sort_into_retryable_and_not_with_what_to_do() {
             "code": code, "reason": reason, "message": message,
         }))
     };
-    let throttled = ca.classify(&status(429, "TooManyRequests", "slow down"), Verb::Create);
+    let throttled = ca.classify(
+        "mesh",
+        &status(429, "TooManyRequests", "slow down"),
+        Verb::Create,
+    );
     assert!(matches!(throttled, CaError::Throttled(_)), "{throttled}");
     for code in [500, 503, 504] {
-        let e = ca.classify(&status(code, "InternalError", "etcd"), Verb::Get);
+        let e = ca.classify("mesh", &status(code, "InternalError", "etcd"), Verb::Get);
         assert!(
             matches!(e, CaError::Unavailable(_)) && e.is_retryable(),
             "{e}"
         );
     }
-    let conflict = ca.classify(&status(409, "AlreadyExists", "x"), Verb::Create);
+    let conflict = ca.classify("mesh", &status(409, "AlreadyExists", "x"), Verb::Create);
     assert!(conflict.is_retryable(), "{conflict}");
-    let unauthorized = ca.classify(&status(401, "Unauthorized", "Unauthorized"), Verb::Create);
+    let unauthorized = ca.classify(
+        "mesh",
+        &status(401, "Unauthorized", "Unauthorized"),
+        Verb::Create,
+    );
     assert!(matches!(unauthorized, CaError::Denied(_)), "{unauthorized}");
     let webhook = ca.classify(
+        "mesh",
         &status(
             403,
             "Forbidden",
@@ -230,17 +239,22 @@ fn api_errors_sort_into_retryable_and_not_with_what_to_do() {
         "{webhook}"
     );
     assert!(!webhook.to_string().contains("RBAC"), "{webhook}");
-    let forbidden = ca.classify(&status(403, "Forbidden", "no"), Verb::Delete);
+    let forbidden = ca.classify("mesh", &status(403, "Forbidden", "no"), Verb::Delete);
     assert!(
         forbidden.to_string().contains("verbs [\"delete\"]"),
         "{forbidden}"
     );
-    let no_crd = ca.classify(&status(404, "NotFound", "404 page not found"), Verb::Create);
+    let no_crd = ca.classify(
+        "mesh",
+        &status(404, "NotFound", "404 page not found"),
+        Verb::Create,
+    );
     assert!(
         no_crd.to_string().contains("is cert-manager installed"),
         "{no_crd}"
     );
     let no_ns = ca.classify(
+        "mesh",
         &api_error(serde_json::json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
             "reason": "NotFound", "message": "namespaces \"mesh\" not found",
@@ -272,4 +286,105 @@ fn outside_a_pod_in_cluster_credentials_are_refused_at_construction() {
     .unwrap_err();
     assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
     assert!(err.to_string().contains("give --kubeconfig"), "{err}");
+}
+
+/// The backend as node mode builds it: no namespace of its own.
+fn node_ca() -> (CertManagerCa, tempfile::TempDir) {
+    let (pod, dir) = ca();
+    let mut config = CertManagerConfig::per_pod_namespace(pod.config.issuer.clone());
+    config.credentials = pod.config.credentials.clone();
+    (CertManagerCa::new(config).unwrap(), dir)
+}
+
+#[test]
+fn in_node_mode_each_identity_has_the_namespace_its_spiffe_id_names() {
+    let (node, _dir) = node_ca();
+    let (pod, _pod_dir) = ca();
+    for (id, ns) in [
+        ("spiffe://example.org/ns/web/sa/frontend", "web"),
+        ("spiffe://example.org/ns/payments/sa/default", "payments"),
+        ("spiffe://example.org/ns/sa/sa/ns", "sa"),
+    ] {
+        let id: SpiffeId = id.parse().unwrap();
+        assert_eq!(node.namespace_of(&id).unwrap(), ns, "{id}");
+        assert_eq!(
+            pod.namespace_of(&id).unwrap(),
+            "mesh",
+            "pod mode: the configured one"
+        );
+    }
+    for (id, needle) in [
+        ("spiffe://example.org/workload", "names no namespace"),
+        ("spiffe://example.org/ns/web/sa", "names no namespace"),
+        (
+            "spiffe://example.org/ns/web/sa/x/extra",
+            "names no namespace",
+        ),
+        (
+            "spiffe://example.org/namespace/web/sa/x",
+            "names no namespace",
+        ),
+        (
+            "spiffe://example.org/ns/Web_1/sa/x",
+            "not a Kubernetes namespace name",
+        ),
+    ] {
+        let id: SpiffeId = id.parse().unwrap();
+        let err = node.namespace_of(&id).unwrap_err();
+        assert!(matches!(err, CaError::Misconfigured(_)), "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(needle) && text.contains(&id.to_string()),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn in_node_mode_the_request_and_the_hints_name_the_pods_namespace() {
+    let (node, _dir) = node_ca();
+    let req = SignRequest {
+        identity: "spiffe://example.org/ns/web/sa/frontend".parse().unwrap(),
+        csr_der: vec![0x30, 0x03, 0x02, 0x01, 0x00],
+        ttl: Duration::from_secs(3600),
+        key_type: crate::KeyType::EcdsaP256,
+    };
+    let json = serde_json::to_value(node.request_object(&req, "web")).unwrap();
+    assert_eq!(json["metadata"]["namespace"], "web");
+    assert_eq!(json["metadata"]["generateName"], "sds-agent-frontend-");
+
+    let forbidden = node.classify(
+        "web",
+        &api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "certificaterequests.cert-manager.io is forbidden: User \
+                        \"system:serviceaccount:sds-agent:sds-agent\" cannot create resource \
+                        \"certificaterequests\" in API group \"cert-manager.io\" in the \
+                        namespace \"web\"",
+            "details": {"group": "cert-manager.io", "kind": "certificaterequests"},
+        })),
+        Verb::Create,
+    );
+    assert!(matches!(forbidden, CaError::Denied(_)), "{forbidden}");
+    let text = forbidden.to_string();
+    assert!(text.contains("certificaterequests in web"), "{text}");
+    assert!(text.contains("(here web)"), "{text}");
+    assert!(text.contains("needs a ClusterRole"), "{text}");
+    assert!(text.contains("verbs [\"create\"]"), "{text}");
+
+    let no_ns = node.classify(
+        "web",
+        &api_error(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+            "reason": "NotFound", "message": "namespaces \"web\" not found",
+            "details": {"name": "web", "kind": "namespaces"},
+        })),
+        Verb::Create,
+    );
+    let text = no_ns.to_string();
+    assert!(matches!(no_ns, CaError::Misconfigured(_)), "{text}");
+    assert!(text.contains("namespace web, the pod's"), "{text}");
+    assert!(!text.contains("--cert-manager-namespace"), "{text}");
 }

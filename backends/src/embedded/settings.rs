@@ -101,6 +101,7 @@ mod tests {
     fn ctx() -> ResolveContext<'static> {
         ResolveContext {
             namespace: "default",
+            node_mode: false,
             std_env: &|_| None,
         }
     }

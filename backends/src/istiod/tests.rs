@@ -791,6 +791,7 @@ async fn the_build_context_decides_impersonation() {
     };
     let resolve_ctx = ResolveContext {
         namespace: "ns1",
+        node_mode: false,
         std_env: &|_| None,
     };
     let settings = args.resolve(&IstiodArgs::default(), &resolve_ctx).unwrap();

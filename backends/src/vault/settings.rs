@@ -369,6 +369,7 @@ mod tests {
     fn ctx<'a>(std_env: &'a dyn Fn(&str) -> Option<String>) -> ResolveContext<'a> {
         ResolveContext {
             namespace: "default",
+            node_mode: false,
             std_env,
         }
     }
