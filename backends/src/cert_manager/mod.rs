@@ -997,6 +997,10 @@ impl CertificateAuthority for CertManagerCa {
         result
     }
 
+    fn roots_come_with_certificates(&self) -> bool {
+        self.config.trust_bundle.is_none()
+    }
+
     async fn trust_bundle(&self) -> Result<TrustBundle, CaError> {
         if let Some(pinned) = &self.config.trust_bundle {
             return Ok(pinned.clone());

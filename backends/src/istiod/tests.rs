@@ -432,7 +432,8 @@ async fn a_call_carries_the_token_cluster_id_headers_ttl_and_csr() {
     config.headers = vec!["x-tenant=blue".parse().unwrap()];
     let ca = IstiodCa::new(config).unwrap();
 
-    // No root is known before the first certificate.
+    // No root is known before the first certificate, and the CA says so.
+    assert!(ca.roots_come_with_certificates());
     assert!(matches!(
         ca.trust_bundle().await,
         Err(CaError::Unavailable(m)) if m.contains("first certificate")
@@ -683,6 +684,7 @@ async fn roots_come_from_each_answer_or_from_the_pinned_bundle() {
     let mut config = files.config(stub.addr);
     config.trust_bundle = Some(pinned.clone());
     let ca = IstiodCa::new(config).unwrap();
+    assert!(!ca.roots_come_with_certificates());
     assert_eq!(ca.trust_bundle().await.unwrap(), pinned);
     ca.sign(&sign_request()).await.unwrap();
     assert_eq!(ca.trust_bundle().await.unwrap(), pinned);
