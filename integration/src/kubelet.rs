@@ -150,6 +150,16 @@ impl FakePod {
         }
     }
 
+    /// The SPIFFE ID a node agent of `trust_domain` must give this pod:
+    /// `spiffe://<td>/ns/<namespace>/sa/<service account>` (`default` when it names none).
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace,
+            self.service_account.as_deref().unwrap_or("default")
+        )
+    }
+
     /// The ID of regular container `index` (empty if it has none yet).
     pub fn container_id(&self, index: usize) -> &str {
         self.containers.get(index).map_or("", FakeContainer::id)

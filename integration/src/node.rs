@@ -126,12 +126,7 @@ impl NodeAgent {
 
     /// The SPIFFE ID the agent must give `pod`.
     pub fn spiffe_id(&self, pod: &FakePod) -> String {
-        format!(
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain,
-            pod.namespace,
-            pod.service_account.as_deref().unwrap_or("default")
-        )
+        pod.spiffe_id(&self.trust_domain)
     }
 
     /// `GET path` on the admin endpoint: status and body.

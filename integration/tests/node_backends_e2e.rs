@@ -21,6 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::path::Path;
 use std::process::Command;
 
 use sds_integration::istio_ca::{IstioTestCa, args_for, write_token};
@@ -36,11 +37,7 @@ use serde_json::Value;
 const TD: &str = "cluster.local";
 
 fn spiffe_id(pod: &FakePod) -> String {
-    format!(
-        "spiffe://{TD}/ns/{}/sa/{}",
-        pod.namespace,
-        pod.service_account.as_deref().unwrap()
-    )
+    pod.spiffe_id(TD)
 }
 
 async fn probe(agent: &NodeAgent, cmd: Command, own: &str) -> Value {
@@ -71,6 +68,21 @@ fn assert_not_served(out: &Value, refused: &str) {
             assert!(!r["private_key"].as_bool().unwrap(), "{m} {label}: {r}");
         }
     }
+}
+
+/// Each of `served` asks for `default,ROOTCA` and is served its own identity over every SDS
+/// method; then the agent holds certificates for exactly those pods.
+async fn assert_each_served(agent: &NodeAgent, pods: &Pods, python: &Path, served: &[FakePod]) {
+    for pod in served {
+        let own = spiffe_id(pod);
+        let out = probe(agent, pods.command_in(pod, python).unwrap(), &own).await;
+        assert_served(&out, &own);
+    }
+    assert_eq!(
+        issued(agent).await,
+        served.iter().map(spiffe_id).collect(),
+        "a certificate for each pod served, and none for another"
+    );
 }
 
 /// The serials of the `ROOTCA` the agent serves.
@@ -174,16 +186,7 @@ async fn vault_signs_each_pod_within_the_node_roles_allowed_uri_sans() {
         "the agent's log does not say why Vault refused {refused}"
     );
 
-    for pod in &shop {
-        let own = spiffe_id(pod);
-        let out = probe(&agent, pods.command_in(pod, &python).unwrap(), &own).await;
-        assert_served(&out, &own);
-    }
-    assert_eq!(
-        issued(&agent).await,
-        shop.iter().map(spiffe_id).collect(),
-        "only the shop pods hold certificates"
-    );
+    assert_each_served(&agent, &pods, &python, &shop).await;
     assert!(
         metric(&agent, "sds_agent_ca_errors_total{").await >= 1.0,
         "Vault's refusal is counted"
@@ -247,11 +250,7 @@ async fn istiod_signs_each_pod_for_the_node_agent_by_impersonation() {
     let agent = NodeAgent::start(dir.path(), TD, &kubelet, &pods, &ca)
         .await
         .unwrap();
-    for pod in &here {
-        let own = spiffe_id(pod);
-        let out = probe(&agent, pods.command_in(pod, &python).unwrap(), &own).await;
-        assert_served(&out, &own);
-    }
+    assert_each_served(&agent, &pods, &python, &here).await;
     let refused = spiffe_id(&elsewhere);
     let out = probe(
         &agent,
@@ -339,14 +338,5 @@ async fn acm_pca_signs_each_pod_with_the_san_from_its_csr() {
         [serial_of_pem(&pca.root_pem).unwrap()],
         "the bundle is the PCA's certificate"
     );
-    for pod in &here {
-        let own = spiffe_id(pod);
-        let out = probe(&agent, pods.command_in(pod, &python).unwrap(), &own).await;
-        assert_served(&out, &own);
-    }
-    assert_eq!(
-        issued(&agent).await,
-        here.iter().map(spiffe_id).collect(),
-        "one certificate per pod"
-    );
+    assert_each_served(&agent, &pods, &python, &here).await;
 }

@@ -37,11 +37,7 @@ use serde_json::Value;
 const TD: &str = "cluster.local";
 
 fn spiffe_id(pod: &FakePod) -> String {
-    format!(
-        "spiffe://{TD}/ns/{}/sa/{}",
-        pod.namespace,
-        pod.service_account.as_deref().unwrap()
-    )
+    pod.spiffe_id(TD)
 }
 
 /// A node-mode agent on the embedded CA in `dir`, asking `kubelet`, seeing `pods`.
