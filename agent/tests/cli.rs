@@ -1278,12 +1278,18 @@ fn node_mode_refuses_one_cert_manager_namespace_for_every_pod() {
     .unwrap();
     let file = dir.path().join("agent.toml");
     std::fs::write(&file, "cert-manager-namespace = \"sds-agent\"\n").unwrap();
+    // Node mode's validate reads the kubelet's CA and the token (the pod's files).
+    let kubelet_ca = write_ca(dir.path(), "kubelet-ca");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token\n").unwrap();
     let validate = |mode: &str| {
         let mut cmd = agent();
         cmd.args(["validate", "--mode", mode, "--ca", "cert-manager"])
             .args(["--cert-manager-issuer-name", "mesh-ca"])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
+            .env("SDS_AGENT_KUBELET_CA", &kubelet_ca.cert)
+            .env("SDS_AGENT_KUBELET_TOKEN_FILE", &token)
             .current_dir(dir.path());
         cmd
     };
