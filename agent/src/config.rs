@@ -26,6 +26,8 @@ use sds_backends::settings::{FileSource, ResolveContext, SettingsError, humanize
 use sds_backends::{KeyType, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use crate::federation::FederationSource;
+
 pub use sds_backends::settings::{CaArgs, CaConfig, Redacted};
 
 /// The SDS socket path istio-agent uses, relative to the working directory.
@@ -209,6 +211,23 @@ pub struct RunArgs {
     /// replaced together at every rotation (for applications without a proxy).
     #[arg(long, env = "SDS_AGENT_OUTPUT_DIR", value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
+    /// Federate with another trust domain: TD=FILE, that domain's bundle (a SPIFFE bundle or
+    /// PEM roots), served on the Workload API and re-read when it changes. Repeatable;
+    /// comma-separated in the environment. [default: none]
+    #[arg(
+        long,
+        env = "SDS_AGENT_FEDERATE_WITH",
+        value_name = "TD=FILE",
+        value_delimiter = ','
+    )]
+    pub federate_with: Vec<String>,
+    /// How often the federated bundle files are checked for changes. [default: 5s]
+    #[arg(
+        long,
+        env = "SDS_AGENT_FEDERATION_POLL_INTERVAL",
+        value_name = "DURATION"
+    )]
+    pub federation_poll_interval: Option<String>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -480,6 +499,8 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     output_dir: Option<PathBuf>,
+    federate_with: Option<Vec<String>>,
+    federation_poll_interval: Option<String>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -545,6 +566,12 @@ pub struct Config {
     /// How long an identity nobody asks for is kept (node mode).
     #[serde(serialize_with = "humanized")]
     pub identity_idle_timeout: Duration,
+    /// The federated trust domains and their bundle files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub federate_with: Vec<FederationSource>,
+    /// How often the federated bundle files are checked.
+    #[serde(serialize_with = "humanized")]
+    pub federation_poll_interval: Duration,
 }
 
 /// A renewal fraction strictly between 0 and 1.
@@ -779,6 +806,8 @@ impl RunArgs {
                     .into(),
             ));
         }
+        let (federate_with, federation_poll_interval) =
+            self.federation(&file, spiffe_id.trust_domain())?;
         Ok(Config {
             mode,
             node,
@@ -799,9 +828,84 @@ impl RunArgs {
             log_level: pick(&self.log_level, &file.log_level),
             log_format,
             output_dir,
+            federate_with,
+            federation_poll_interval,
         })
     }
+
+    /// `--federate-with` (flags and environment, else the file's list) and
+    /// `--federation-poll-interval`.
+    fn federation(
+        &self,
+        file: &FileConfig,
+        own: &TrustDomain,
+    ) -> Result<(Vec<FederationSource>, Duration), ConfigError> {
+        let raw: Vec<String> = if self.federate_with.is_empty() {
+            file.federate_with.clone().unwrap_or_default()
+        } else {
+            self.federate_with.clone()
+        };
+        let mut sources: Vec<FederationSource> = Vec::new();
+        for entry in &raw {
+            let bad = |reason: &str| invalid("federate-with", entry, reason);
+            let Some((td, source)) = entry.split_once('=') else {
+                return Err(bad(
+                    "expected TD=FILE, e.g. partner.example=/etc/sds-agent/partner-bundle.json",
+                ));
+            };
+            let trust_domain = TrustDomain::from_str(td.trim()).map_err(|e| bad(&e.to_string()))?;
+            let source = source.trim();
+            if source.is_empty() {
+                return Err(bad("the bundle file is empty: expected TD=FILE"));
+            }
+            if source.starts_with("https://") || source.starts_with("http://") {
+                return Err(bad(
+                    "SPIFFE bundle endpoints are not supported yet: give a file (a SPIFFE bundle or PEM roots)",
+                ));
+            }
+            if &trust_domain == own {
+                return Err(bad("that is the agent's own trust domain (--trust-domain)"));
+            }
+            if sources.iter().any(|s| s.trust_domain == trust_domain) {
+                return Err(bad("that trust domain is given twice"));
+            }
+            sources.push(FederationSource {
+                trust_domain,
+                path: PathBuf::from(source),
+            });
+        }
+        let raw_every = self
+            .federation_poll_interval
+            .clone()
+            .or_else(|| file.federation_poll_interval.clone());
+        let every = match raw_every {
+            Some(raw) => {
+                let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+                    invalid(
+                        "federation-poll-interval",
+                        &raw,
+                        format!("{e}; expected e.g. 1s, 30s"),
+                    )
+                })?;
+                if d < MIN_FEDERATION_POLL_INTERVAL {
+                    return Err(invalid(
+                        "federation-poll-interval",
+                        &raw,
+                        "must be at least 100ms",
+                    ));
+                }
+                d
+            }
+            None => DEFAULT_FEDERATION_POLL_INTERVAL,
+        };
+        Ok((sources, every))
+    }
 }
+
+/// How often federated bundle files are checked, unless set.
+const DEFAULT_FEDERATION_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest `--federation-poll-interval`.
+const MIN_FEDERATION_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 impl RenewAt {
     /// A fraction strictly between 0 and 1.
@@ -1162,7 +1266,10 @@ fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{mode:04o}"))
 }
 
-fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn display<S: serde::Serializer, T: fmt::Display>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
@@ -1221,6 +1328,45 @@ mod tests {
         );
         assert_eq!(c.cert_ttl, Duration::from_secs(90 * 60));
         assert_eq!(c.renew_at.get(), 0.7);
+    }
+
+    #[test]
+    fn federated_domains_come_from_flags_or_else_the_file_whole() {
+        let f = file(
+            "federate-with = [\"a.example=/etc/a.json\", \"b.example=/etc/b.pem\"]\nfederation-poll-interval = \"30s\"\n",
+        );
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let domains: Vec<(String, PathBuf)> = from_file
+            .federate_with
+            .iter()
+            .map(|s| (s.trust_domain.to_string(), s.path.clone()))
+            .collect();
+        assert_eq!(
+            domains,
+            [
+                ("a.example".to_owned(), PathBuf::from("/etc/a.json")),
+                ("b.example".to_owned(), PathBuf::from("/etc/b.pem")),
+            ]
+        );
+        assert_eq!(from_file.federation_poll_interval, Duration::from_secs(30));
+        // Flags replace the file's list; they do not add to it.
+        let flags = RunArgs {
+            config: Some(f.path().to_owned()),
+            federate_with: vec!["c.example=/etc/c.pem".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(flags.federate_with.len(), 1);
+        assert_eq!(flags.federate_with[0].trust_domain.as_str(), "c.example");
+        let none = RunArgs::default().resolve().unwrap();
+        assert!(none.federate_with.is_empty());
+        assert_eq!(none.federation_poll_interval, Duration::from_secs(5));
     }
 
     #[test]

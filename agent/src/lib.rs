@@ -12,6 +12,7 @@ pub mod admin;
 pub mod attest;
 pub mod client;
 pub mod config;
+pub mod federation;
 pub mod identity;
 pub mod keys;
 pub mod metrics;
@@ -104,6 +105,17 @@ pub fn check_node(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// Reads every `--federate-with` bundle as `run` does at start, so `validate` catches a
+/// missing or bad one before deployment.
+pub fn check_federation(config: &Config) -> anyhow::Result<()> {
+    if config.federate_with.is_empty() {
+        return Ok(());
+    }
+    federation::Federation::start(config.federate_with.clone(), Arc::new(Metrics::new()))
+        .map(drop)
+        .map_err(Into::into)
+}
+
 impl RunningAgent {
     /// Starts the secret manager, binds the socket and the admin address, and serves.
     pub async fn start(
@@ -140,6 +152,15 @@ impl RunningAgent {
                     sds::Identify::Node(attestor),
                 )
             }
+        };
+        // Every federated bundle must be good at start, as CA files must.
+        let federation = if config.federate_with.is_empty() {
+            None
+        } else {
+            Some(Arc::new(federation::Federation::start(
+                config.federate_with.clone(),
+                metrics.clone(),
+            )?))
         };
         let admin = TcpListener::bind(config.admin_addr)
             .await
@@ -212,6 +233,13 @@ impl RunningAgent {
         let mut tasks = vec![tokio::spawn(
             manager.clone().run(shutdown.clone()).instrument(span),
         )];
+        if let Some(f) = &federation {
+            tasks.push(tokio::spawn(
+                f.clone()
+                    .run(config.federation_poll_interval, shutdown.clone())
+                    .instrument(info_span!("federation")),
+            ));
+        }
         if let Some(out) = file_output {
             info!(dir = %out.dir().display(), "writing certificate files");
             tasks.push(tokio::spawn(
@@ -254,7 +282,11 @@ impl RunningAgent {
             &shutdown,
         ));
         if let Some((path, bound)) = workload_api {
-            let service = WorkloadApiService::new(sds.clone()).into_server();
+            let mut service = WorkloadApiService::new(sds.clone());
+            if let Some(f) = &federation {
+                service = service.with_federation(f.subscribe());
+            }
+            let service = service.into_server();
             tasks.extend(serve_socket(
                 "Workload API",
                 path,

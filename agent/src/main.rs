@@ -38,7 +38,10 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
-                if let Err(e) = check_ca(&config).and_then(|()| sds_agent::check_node(&config)) {
+                if let Err(e) = check_ca(&config)
+                    .and_then(|()| sds_agent::check_node(&config))
+                    .and_then(|()| sds_agent::check_federation(&config))
+                {
                     eprintln!("error: {e:#}");
                     return ExitCode::from(2);
                 }

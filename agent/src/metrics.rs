@@ -76,6 +76,55 @@ pub struct Metrics {
     pub renewal_queue: Family<PriorityLabel, Gauge>,
     /// Node mode: connections refused because their caller failed attestation.
     pub attestations_refused: Counter,
+    /// Federated bundles refused (the last good one kept), by trust domain and reason.
+    pub federation_errors: Family<FederationErrorLabels, Counter>,
+    /// Federated bundles replaced by a changed, good one, by trust domain.
+    pub federation_updates: Family<FederationLabels, Counter>,
+}
+
+/// The `reason` label values of `sds_agent_federation_errors_total`.
+pub const FEDERATION_ERROR_REASONS: [&str; 6] = [
+    "unreadable",
+    "malformed",
+    "empty",
+    "not_ca",
+    "expired",
+    "wrong_trust_domain",
+];
+
+/// Labels of a federated trust domain's refused bundles.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FederationErrorLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+    /// Why its bundle was refused ([`FEDERATION_ERROR_REASONS`]).
+    pub reason: &'static str,
+}
+
+/// Labels of a federated trust domain's series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FederationLabels {
+    /// The federated trust domain.
+    pub trust_domain: String,
+}
+
+impl FederationErrorLabels {
+    /// An error's labels.
+    pub fn new(trust_domain: &str, reason: &'static str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            reason,
+        }
+    }
+}
+
+impl FederationLabels {
+    /// The labels of `trust_domain`'s series.
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
 }
 
 /// The `reason` label values of `sds_agent_sds_bad_requests_total`, in the order the SDS
@@ -267,6 +316,8 @@ impl Metrics {
             ca_in_flight: Gauge::default(),
             renewal_queue: Family::default(),
             attestations_refused: Counter::default(),
+            federation_errors: Family::default(),
+            federation_updates: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -404,6 +455,16 @@ impl Metrics {
             "Node mode: connections refused and closed because the caller's process or pod could not be proven",
             m.attestations_refused.clone(),
         );
+        r.register(
+            "federation_errors",
+            "Federated bundles refused, the last good one kept, by trust domain and reason",
+            m.federation_errors.clone(),
+        );
+        r.register(
+            "federation_updates",
+            "Federated bundles replaced by a changed, good one, by trust domain",
+            m.federation_updates.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -413,6 +474,20 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Creates, at zero, the series of federated trust domain `trust_domain`.
+    pub fn prime_federation(&self, trust_domain: &str) {
+        for reason in FEDERATION_ERROR_REASONS {
+            drop(
+                self.federation_errors
+                    .get_or_create(&FederationErrorLabels::new(trust_domain, reason)),
+            );
+        }
+        drop(
+            self.federation_updates
+                .get_or_create(&FederationLabels::new(trust_domain)),
+        );
     }
 
     /// Creates, at zero, every series whose label values are known before anything happens:

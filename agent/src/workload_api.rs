@@ -46,6 +46,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::attest::conn::ConnInfo;
+use crate::federation::Bundles;
 use crate::metrics::{ApiLabel, WORKLOAD_API};
 use crate::sds::{Admitted, Caller, SdsService, StreamGuard, Surface, TokenBucket, grpc};
 use crate::secrets::{ServedBundle, ServedCert};
@@ -69,6 +70,7 @@ const NO_JWT: &str = "this agent does not issue JWT-SVIDs; it serves X.509-SVIDs
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 type CertRx = watch::Receiver<Option<Arc<ServedCert>>>;
 type BundleRx = watch::Receiver<Option<Arc<ServedBundle>>>;
+type FederatedRx = watch::Receiver<Bundles>;
 
 /// The Workload API service, over the same secret manager, caller rules, limits and stream
 /// registry as the SDS service it is made from.
@@ -77,6 +79,8 @@ pub struct WorkloadApiService {
     sds: SdsService,
     /// New calls per second, per calling process.
     rates: Arc<Mutex<HashMap<Caller, TokenBucket>>>,
+    /// The federated trust domains' bundles (`--federate-with`), if any.
+    federated: Option<FederatedRx>,
 }
 
 /// `SpiffeWorkloadAPI` for tonic's router, with the SDS codec and `--max-message-size`.
@@ -91,7 +95,17 @@ impl WorkloadApiService {
         Self {
             sds,
             rates: Arc::new(Mutex::new(HashMap::new())),
+            federated: None,
         }
+    }
+
+    /// Also serves the federated trust domains' bundles from `federated`: in
+    /// `federated_bundles` of every X.509-SVID response and among the bundles of
+    /// `FetchX509Bundles`, pushed again whenever one changes.
+    #[must_use]
+    pub fn with_federation(mut self, federated: FederatedRx) -> Self {
+        self.federated = Some(federated);
+        self
     }
 
     /// The tonic server wrapper.
@@ -172,6 +186,7 @@ impl WorkloadApiService {
             trust_domain_id: format!("spiffe://{}", manager.trust_domain()),
             driver: make(guard, cert_rx, manager.subscribe_bundle()),
             service: self.clone(),
+            federated: self.federated.clone(),
         };
         Ok(Box::pin(futures::stream::unfold(state, move |mut st| {
             async move {
@@ -192,8 +207,17 @@ trait Driver: Send + 'static {
     /// The channels to wait on.
     fn channels(&mut self) -> (&mut CertRx, &mut BundleRx);
 
-    /// The message owed to the client now, marking it sent.
-    fn owed(&mut self, trust_domain_id: &str) -> Option<Self::Message>;
+    /// The message owed to the client now, marking it sent; `federated` are the federated
+    /// trust domains' bundles now.
+    fn owed(&mut self, trust_domain_id: &str, federated: &Bundles) -> Option<Self::Message>;
+}
+
+/// The federated bundles as the Workload API keys them: `spiffe://<td>` to DER roots.
+fn federated_map(federated: &Bundles) -> HashMap<String, Vec<u8>> {
+    federated
+        .iter()
+        .map(|(td, b)| (format!("spiffe://{td}"), b.der.clone()))
+        .collect()
 }
 
 /// One open stream.
@@ -202,6 +226,8 @@ struct StreamState<D> {
     service: WorkloadApiService,
     /// `spiffe://<trust-domain>`, the key of the bundles.
     trust_domain_id: String,
+    /// The federated bundles, while their source lives.
+    federated: Option<FederatedRx>,
 }
 
 impl<D: Driver> StreamState<D> {
@@ -209,7 +235,12 @@ impl<D: Driver> StreamState<D> {
     async fn next(&mut self) -> Option<D::Message> {
         let sds = &self.service.sds;
         loop {
-            if let Some(message) = self.driver.owed(&self.trust_domain_id) {
+            let federated = self
+                .federated
+                .as_mut()
+                .map(|rx| rx.borrow_and_update().clone())
+                .unwrap_or_default();
+            if let Some(message) = self.driver.owed(&self.trust_domain_id, &federated) {
                 sds.metrics()
                     .pushes
                     .get_or_create(&ApiLabel { api: WORKLOAD_API })
@@ -218,10 +249,23 @@ impl<D: Driver> StreamState<D> {
             }
             let shutdown = sds.shutdown_token().clone();
             let (cert_rx, bundle_rx) = self.driver.channels();
+            let federated_open = self.federated.is_some();
+            let federation_changed = async {
+                match self.federated.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => false,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 r = cert_rx.changed() => if r.is_err() { return None },
                 r = bundle_rx.changed() => if r.is_err() { return None },
+                open = federation_changed, if federated_open => {
+                    // The source is gone (the agent is stopping): serve what was last seen.
+                    if !open {
+                        self.federated = None;
+                    }
+                }
             }
         }
     }
@@ -234,6 +278,8 @@ struct SvidStream {
     bundle_rx: BundleRx,
     /// The certificate and bundle versions last sent.
     sent: Option<(u64, u64)>,
+    /// The federated bundles last sent.
+    sent_federated: Option<Bundles>,
 }
 
 impl Driver for SvidStream {
@@ -244,14 +290,19 @@ impl Driver for SvidStream {
         (&mut self.cert_rx, &mut self.bundle_rx)
     }
 
-    fn owed(&mut self, _trust_domain_id: &str) -> Option<X509svidResponse> {
+    fn owed(&mut self, _trust_domain_id: &str, federated: &Bundles) -> Option<X509svidResponse> {
         let cert = self.cert_rx.borrow_and_update().clone()?;
         let bundle = self.bundle_rx.borrow_and_update().clone()?;
         let versions = (cert.version, bundle.version);
-        if self.sent == Some(versions) {
+        let federation_sent = self
+            .sent_federated
+            .as_ref()
+            .is_some_and(|sent| **sent == **federated);
+        if self.sent == Some(versions) && federation_sent {
             return None;
         }
         self.sent = Some(versions);
+        self.sent_federated = Some(federated.clone());
         let sent = format!("default:{},ROOTCA:{}", versions.0, versions.1);
         debug!(version = %sent, serial = %cert.leaf.serial, "sending X.509-SVID");
         self.guard.update(|p| p.sent_version = Some(sent));
@@ -264,7 +315,7 @@ impl Driver for SvidStream {
                 hint: String::new(),
             }],
             crl: Vec::new(),
-            federated_bundles: HashMap::new(),
+            federated_bundles: federated_map(federated),
         })
     }
 }
@@ -274,8 +325,8 @@ struct BundlesStream {
     guard: StreamGuard,
     cert_rx: CertRx,
     bundle_rx: BundleRx,
-    /// The bundle last sent.
-    sent: Option<Arc<ServedBundle>>,
+    /// The bundles last sent, by trust domain ID.
+    sent: Option<HashMap<String, Vec<u8>>>,
 }
 
 impl Driver for BundlesStream {
@@ -286,22 +337,24 @@ impl Driver for BundlesStream {
         (&mut self.cert_rx, &mut self.bundle_rx)
     }
 
-    fn owed(&mut self, trust_domain_id: &str) -> Option<X509BundlesResponse> {
+    fn owed(&mut self, trust_domain_id: &str, federated: &Bundles) -> Option<X509BundlesResponse> {
         // Certificates do not go into this stream: mark them seen so that a rotation
         // does not wake it.
         self.cert_rx.borrow_and_update();
         let bundle = self.bundle_rx.borrow_and_update().clone()?;
-        if self.sent.as_ref().is_some_and(|s| s.der == bundle.der) {
+        let mut bundles = federated_map(federated);
+        bundles.insert(trust_domain_id.to_owned(), bundle.der.clone());
+        if self.sent.as_ref() == Some(&bundles) {
             return None;
         }
-        let sent = format!("ROOTCA:{}", bundle.version);
+        let sent = format!("ROOTCA:{},federated:{}", bundle.version, federated.len());
         debug!(version = %sent, "sending X.509 bundles");
         self.guard.update(|p| p.sent_version = Some(sent));
         let message = X509BundlesResponse {
             crl: Vec::new(),
-            bundles: HashMap::from([(trust_domain_id.to_owned(), bundle.der.clone())]),
+            bundles: bundles.clone(),
         };
-        self.sent = Some(bundle);
+        self.sent = Some(bundles);
         Some(message)
     }
 }
@@ -327,6 +380,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             cert_rx,
             bundle_rx,
             sent: None,
+            sent_federated: None,
         })?;
         Ok(Response::new(stream))
     }

@@ -1156,6 +1156,51 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         &[&empty_token, "empty"],
     );
 
+    let federated = write("partner.pem", "not a bundle\n");
+    for (what, value, needles) in [
+        (
+            "federate-with without =",
+            "partner.example".to_owned(),
+            vec!["--federate-with", "expected TD=FILE"],
+        ),
+        (
+            "federate-with a bad trust domain",
+            "Partner!=/x.pem".to_owned(),
+            vec!["--federate-with", "Partner!"],
+        ),
+        (
+            "federate-with the agent's own domain",
+            "cluster.local=/x.pem".to_owned(),
+            vec!["--federate-with", "own trust domain"],
+        ),
+        (
+            "federate-with an endpoint",
+            "partner.example=https://bundle.partner.example".to_owned(),
+            vec!["--federate-with", "not supported yet"],
+        ),
+        (
+            "federate-with a domain twice",
+            "a.example=/a.pem,a.example=/b.pem".to_owned(),
+            vec!["--federate-with", "given twice"],
+        ),
+    ] {
+        let mut b = bad(what, &[], &[]);
+        b.env = vec![("SDS_AGENT_FEDERATE_WITH", value)];
+        b.needles = needles.into_iter().map(str::to_owned).collect();
+        cases.push(b);
+    }
+    let mut unreadable_bundle = bad(
+        "federated bundle that is not one",
+        &["--federate-with", &format!("partner.example={federated}")],
+        &["--federate-with partner.example=", "no X.509 root"],
+    );
+    unreadable_bundle.ca_file = true;
+    cases.push(unreadable_bundle);
+    cases.push(bad(
+        "federation poll interval too short",
+        &["--federation-poll-interval", "1ms"],
+        &["federation-poll-interval", "at least 100ms"],
+    ));
     cases.push(bad(
         "unknown mode",
         &["--mode", "nodes"],

@@ -675,3 +675,84 @@ fn the_workload_api_socket_must_differ_from_the_sds_socket_and_may_be_a_unix_uri
     .unwrap_err();
     assert!(err.to_string().contains("workload-api-socket"), "{err}");
 }
+
+/// A self-signed CA certificate of `trust_domain` (its URI SAN `spiffe://<td>`).
+fn federated_root(trust_domain: &str) -> rcgen::Certificate {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{trust_domain}").try_into().unwrap(),
+    )];
+    p.self_signed(&key).unwrap()
+}
+
+#[tokio::test]
+async fn federated_bundles_are_served_and_pushed_again_when_their_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("partner.pem");
+    let first = federated_root("partner.example");
+    std::fs::write(&file, first.pem()).unwrap();
+    let a = Agent::ready_with(RunArgs {
+        federate_with: vec![format!("partner.example={}", file.display())],
+        federation_poll_interval: Some("100ms".into()),
+        ..RunArgs::default()
+    })
+    .await;
+    let mut svids = a.svid_stream().await;
+    let mut bundles = a.bundles_stream().await;
+    let svid = next(&mut svids).await;
+    assert_eq!(
+        svid.federated_bundles.keys().collect::<Vec<_>>(),
+        vec!["spiffe://partner.example"]
+    );
+    assert_eq!(
+        svid.federated_bundles["spiffe://partner.example"],
+        first.der().to_vec()
+    );
+    let all = next(&mut bundles).await;
+    let mut keys: Vec<_> = all.bundles.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["spiffe://example.org", "spiffe://partner.example"]);
+    assert_eq!(
+        all.bundles["spiffe://partner.example"],
+        first.der().to_vec()
+    );
+
+    // A bad file: refused, counted, and nothing is pushed.
+    std::fs::write(&file, "not a bundle").unwrap();
+    wait_for(|| {
+        a.metric(
+            "sds_agent_federation_errors_total{trust_domain=\"partner.example\",reason=\"empty\"}",
+        ) >= 1
+    })
+    .await;
+    for stream in [
+        tokio::time::timeout(Duration::from_millis(300), svids.message())
+            .await
+            .is_err(),
+        tokio::time::timeout(Duration::from_millis(300), bundles.message())
+            .await
+            .is_err(),
+    ] {
+        assert!(stream, "a refused bundle was pushed");
+    }
+
+    // A new good one reaches both streams.
+    let second = federated_root("partner.example");
+    std::fs::write(&file, second.pem()).unwrap();
+    let svid = next(&mut svids).await;
+    assert_eq!(
+        svid.federated_bundles["spiffe://partner.example"],
+        second.der().to_vec()
+    );
+    let all = next(&mut bundles).await;
+    assert_eq!(
+        all.bundles["spiffe://partner.example"],
+        second.der().to_vec()
+    );
+    assert_eq!(
+        a.metric("sds_agent_federation_updates_total{trust_domain=\"partner.example\"}"),
+        1
+    );
+}

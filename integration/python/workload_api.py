@@ -4,10 +4,11 @@ API socket: a client nobody here wrote, on gRPC's C-core.
 Modes (each prints one JSON object on stdout; any failure exits non-zero with a message on
 stderr that says what was expected and what came):
 
-  fetch --socket PATH --spiffe-id ID --trust-domain TD
+  fetch --socket PATH --spiffe-id ID --trust-domain TD [--federated TD ...]
       fetch_x509_svid(), fetch_x509_bundles() and fetch_x509_context() return the SVID of ID
       (py-spiffe parses and checks it as an X509-SVID), a bundle for TD, and a leaf that the
-      chain or the bundle issued.
+      chain or the bundle issued; and a bundle for each --federated trust domain in both
+      bundle sets (their authorities' serials are printed under "federated").
 
   stream --socket PATH --spiffe-id ID --trust-domain TD [--serials N] [--within SECONDS]
       stream_x509_contexts() on one stream (retry_connect=False, so a stream that ends or
@@ -110,8 +111,17 @@ def run_fetch(args):
                 "fetch_x509_context: the leaf was issued by neither its chain nor the bundle "
                 f"({[serial(i) for i in issuers]})"
             )
+        federated = {}
+        for td in args.federated:
+            from_bundles = bundle_for("fetch_x509_bundles", bundles, td)
+            from_ctx = bundle_for("fetch_x509_context", ctx.x509_bundle_set, td)
+            serials = sorted(serial(a) for a in from_bundles.x509_authorities)
+            if serials != sorted(serial(a) for a in from_ctx.x509_authorities):
+                raise Failure(f"the bundles of {td!r} differ between the two calls")
+            federated[td] = serials
         return {
             "socket": args.socket,
+            "federated": federated,
             "x509_svid": out_svid,
             "x509_bundles": out_bundles,
             "x509_context": {
@@ -237,6 +247,8 @@ def main():
         if mode in ("fetch", "stream"):
             m.add_argument("--spiffe-id", required=True)
             m.add_argument("--trust-domain", required=True)
+        if mode == "fetch":
+            m.add_argument("--federated", action="append", default=[])
         if mode == "stream":
             m.add_argument("--serials", type=int, default=2)
             m.add_argument("--within", type=float, default=30.0)

@@ -388,6 +388,58 @@ async fn py_spiffe_fetches_svid_bundles_and_context() {
     assert_eq!(out["x509_context"]["leaf_issued_by_chain_or_bundle"], true);
 }
 
+/// A federated trust domain (`--federate-with partner.example=<PEM>`) reaches py-spiffe: its
+/// bundle is in the bundle sets of fetch_x509_bundles and fetch_x509_context, next to the
+/// agent's own, with the partner's root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_sees_a_federated_trust_domain() {
+    let Some(python) = python().unwrap() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    let ca = SharedCa::write(dir.path()).unwrap();
+    let partner_dir = dir.path().join("partner");
+    std::fs::create_dir(&partner_dir).unwrap();
+    let partner = SharedCa::write(&partner_dir).unwrap();
+    let (mut flags, socket) = workload_api_flag(dir.path());
+    flags.extend([
+        OsString::from("--federate-with"),
+        format!("partner.example={}", partner.cert.display()).into(),
+    ]);
+    let agent = agent(dir.path(), &ca, "spiffe-federated", "1h", &flags).await;
+    let out = run(
+        &python,
+        &agent,
+        "workload_api.py",
+        &[
+            "fetch",
+            "--socket",
+            abs(&socket),
+            "--spiffe-id",
+            agent.spiffe_id(),
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--federated",
+            "partner.example",
+        ],
+    )
+    .await;
+    for bundles in [&out["x509_bundles"], &out["x509_context"]] {
+        assert_eq!(
+            bundles["trust_domains"],
+            serde_json::json!([TRUST_DOMAIN, "partner.example"]),
+            "{bundles}"
+        );
+    }
+    let partner_roots: Vec<Serial> = out["federated"]["partner.example"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(serial)
+        .collect();
+    assert_eq!(partner_roots, std::slice::from_ref(&partner.serial), "{out}");
+}
+
 /// One py-spiffe stream_x509_contexts stream (no reconnects allowed) sees at least three
 /// different certificates as the agent rotates (`--cert-ttl 10s`, renewed at about 5 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
