@@ -26,7 +26,7 @@ use sds_backends::settings::{FileSource, ResolveContext, SettingsError, humanize
 use sds_backends::{KeyType, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
-use crate::federation::FederationSource;
+use crate::federation::{BundleSource, FederationSource};
 
 pub use sds_backends::settings::{CaArgs, CaConfig, Redacted};
 
@@ -211,13 +211,14 @@ pub struct RunArgs {
     /// replaced together at every rotation (for applications without a proxy).
     #[arg(long, env = "SDS_AGENT_OUTPUT_DIR", value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
-    /// Federate with another trust domain: TD=FILE, that domain's bundle (a SPIFFE bundle or
-    /// PEM roots), served on the Workload API and re-read when it changes. Repeatable;
-    /// comma-separated in the environment. [default: none]
+    /// Federate with another trust domain: TD=FILE (a SPIFFE bundle or PEM roots, re-read
+    /// when it changes) or TD=https://... (a SPIFFE bundle endpoint, fetched again at its
+    /// refresh hint), served on the Workload API. Repeatable; comma-separated in the
+    /// environment. [default: none]
     #[arg(
         long,
         env = "SDS_AGENT_FEDERATE_WITH",
-        value_name = "TD=FILE",
+        value_name = "TD=SOURCE",
         value_delimiter = ','
     )]
     pub federate_with: Vec<String>,
@@ -228,6 +229,10 @@ pub struct RunArgs {
         value_name = "DURATION"
     )]
     pub federation_poll_interval: Option<String>,
+    /// Roots (PEM) that bundle endpoints' TLS certificates must chain to, instead of the
+    /// system's. [default: the system's]
+    #[arg(long, env = "SDS_AGENT_FEDERATION_ENDPOINT_CA", value_name = "PEM")]
+    pub federation_endpoint_ca: Option<PathBuf>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -501,6 +506,7 @@ struct FileConfig {
     output_dir: Option<PathBuf>,
     federate_with: Option<Vec<String>>,
     federation_poll_interval: Option<String>,
+    federation_endpoint_ca: Option<PathBuf>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -572,6 +578,9 @@ pub struct Config {
     /// How often the federated bundle files are checked.
     #[serde(serialize_with = "humanized")]
     pub federation_poll_interval: Duration,
+    /// The roots bundle endpoints are verified with, if not the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_endpoint_ca: Option<PathBuf>,
 }
 
 /// A renewal fraction strictly between 0 and 1.
@@ -830,6 +839,10 @@ impl RunArgs {
             output_dir,
             federate_with,
             federation_poll_interval,
+            federation_endpoint_ca: self
+                .federation_endpoint_ca
+                .clone()
+                .or_else(|| file.federation_endpoint_ca.clone()),
         })
     }
 
@@ -858,11 +871,19 @@ impl RunArgs {
             if source.is_empty() {
                 return Err(bad("the bundle file is empty: expected TD=FILE"));
             }
-            if source.starts_with("https://") || source.starts_with("http://") {
+            let source = if source.starts_with("https://") {
+                let url = url::Url::parse(source).map_err(|e| bad(&format!("not a URL: {e}")))?;
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(bad("the endpoint URL has no host"));
+                }
+                BundleSource::Endpoint(url)
+            } else if source.starts_with("http://") {
                 return Err(bad(
-                    "SPIFFE bundle endpoints are not supported yet: give a file (a SPIFFE bundle or PEM roots)",
+                    "a bundle endpoint must be https:// (the https_web profile); plain http would let anyone on the path choose the roots",
                 ));
-            }
+            } else {
+                BundleSource::File(PathBuf::from(source))
+            };
             if &trust_domain == own {
                 return Err(bad("that is the agent's own trust domain (--trust-domain)"));
             }
@@ -871,7 +892,7 @@ impl RunArgs {
             }
             sources.push(FederationSource {
                 trust_domain,
-                path: PathBuf::from(source),
+                source,
             });
         }
         let raw_every = self
@@ -1333,7 +1354,7 @@ mod tests {
     #[test]
     fn federated_domains_come_from_flags_or_else_the_file_whole() {
         let f = file(
-            "federate-with = [\"a.example=/etc/a.json\", \"b.example=/etc/b.pem\"]\nfederation-poll-interval = \"30s\"\n",
+            "federate-with = [\"a.example=/etc/a.json\", \"b.example=https://bundle.b.example/\"]\nfederation-poll-interval = \"30s\"\n",
         );
         let from_file = RunArgs {
             config: Some(f.path().to_owned()),
@@ -1341,16 +1362,22 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        let domains: Vec<(String, PathBuf)> = from_file
+        let domains: Vec<(String, BundleSource)> = from_file
             .federate_with
             .iter()
-            .map(|s| (s.trust_domain.to_string(), s.path.clone()))
+            .map(|s| (s.trust_domain.to_string(), s.source.clone()))
             .collect();
         assert_eq!(
             domains,
             [
-                ("a.example".to_owned(), PathBuf::from("/etc/a.json")),
-                ("b.example".to_owned(), PathBuf::from("/etc/b.pem")),
+                (
+                    "a.example".to_owned(),
+                    BundleSource::File("/etc/a.json".into())
+                ),
+                (
+                    "b.example".to_owned(),
+                    BundleSource::Endpoint("https://bundle.b.example/".parse().unwrap())
+                ),
             ]
         );
         assert_eq!(from_file.federation_poll_interval, Duration::from_secs(30));

@@ -105,15 +105,19 @@ pub fn check_node(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-/// Reads every `--federate-with` bundle as `run` does at start, so `validate` catches a
-/// missing or bad one before deployment.
+/// Reads every `--federate-with` bundle file as `run` does at start (and the endpoints' CA),
+/// so `validate` catches a missing or bad one before deployment. Endpoints are not fetched.
 pub fn check_federation(config: &Config) -> anyhow::Result<()> {
     if config.federate_with.is_empty() {
         return Ok(());
     }
-    federation::Federation::start(config.federate_with.clone(), Arc::new(Metrics::new()))
-        .map(drop)
-        .map_err(Into::into)
+    federation::Federation::start(
+        config.federate_with.clone(),
+        config.federation_endpoint_ca.as_deref(),
+        Arc::new(Metrics::new()),
+    )
+    .map(drop)
+    .map_err(Into::into)
 }
 
 impl RunningAgent {
@@ -159,6 +163,7 @@ impl RunningAgent {
         } else {
             Some(Arc::new(federation::Federation::start(
                 config.federate_with.clone(),
+                config.federation_endpoint_ca.as_deref(),
                 metrics.clone(),
             )?))
         };

@@ -83,7 +83,8 @@ pub struct Metrics {
 }
 
 /// The `reason` label values of `sds_agent_federation_errors_total`.
-pub const FEDERATION_ERROR_REASONS: [&str; 6] = [
+pub const FEDERATION_ERROR_REASONS: [&str; 7] = [
+    "fetch_failed",
     "unreadable",
     "malformed",
     "empty",

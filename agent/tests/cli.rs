@@ -1174,9 +1174,9 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             vec!["--federate-with", "own trust domain"],
         ),
         (
-            "federate-with an endpoint",
-            "partner.example=https://bundle.partner.example".to_owned(),
-            vec!["--federate-with", "not supported yet"],
+            "federate-with a plain http endpoint",
+            "partner.example=http://bundle.partner.example".to_owned(),
+            vec!["--federate-with", "must be https://"],
         ),
         (
             "federate-with a domain twice",

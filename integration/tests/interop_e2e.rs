@@ -437,7 +437,11 @@ async fn py_spiffe_sees_a_federated_trust_domain() {
         .iter()
         .map(serial)
         .collect();
-    assert_eq!(partner_roots, std::slice::from_ref(&partner.serial), "{out}");
+    assert_eq!(
+        partner_roots,
+        std::slice::from_ref(&partner.serial),
+        "{out}"
+    );
 }
 
 /// One py-spiffe stream_x509_contexts stream (no reconnects allowed) sees at least three

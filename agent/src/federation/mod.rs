@@ -1,20 +1,28 @@
-//! Federated trust domains (`--federate-with TD=FILE`): the X.509 roots of other trust domains,
-//! read from files and served next to the agent's own bundle on the Workload API
-//! (`federated_bundles` of `FetchX509SVID`, and every bundle of `FetchX509Bundles`).
+//! Federated trust domains (`--federate-with TD=SOURCE`): the X.509 roots of other trust
+//! domains, served next to the agent's own bundle on the Workload API (`federated_bundles` of
+//! `FetchX509SVID`, and every bundle of `FetchX509Bundles`).
 //!
-//! A file is a SPIFFE bundle (the JWKS of the SPIFFE Trust Domain and Bundle specification:
+//! A bundle is a SPIFFE bundle (the JWKS of the SPIFFE Trust Domain and Bundle specification:
 //! the `x509-svid` keys' `x5c` certificates are the roots; `jwt-svid` keys are ignored) or PEM
-//! certificates. It is re-read when it changes (polled every `--federation-poll-interval`).
+//! certificates. Its source is
+//! - a file, re-read when it changes (polled every `--federation-poll-interval`);
+//! - an `https://` SPIFFE bundle endpoint (the `https_web` profile: the server is verified
+//!   with the system's roots, or `--federation-endpoint-ca`), fetched at start and again at
+//!   the bundle's `spiffe_refresh_hint` (5 minutes without one); after a failure, again in
+//!   1 s, doubling up to 30 s. A fetch that fails, takes over 10 s or answers anything but
+//!   200 is a failure.
 //!
 //! A bundle is accepted only if it holds at least one root, every root is a CA certificate
 //! valid now, and no root names another trust domain in a SPIFFE URI SAN (SPIRE's roots carry
 //! `spiffe://<td>`). A file that fails any check never replaces the last good bundle of its
 //! trust domain: the failure is logged with the file and the reason, and counted in
 //! `sds_agent_federation_errors_total{trust_domain, reason}`. At start-up every file must be
-//! good (as CA files must), so a typo stops the agent (and `validate`) with exit 2.
+//! good (as CA files must), so a typo stops the agent (and `validate`) with exit 2; an
+//! endpoint is not required at start-up (a partner's outage must not stop this agent), and
+//! its domain is served once a first fetch succeeds.
 //!
-//! Not here yet (issue 19): `https://` bundle endpoints, serving the bundles over SDS (`ALL`,
-//! `spiffe://<td>`, the SPIFFE certificate validator), and removing a domain at run time.
+//! Not here yet (issue 19): serving the bundles over SDS (`ALL`, `spiffe://<td>`, the SPIFFE
+//! certificate validator), and removing a domain at run time.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,9 +48,43 @@ pub struct FederationSource {
     /// The federated trust domain.
     #[serde(serialize_with = "crate::config::display")]
     pub trust_domain: TrustDomain,
-    /// The bundle file.
-    pub path: PathBuf,
+    /// Where its bundle is.
+    #[serde(flatten)]
+    pub source: BundleSource,
 }
+
+/// Where a federated bundle comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleSource {
+    /// A file, polled for changes.
+    File(PathBuf),
+    /// An `https://` SPIFFE bundle endpoint.
+    #[serde(serialize_with = "crate::config::display")]
+    Endpoint(url::Url),
+}
+
+impl std::fmt::Display for BundleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Endpoint(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// How long one endpoint fetch may take, unless set.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// When an endpoint's bundle gives no `spiffe_refresh_hint`.
+const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+/// The refresh hint is obeyed within these bounds.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// After a failed fetch, the next one comes after 1 s, doubling with each failure in a row up
+/// to this (and never later than the last refresh hint).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// The first retry after a failure.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
 
 /// The roots of one federated trust domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +129,9 @@ pub enum BundleError {
         /// Its notAfter, RFC 3339.
         not_after: String,
     },
+    /// An endpoint could not be fetched: connection, TLS, timeout, or a status but 200.
+    #[error("fetching it failed: {0}")]
+    FetchFailed(String),
     /// A root that names another trust domain.
     #[error("root {index} belongs to {found}, not {expected}")]
     WrongTrustDomain {
@@ -109,14 +154,25 @@ impl BundleError {
             Self::NotCa { .. } => "not_ca",
             Self::Expired { .. } => "expired",
             Self::WrongTrustDomain { .. } => "wrong_trust_domain",
+            Self::FetchFailed(_) => "fetch_failed",
         }
     }
 }
 
-/// A SPIFFE bundle document: only what the X.509 roots need.
+/// A SPIFFE bundle document: only what the X.509 roots and the refresh need.
 #[derive(serde::Deserialize)]
 struct Jwks {
     keys: Vec<Jwk>,
+    #[serde(default)]
+    spiffe_refresh_hint: Option<u64>,
+}
+
+/// The `spiffe_refresh_hint` of a SPIFFE bundle (seconds), if it has one.
+pub fn refresh_hint(text: &[u8]) -> Option<Duration> {
+    serde_json::from_slice::<Jwks>(text)
+        .ok()?
+        .spiffe_refresh_hint
+        .map(Duration::from_secs)
 }
 
 #[derive(serde::Deserialize)]
@@ -255,33 +311,66 @@ pub struct Federation {
     sources: Vec<FederationSource>,
     bundles: watch::Sender<Bundles>,
     metrics: Arc<Metrics>,
+    /// The client of the endpoints, if there are any.
+    http: Option<reqwest::Client>,
+    fetch_timeout: Duration,
+    /// The longest wait before retrying a failed endpoint.
+    max_retry: Duration,
+    /// When each endpoint is fetched next, and its failures in a row.
+    due: parking_lot::Mutex<BTreeMap<TrustDomain, (tokio::time::Instant, u32)>>,
 }
 
 /// A source that failed at start-up.
 #[derive(Debug, thiserror::Error)]
-#[error("--federate-with {trust_domain}={}: {error}", path.display())]
+#[error("--federate-with {trust_domain}={source_}: {error}")]
 pub struct StartError {
     trust_domain: TrustDomain,
-    path: PathBuf,
+    source_: BundleSource,
     error: BundleError,
 }
 
 impl Federation {
-    /// Reads every source once; any that fails is an error (the agent does not start).
+    /// Reads every file source once; any that fails is an error (the agent does not start).
+    /// Endpoints are fetched by [`Federation::run`], first at once; their TLS roots are
+    /// `endpoint_ca` (PEM) if given, else the system's.
     pub fn start(
         sources: Vec<FederationSource>,
+        endpoint_ca: Option<&Path>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, StartError> {
+    ) -> Result<Self, Box<StartError>> {
         let mut bundles = BTreeMap::new();
+        let mut due = BTreeMap::new();
         for s in &sources {
-            let bundle = read_bundle(&s.path, &s.trust_domain).map_err(|error| StartError {
-                trust_domain: s.trust_domain.clone(),
-                path: s.path.clone(),
-                error,
-            })?;
-            info!(trust_domain = %s.trust_domain, file = %s.path.display(), roots = bundle.roots, "federated bundle read");
-            bundles.insert(s.trust_domain.clone(), bundle);
+            match &s.source {
+                BundleSource::File(path) => {
+                    let bundle = read_bundle(path, &s.trust_domain).map_err(|error| {
+                        Box::new(StartError {
+                            trust_domain: s.trust_domain.clone(),
+                            source_: s.source.clone(),
+                            error,
+                        })
+                    })?;
+                    info!(trust_domain = %s.trust_domain, file = %path.display(), roots = bundle.roots, "federated bundle read");
+                    bundles.insert(s.trust_domain.clone(), bundle);
+                }
+                BundleSource::Endpoint(_) => {
+                    due.insert(s.trust_domain.clone(), (tokio::time::Instant::now(), 0));
+                }
+            }
         }
+        let first_endpoint = sources
+            .iter()
+            .find(|s| matches!(s.source, BundleSource::Endpoint(_)));
+        let http = match first_endpoint {
+            None => None,
+            Some(ep) => Some(endpoint_client(endpoint_ca).map_err(|error| {
+                Box::new(StartError {
+                    trust_domain: ep.trust_domain.clone(),
+                    source_: ep.source.clone(),
+                    error,
+                })
+            })?),
+        };
         for s in &sources {
             metrics.prime_federation(s.trust_domain.as_str());
         }
@@ -289,7 +378,25 @@ impl Federation {
             sources,
             bundles: watch::Sender::new(Arc::new(bundles)),
             metrics,
+            http,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            max_retry: RETRY_AFTER_FAILURE,
+            due: parking_lot::Mutex::new(due),
         })
+    }
+
+    /// Sets how long one endpoint fetch may take.
+    #[must_use]
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest wait before a failed endpoint is tried again (30 s unless set).
+    #[must_use]
+    pub fn with_max_retry(mut self, max: Duration) -> Self {
+        self.max_retry = max;
+        self
     }
 
     /// The bundles, updated in place whenever one changes.
@@ -297,49 +404,180 @@ impl Federation {
         self.bundles.subscribe()
     }
 
-    /// Re-reads every source every `every` until `shutdown`; a file that changed and passes
-    /// the checks replaces its trust domain's bundle, one that fails leaves it as it was.
+    /// Re-reads every file every `every`, and fetches each endpoint when it is due, until
+    /// `shutdown`; a bundle that changed and passes the checks replaces its trust domain's,
+    /// one that fails leaves it as it was.
     pub async fn run(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => self.refresh(),
+                _ = tick.tick() => {
+                    self.refresh();
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = self.refresh_endpoints() => {}
+                    }
+                }
             }
         }
     }
 
-    /// One pass over the sources.
+    /// One pass over the file sources.
     pub fn refresh(&self) {
         for s in &self.sources {
-            let current = self.bundles.borrow().get(&s.trust_domain).cloned();
-            match read_bundle(&s.path, &s.trust_domain) {
-                Ok(bundle) if Some(&bundle) == current.as_ref() => {}
-                Ok(bundle) => {
-                    info!(trust_domain = %s.trust_domain, file = %s.path.display(), roots = bundle.roots, "federated bundle changed");
-                    self.bundles.send_modify(|all| {
-                        Arc::make_mut(all).insert(s.trust_domain.clone(), bundle);
-                    });
-                    self.metrics
-                        .federation_updates
-                        .get_or_create(&FederationLabels::new(s.trust_domain.as_str()))
-                        .inc();
-                }
-                Err(e) => {
-                    warn!(trust_domain = %s.trust_domain, file = %s.path.display(), reason = e.reason(), error = %e, "federated bundle refused; keeping the last good one");
-                    self.metrics
-                        .federation_errors
-                        .get_or_create(&FederationErrorLabels::new(
-                            s.trust_domain.as_str(),
-                            e.reason(),
-                        ))
-                        .inc();
-                }
+            if let BundleSource::File(path) = &s.source {
+                self.apply(s, read_bundle(path, &s.trust_domain));
             }
         }
     }
+
+    /// Fetches every endpoint that is due (all at once, each within the fetch timeout).
+    pub async fn refresh_endpoints(&self) {
+        let Some(http) = &self.http else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let due: Vec<&FederationSource> = {
+            let next = self.due.lock();
+            self.sources
+                .iter()
+                .filter(|s| next.get(&s.trust_domain).is_some_and(|(at, _)| *at <= now))
+                .collect()
+        };
+        let fetches = due.into_iter().map(|s| async move {
+            let BundleSource::Endpoint(url) = &s.source else {
+                return;
+            };
+            let (result, hint) = self.fetch(http, url, &s.trust_domain).await;
+            {
+                let mut due = self.due.lock();
+                let failures = due.get(&s.trust_domain).map_or(0, |(_, f)| *f);
+                let (wait, failures) = match (&result, hint) {
+                    (Ok(_), Some(hint)) => (hint.clamp(MIN_REFRESH, MAX_REFRESH), 0),
+                    (Ok(_), None) => (DEFAULT_REFRESH, 0),
+                    (Err(_), _) => {
+                        let backoff = FIRST_RETRY.saturating_mul(1 << failures.min(16));
+                        (backoff.min(self.max_retry), failures.saturating_add(1))
+                    }
+                };
+                due.insert(
+                    s.trust_domain.clone(),
+                    (tokio::time::Instant::now() + wait, failures),
+                );
+            }
+            self.apply(s, result);
+        });
+        futures::future::join_all(fetches).await;
+    }
+
+    /// One fetch of `url`: the bundle, and the refresh hint of what was fetched.
+    async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        url: &url::Url,
+        trust_domain: &TrustDomain,
+    ) -> (Result<FederatedBundle, BundleError>, Option<Duration>) {
+        let fetched = tokio::time::timeout(self.fetch_timeout, async {
+            let resp = http
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| sds_backends::error_chain(&e))?;
+            let status = resp.status();
+            if status != reqwest::StatusCode::OK {
+                return Err(format!("GET {url}: {status}"));
+            }
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| sds_backends::error_chain(&e))?;
+            if body.len() as u64 > MAX_BUNDLE_LEN {
+                return Err(format!("GET {url}: larger than {MAX_BUNDLE_LEN} bytes"));
+            }
+            Ok(body)
+        })
+        .await;
+        let body = match fetched {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return (Err(BundleError::FetchFailed(e)), None),
+            Err(_) => {
+                return (
+                    Err(BundleError::FetchFailed(format!(
+                        "GET {url}: no complete answer within {}",
+                        humantime::format_duration(self.fetch_timeout)
+                    ))),
+                    None,
+                );
+            }
+        };
+        (
+            parse_bundle(&body, trust_domain, SystemTime::now()),
+            refresh_hint(&body),
+        )
+    }
+
+    /// Replaces `s`'s bundle with `result` if it is good and different; logs and counts.
+    fn apply(&self, s: &FederationSource, result: Result<FederatedBundle, BundleError>) {
+        let current = self.bundles.borrow().get(&s.trust_domain).cloned();
+        match result {
+            Ok(bundle) if Some(&bundle) == current.as_ref() => {}
+            Ok(bundle) => {
+                info!(trust_domain = %s.trust_domain, source = %s.source, roots = bundle.roots, "federated bundle changed");
+                self.bundles.send_modify(|all| {
+                    Arc::make_mut(all).insert(s.trust_domain.clone(), bundle);
+                });
+                self.metrics
+                    .federation_updates
+                    .get_or_create(&FederationLabels::new(s.trust_domain.as_str()))
+                    .inc();
+            }
+            Err(e) => {
+                warn!(trust_domain = %s.trust_domain, source = %s.source, reason = e.reason(), error = %e, "federated bundle refused; keeping the last good one");
+                self.metrics
+                    .federation_errors
+                    .get_or_create(&FederationErrorLabels::new(
+                        s.trust_domain.as_str(),
+                        e.reason(),
+                    ))
+                    .inc();
+            }
+        }
+    }
+}
+
+/// The client of the bundle endpoints: TLS verified with `ca` (PEM) or the system's roots, and
+/// no redirects (the `https_web` profile fetches the URL given). The environment's proxy
+/// settings (`HTTPS_PROXY`, `NO_PROXY`) apply.
+fn endpoint_client(ca: Option<&Path>) -> Result<reqwest::Client, BundleError> {
+    let builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    let builder = match ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                BundleError::Unreadable(format!("--federation-endpoint-ca {}: {e}", path.display()))
+            })?;
+            let certs = sds_backends::pem::decode_certificates(&pem).map_err(|e| {
+                BundleError::Malformed(format!("--federation-endpoint-ca {}: {e}", path.display()))
+            })?;
+            let roots = certs
+                .iter()
+                .map(|der| reqwest::Certificate::from_der(der))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    BundleError::Malformed(format!(
+                        "--federation-endpoint-ca {}: {}",
+                        path.display(),
+                        sds_backends::error_chain(&e)
+                    ))
+                })?;
+            builder.tls_certs_only(roots)
+        }
+        None => builder,
+    };
+    builder
+        .build()
+        .map_err(|e| BundleError::FetchFailed(sds_backends::error_chain(&e)))
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ fn sources(dir: &std::path::Path) -> (Vec<FederationSource>, std::path::PathBuf)
     (
         vec![FederationSource {
             trust_domain: td("partner.example"),
-            path: path.clone(),
+            source: BundleSource::File(path.clone()),
         }],
         path,
     )
@@ -158,14 +158,14 @@ fn metric(metrics: &Metrics, line_start: &str) -> f64 {
 fn a_bad_file_at_start_stops_the_agent_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let (sources, path) = sources(dir.path());
-    let missing = Federation::start(sources.clone(), Arc::new(Metrics::new())).unwrap_err();
+    let missing = Federation::start(sources.clone(), None, Arc::new(Metrics::new())).unwrap_err();
     let text = missing.to_string();
     assert!(
         text.contains("partner.example=") && text.contains("partner.json"),
         "{text}"
     );
     std::fs::write(&path, "garbage").unwrap();
-    let garbage = Federation::start(sources, Arc::new(Metrics::new())).unwrap_err();
+    let garbage = Federation::start(sources, None, Arc::new(Metrics::new())).unwrap_err();
     assert!(garbage.to_string().contains("no X.509 root"), "{garbage}");
 }
 
@@ -176,7 +176,7 @@ fn a_changed_file_replaces_the_bundle_and_a_bad_one_never_does() {
     let first = cert(true, Some("partner.example"), yesterday(), 30);
     std::fs::write(&path, jwks(&[&first])).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let federation = Federation::start(sources, metrics.clone()).unwrap();
+    let federation = Federation::start(sources, None, metrics.clone()).unwrap();
     let mut rx = federation.subscribe();
     let partner = td("partner.example");
     assert_eq!(rx.borrow_and_update()[&partner].der, first.der().to_vec());
@@ -235,7 +235,7 @@ async fn run_re_reads_the_files_at_the_interval_until_shutdown() {
     let (sources, path) = sources(dir.path());
     let first = cert(true, Some("partner.example"), yesterday(), 30);
     std::fs::write(&path, first.pem()).unwrap();
-    let federation = Arc::new(Federation::start(sources, Arc::new(Metrics::new())).unwrap());
+    let federation = Arc::new(Federation::start(sources, None, Arc::new(Metrics::new())).unwrap());
     let mut rx = federation.subscribe();
     rx.borrow_and_update();
     let shutdown = CancellationToken::new();
