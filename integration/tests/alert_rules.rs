@@ -243,7 +243,15 @@ async fn agent_in_every_state(dir: &std::path::Path) -> (IstioTestCa, Agent) {
         service_account: "alerts",
         cert_ttl: "1h",
     };
-    let args = args_for(ca.addr(), ca.tls_root(), &token, Some(CLUSTER_ID));
+    let mut args = args_for(ca.addr(), ca.tls_root(), &token, Some(CLUSTER_ID));
+    // A federated trust domain, so its series (primed at zero) are exported too.
+    let partner = dir.join("partner");
+    std::fs::create_dir_all(&partner).unwrap();
+    let partner = sds_integration::pki::SharedCa::write(&partner).unwrap();
+    args.extend([
+        "--federate-with".into(),
+        format!("partner.example={}", partner.cert.display()).into(),
+    ]);
     let agent = Agent::start_with(&agent_bin().unwrap(), dir, &config, &args)
         .await
         .unwrap();
