@@ -124,9 +124,9 @@ pub enum BundleError {
     Expired {
         /// Its position.
         index: usize,
-        /// Its notBefore, RFC 3339.
+        /// Its notBefore (RFC 2822).
         not_before: String,
-        /// Its notAfter, RFC 3339.
+        /// Its notAfter (RFC 2822).
         not_after: String,
     },
     /// An endpoint could not be fetched: connection, TLS, timeout, or a status but 200.
@@ -257,13 +257,13 @@ fn check_root(
     }
     let validity = cert.validity();
     if now < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
-        let rfc3339 = |t: x509_parser::time::ASN1Time| {
+        let date = |t: x509_parser::time::ASN1Time| {
             t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
         };
         return Err(BundleError::Expired {
             index,
-            not_before: rfc3339(validity.not_before),
-            not_after: rfc3339(validity.not_after),
+            not_before: date(validity.not_before),
+            not_after: date(validity.not_after),
         });
     }
     if let Ok(Some(san)) = cert.subject_alternative_name() {
