@@ -1,5 +1,5 @@
 //! The admin HTTP endpoint, on loopback by default: `/healthz`, `/readyz`, `/secrets`,
-//! `/proxies`, `/metrics`, and `POST /rotate`; and the optional status endpoint, which serves
+//! `/proxies`, `/trust`, `/metrics`, `POST /rotate` and `POST /ca/rotate`; and the optional status endpoint, which serves
 //! only `/healthz`, `/readyz` and `/metrics` so that it can listen where kubelet and
 //! Prometheus reach it without letting them force rotations or list the proxies.
 //!
@@ -36,7 +36,9 @@ pub fn router(state: AdminState) -> Router {
     status_routes()
         .route("/secrets", get(secrets))
         .route("/proxies", get(proxies))
+        .route("/trust", get(trust))
         .route("/rotate", post(rotate))
+        .route("/ca/rotate", post(ca_rotate))
         .with_state(state)
 }
 
@@ -92,6 +94,25 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+}
+
+async fn trust(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(s.manager.trust_status())
+}
+
+/// Begins a staged root rotation (`sds-agent ca rotate`): 202 with the new root's serial, or
+/// 409 with why not (a CA that announces its own roots, a rotation already running).
+async fn ca_rotate(State(s): State<AdminState>) -> impl IntoResponse {
+    match s.manager.begin_root_rotation() {
+        Ok(serial) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "new_root": serial })),
+        ),
+        Err(reason) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({ "error": reason })),
+        ),
+    }
 }
 
 async fn rotate(State(s): State<AdminState>) -> impl IntoResponse {

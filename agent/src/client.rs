@@ -1,5 +1,5 @@
-//! The commands that talk to a running agent through its admin endpoint: `status` and
-//! `rotate`, plus `version`. Each prints to the writer it is given and returns the process
+//! The commands that talk to a running agent through its admin endpoint: `status`,
+//! `rotate` and `ca rotate`, plus `version`. Each prints to the writer it is given and returns the process
 //! exit code, so scripts can branch on it:
 //!
 //! | code | meaning |
@@ -88,6 +88,56 @@ pub struct Status {
     pub secrets: Vec<SecretView>,
     /// Connected proxies.
     pub proxies: Vec<ProxyView>,
+    /// The served roots and the staged root rotation, as `/trust` says.
+    pub trust: TrustView,
+}
+
+/// `/trust`: the served roots and the root rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrustView {
+    /// The served bundle's version.
+    pub bundle_version: Option<u64>,
+    /// Serials of the served roots.
+    pub roots: Vec<RootView>,
+    /// SDS streams subscribed to the bundle.
+    pub proxies_subscribed: usize,
+    /// The rotation.
+    pub rotation: RotationView,
+}
+
+/// A served root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootView {
+    /// Serial, hex.
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// The staged root rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationView {
+    /// `none`, `announced`, `issuing`, `retiring` or `removed`.
+    pub phase: String,
+    /// 0 to 4.
+    pub phase_number: i64,
+    /// Serials of the roots being replaced.
+    pub old_roots: Vec<String>,
+    /// Serials of the roots replacing them.
+    pub new_roots: Vec<String>,
+    /// What the phase waits for.
+    pub waiting_for: Option<String>,
+    /// The phases entered, in order.
+    pub history: Vec<PhaseView>,
+}
+
+/// A phase entered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseView {
+    /// The phase.
+    pub phase: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 /// A failed exchange with the agent.
@@ -201,10 +251,11 @@ impl Admin {
 /// Reads `/readyz`, `/secrets` and `/proxies`.
 pub async fn fetch_status(args: &ClientArgs) -> Result<Status, ClientError> {
     let admin = Admin::new(args)?;
-    let (ready, secrets, proxies) = tokio::try_join!(
+    let (ready, secrets, proxies, trust) = tokio::try_join!(
         admin.get_json::<serde_json::Value>("/readyz", &[200, 503]),
         admin.secrets(),
         admin.get_json::<Vec<ProxyView>>("/proxies", &[200]),
+        admin.get_json::<TrustView>("/trust", &[200]),
     )?;
     let (code, body) = ready;
     Ok(Status {
@@ -213,6 +264,7 @@ pub async fn fetch_status(args: &ClientArgs) -> Result<Status, ClientError> {
         health: body.get("health").cloned(),
         secrets,
         proxies: proxies.1,
+        trust: trust.1,
     })
 }
 
@@ -284,6 +336,8 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
         write_table(&rows, out)?;
     }
     writeln!(out)?;
+    write_trust_text(&s.trust, out)?;
+    writeln!(out)?;
     if s.proxies.is_empty() {
         return writeln!(out, "no proxies connected");
     }
@@ -319,6 +373,94 @@ pub fn write_status_text(s: &Status, now: SystemTime, out: &mut dyn Write) -> st
         ]);
     }
     write_table(&rows, out)
+}
+
+/// The roots and the root rotation's phase.
+fn write_trust_text(t: &TrustView, out: &mut dyn Write) -> std::io::Result<()> {
+    let roots: Vec<&str> = t.roots.iter().map(|r| r.serial.as_str()).collect();
+    writeln!(
+        out,
+        "trust bundle: version {}, roots {}",
+        t.bundle_version
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        if roots.is_empty() {
+            "-".to_owned()
+        } else {
+            roots.join(", ")
+        }
+    )?;
+    let r = &t.rotation;
+    let history = r
+        .history
+        .iter()
+        .map(|h| format!("{} at {}", h.phase, h.at))
+        .collect::<Vec<_>>()
+        .join(" -> ");
+    match r.phase.as_str() {
+        "none" => writeln!(out, "root rotation: none"),
+        "removed" => writeln!(out, "root rotation: complete (phase 4/4): {history}"),
+        phase => {
+            writeln!(
+                out,
+                "root rotation: phase {}/4 {phase}; old {} -> new {}; {history}",
+                r.phase_number,
+                r.old_roots.join(","),
+                r.new_roots.join(","),
+            )?;
+            match &r.waiting_for {
+                Some(w) => writeln!(out, "  waiting for {w}"),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// `sds-agent ca rotate`.
+pub async fn ca_rotate(args: &ClientArgs, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let result = async {
+        let admin = Admin::new(args)?;
+        let (code, body) = admin.call(reqwest::Method::POST, "/ca/rotate").await?;
+        let url = format!("{}/ca/rotate", admin.base);
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
+                url: url.clone(),
+                reason: format!(
+                    "HTTP {code}, not the JSON the agent sends ({e}): {}",
+                    sds_backends::quote(&String::from_utf8_lossy(&body), QUOTED)
+                ),
+            })?;
+        Ok::<_, ClientError>((code, json, url))
+    }
+    .await;
+    match result {
+        Ok((202, json, _)) => {
+            let serial = json["new_root"].as_str().unwrap_or("-");
+            let printed = match args.output {
+                OutputFormat::Json => writeln!(out, "{json}"),
+                OutputFormat::Text => writeln!(
+                    out,
+                    "root rotation begun: new root {serial}; follow its phases with `sds-agent status`"
+                ),
+            };
+            drop(printed);
+            0
+        }
+        Ok((code, json, url)) => {
+            let reason = json["error"]
+                .as_str()
+                .map_or_else(|| json.to_string(), str::to_owned);
+            drop(writeln!(
+                err,
+                "error: {url} refused (HTTP {code}): {}",
+                sds_backends::quote(&reason, 400)
+            ));
+            EXIT_UNREACHABLE
+        }
+        Err(e) => {
+            drop(writeln!(err, "error: {e}"));
+            EXIT_UNREACHABLE
+        }
+    }
 }
 
 /// Left-aligned columns, two spaces apart; the last column is not padded.
@@ -531,6 +673,31 @@ mod tests {
                     ..ProxyView::default()
                 },
             ],
+            trust: TrustView {
+                bundle_version: Some(3),
+                roots: vec![
+                    RootView {
+                        serial: "01".into(),
+                        not_after: "2027-11-23T09:00:00Z".into(),
+                    },
+                    RootView {
+                        serial: "02".into(),
+                        not_after: "2028-11-23T09:00:00Z".into(),
+                    },
+                ],
+                proxies_subscribed: 1,
+                rotation: RotationView {
+                    phase: "announced".into(),
+                    phase_number: 1,
+                    old_roots: vec!["01".into()],
+                    new_roots: vec!["02".into()],
+                    waiting_for: Some("1 of 1 proxies to ACK bundle version 3".into()),
+                    history: vec![PhaseView {
+                        phase: "announced".into(),
+                        at: "2026-11-23T09:59:00Z".into(),
+                    }],
+                },
+            },
         };
         let mut out = Vec::new();
         assert!(write_status_text(&status, now, &mut out).is_ok());
@@ -549,6 +716,15 @@ mod tests {
             assert!(row.contains(cell), "{cell} missing from {row:?}");
         }
         assert!(text.contains("ACKED"), "{text}");
+        assert!(
+            text.contains("trust bundle: version 3, roots 01, 02"),
+            "{text}"
+        );
+        assert!(
+            text.contains("root rotation: phase 1/4 announced; old 01 -> new 02"),
+            "{text}"
+        );
+        assert!(text.contains("waiting for 1 of 1 proxies to ACK"), "{text}");
         assert!(text.contains("NACKED: bad key"), "{text}");
         // A Workload API stream has no ACKs: its version is the one sent.
         let row = text

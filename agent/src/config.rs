@@ -63,8 +63,21 @@ pub enum Command {
     /// Make a running agent renew its certificate now (POST /rotate). Exit 0 once asked (or,
     /// with --wait, once the new certificate is served), 1 on failure.
     Rotate(RotateArgs),
+    /// Act on the running agent's CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the version and the CA backends built in.
     Version(VersionArgs),
+}
+
+/// `sds-agent ca ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CaCommand {
+    /// Begin a staged root rotation of the running agent's embedded CA (POST /ca/rotate): a
+    /// new root is prepared (made, for an ephemeral root; read from --embedded-next-ca-cert
+    /// and --embedded-next-ca-key, for one from files) and goes through the four phases
+    /// `sds-agent status` shows. Exit 0 once begun, 1 when refused or unreachable.
+    Rotate(ClientArgs),
 }
 
 /// Output format of the client commands.
@@ -233,6 +246,11 @@ pub struct RunArgs {
     /// system's. [default: the system's]
     #[arg(long, env = "SDS_AGENT_FEDERATION_ENDPOINT_CA", value_name = "PEM")]
     pub federation_endpoint_ca: Option<PathBuf>,
+    /// Staged root rotation: how long phase 1 waits at most for every proxy to ACK the new
+    /// root, and how long the old root is still served once no certificate of this agent
+    /// chains to it (for other agents' peers). [default: --cert-ttl]
+    #[arg(long, env = "SDS_AGENT_ROOT_OVERLAP", value_name = "DURATION")]
+    pub root_overlap: Option<String>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -507,6 +525,7 @@ struct FileConfig {
     federate_with: Option<Vec<String>>,
     federation_poll_interval: Option<String>,
     federation_endpoint_ca: Option<PathBuf>,
+    root_overlap: Option<String>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -581,6 +600,9 @@ pub struct Config {
     /// The roots bundle endpoints are verified with, if not the system's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub federation_endpoint_ca: Option<PathBuf>,
+    /// Root rotation: phase 1's longest wait for ACKs, and phase 3's overlap.
+    #[serde(serialize_with = "humanized")]
+    pub root_overlap: Duration,
 }
 
 /// A renewal fraction strictly between 0 and 1.
@@ -817,6 +839,18 @@ impl RunArgs {
         }
         let (federate_with, federation_poll_interval) =
             self.federation(&file, spiffe_id.trust_domain())?;
+        let root_overlap = match pick(&self.root_overlap, &file.root_overlap) {
+            Some(raw) => {
+                let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+                    invalid("root-overlap", &raw, format!("{e}; expected e.g. 30m, 24h"))
+                })?;
+                if d < Duration::from_secs(1) {
+                    return Err(invalid("root-overlap", &raw, "must be at least 1s"));
+                }
+                d
+            }
+            None => cert_ttl,
+        };
         Ok(Config {
             mode,
             node,
@@ -843,6 +877,7 @@ impl RunArgs {
                 .federation_endpoint_ca
                 .clone()
                 .or_else(|| file.federation_endpoint_ca.clone()),
+            root_overlap,
         })
     }
 
@@ -1323,7 +1358,9 @@ mod tests {
             c.ca,
             CaConfig::Embedded(Box::new(EmbeddedSettings {
                 cert: None,
-                key: None
+                key: None,
+                next_cert: None,
+                next_key: None,
             }))
         );
         assert_eq!(c.cert_ttl, Duration::from_secs(86400));

@@ -75,6 +75,7 @@ impl Policy {
             bundle_refresh: Duration::from_secs(300),
             ca_concurrency: config.ca_concurrency,
             idle_timeout: config.identity_idle_timeout,
+            root_overlap: config.root_overlap,
         }
     }
 }

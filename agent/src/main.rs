@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sds_agent::client;
-use sds_agent::config::{Cli, Command, LogFormat};
+use sds_agent::config::{CaCommand, Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,6 +26,14 @@ fn main() -> ExitCode {
         }
         Command::Rotate(args) => {
             let code = block_on_client(client::rotate(
+                &args,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            ));
+            ExitCode::from(code)
+        }
+        Command::Ca(CaCommand::Rotate(args)) => {
+            let code = block_on_client(client::ca_rotate(
                 &args,
                 &mut std::io::stdout(),
                 &mut std::io::stderr(),

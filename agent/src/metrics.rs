@@ -80,6 +80,24 @@ pub struct Metrics {
     pub federation_errors: Family<FederationErrorLabels, Counter>,
     /// Federated bundles replaced by a changed, good one, by trust domain.
     pub federation_updates: Family<FederationLabels, Counter>,
+    /// The phase of the staged root rotation: 0 none, 1 announced, 2 issuing, 3 retiring,
+    /// 4 removed (the last rotation is complete).
+    pub root_rotation_phase: Gauge,
+    /// When the phase began, Unix seconds (0 before any rotation).
+    pub root_rotation_phase_started: FloatGauge,
+    /// Phases entered, by phase.
+    pub root_rotation_transitions: Family<PhaseLabel, Counter>,
+    /// `--root-overlap`, seconds.
+    pub root_overlap_seconds: FloatGauge,
+    /// Roots in the served trust bundle (the agent's own trust domain).
+    pub trust_bundle_roots: Gauge,
+}
+
+/// The `phase` label of `sds_agent_root_rotation_transitions_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// `announced`, `issuing`, `retiring` or `removed`.
+    pub phase: &'static str,
 }
 
 /// The `reason` label values of `sds_agent_federation_errors_total`.
@@ -319,6 +337,11 @@ impl Metrics {
             attestations_refused: Counter::default(),
             federation_errors: Family::default(),
             federation_updates: Family::default(),
+            root_rotation_phase: Gauge::default(),
+            root_rotation_phase_started: FloatGauge::default(),
+            root_rotation_transitions: Family::default(),
+            root_overlap_seconds: FloatGauge::default(),
+            trust_bundle_roots: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -465,6 +488,31 @@ impl Metrics {
             "federation_updates",
             "Federated bundles replaced by a changed, good one, by trust domain",
             m.federation_updates.clone(),
+        );
+        r.register(
+            "root_rotation_phase",
+            "Staged root rotation phase: 0 none, 1 new root announced, 2 issuing under it, 3 old root retiring, 4 old root removed",
+            m.root_rotation_phase.clone(),
+        );
+        r.register(
+            "root_rotation_phase_started_timestamp_seconds",
+            "When the root rotation phase began, Unix seconds",
+            m.root_rotation_phase_started.clone(),
+        );
+        r.register(
+            "root_rotation_transitions",
+            "Root rotation phases entered, by phase",
+            m.root_rotation_transitions.clone(),
+        );
+        r.register(
+            "root_overlap_seconds",
+            "--root-overlap: how long phase 1 waits at most for ACKs, and the old root is kept after nothing chains to it",
+            m.root_overlap_seconds.clone(),
+        );
+        r.register(
+            "trust_bundle_roots",
+            "Roots in the trust bundle served for the agent's own trust domain",
+            m.trust_bundle_roots.clone(),
         );
         Self { registry, ..m }
     }

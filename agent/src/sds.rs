@@ -761,7 +761,14 @@ impl XdsState for SotwState {
             self.last_nonce.as_deref(),
         )? {
             Admit::Stale => return Ok(()),
-            Admit::Reply => g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref()),
+            Admit::Reply => {
+                g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref());
+                if req.error_detail.is_none()
+                    && let Some(v) = self.sent.get(&ResourceName::RootCa)
+                {
+                    g.bundle_acked(*v);
+                }
+            }
             Admit::Fresh => {}
         }
         if self.names.is_none() && (req.resource_names.is_empty())
@@ -777,6 +784,7 @@ impl XdsState for SotwState {
                 .map(|n| n.wire_name(&g.identity).into())
                 .collect()
         });
+        g.bundle_subscription(names.contains(&ResourceName::RootCa));
         self.names = Some(names);
         Ok(())
     }
@@ -838,6 +846,14 @@ impl XdsState for DeltaState {
             Admit::Reply => {
                 let acked = self.sent_version();
                 g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
+                if req.error_detail.is_none()
+                    && let Some(v) = self
+                        .sent
+                        .get(&ResourceName::RootCa)
+                        .and_then(|v| v.parse().ok())
+                {
+                    g.bundle_acked(v);
+                }
             }
             Admit::Fresh => {}
         }
@@ -875,6 +891,7 @@ impl XdsState for DeltaState {
                 self.sent.remove(&n);
             }
         }
+        g.bundle_subscription(self.subscribed.contains(&ResourceName::RootCa));
         g.update(|p| {
             p.resources = self
                 .subscribed
@@ -979,6 +996,19 @@ impl StreamGuard {
         Ok(Admit::Reply)
     }
 
+    /// Tells the secret manager whether this stream is subscribed to the trust bundle: a
+    /// root rotation waits for every subscribed proxy to ACK a new root.
+    fn bundle_subscription(&self, subscribed: bool) {
+        if self.api != WORKLOAD_API {
+            self.inner.manager.bundle_subscription(self.id, subscribed);
+        }
+    }
+
+    /// The proxy ACKed a response that carried bundle `version`.
+    fn bundle_acked(&self, version: u64) {
+        self.inner.manager.bundle_acked(self.id, version);
+    }
+
     /// The stream's number.
     pub(crate) fn id(&self) -> u64 {
         self.id
@@ -1042,6 +1072,7 @@ impl Drop for StreamGuard {
             .get_or_create(&ApiLabel { api: self.api })
             .dec();
         self.inner.registry(self.api).lock().remove(&self.id);
+        self.bundle_subscription(false);
     }
 }
 

@@ -31,6 +31,7 @@ fn policy() -> Policy {
         bundle_refresh: Duration::from_secs(3600),
         ca_concurrency: 8,
         idle_timeout: Duration::from_secs(3600),
+        root_overlap: Duration::from_secs(3600),
     }
 }
 
@@ -428,6 +429,7 @@ async fn each_identity_gets_its_own_certificate_and_idle_ones_are_dropped_with_t
         ca.clone(),
         Policy {
             idle_timeout: Duration::from_secs(60),
+            root_overlap: Duration::from_secs(3600),
             ..policy()
         },
     );

@@ -12,6 +12,7 @@
 //!
 //! It never logs or exposes its signing key.
 
+pub mod rotating;
 pub mod settings;
 
 use std::fmt;

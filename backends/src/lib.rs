@@ -83,6 +83,30 @@ pub trait CertificateAuthority: Send + Sync + 'static {
     fn roots_come_with_certificates(&self) -> bool {
         false
     }
+
+    /// The handle through which the agent rotates this CA's root itself, for a CA that signs
+    /// in process (the embedded CA). `None` for CAs that announce their own roots (istiod,
+    /// Vault issuers, cert-manager): the agent follows what they announce.
+    fn root_control(&self) -> Option<&dyn RootControl> {
+        None
+    }
+}
+
+/// A CA whose signing root the agent moves, in the steps of a staged root rotation: a next
+/// root is prepared and joins [`CertificateAuthority::trust_bundle`] next to the current one,
+/// then it is activated and signs from then on, and the old root leaves the CA's bundle (the
+/// agent keeps serving it until nothing chains to it).
+pub trait RootControl: Send + Sync {
+    /// The prepared root that does not sign yet, if there is one.
+    fn next_root(&self) -> Option<CertificateDer<'static>>;
+
+    /// Prepares a next root (made now, or read from where the operator put it). Refused while
+    /// one is prepared already, or when this CA cannot make one; the message says why.
+    fn prepare_next(&self) -> Result<CertificateDer<'static>, String>;
+
+    /// Signs under the prepared root from now on and drops the old root from the CA's bundle.
+    /// False when no root was prepared.
+    fn activate_next(&self) -> bool;
 }
 
 /// What the secret manager asks a CA to sign.

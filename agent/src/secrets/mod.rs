@@ -21,9 +21,10 @@
 //! about SDS or any particular backend.
 
 mod queue;
+pub mod roots;
 pub mod validate;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +48,7 @@ use crate::config::RenewAt;
 use crate::keys::{KeyError, PrivateKey};
 use crate::metrics::{
     CaErrorLabels, CaOperationLabels, CaRequestLabels, IdentityLabel, KeyTypeLabel, Metrics,
-    PriorityLabel, ReasonLabel, ResultLabel, SecretLabels,
+    PhaseLabel, PriorityLabel, ReasonLabel, ResultLabel, SecretLabels,
 };
 use queue::{Priority, Queue};
 use validate::{LeafInfo, Rejection};
@@ -78,6 +79,8 @@ pub struct Policy {
     pub ca_concurrency: usize,
     /// How long an identity nobody asks for is kept (node mode; a pinned identity is kept).
     pub idle_timeout: Duration,
+    /// Staged root rotation: phase 1's longest wait for ACKs, and phase 3's overlap.
+    pub root_overlap: Duration,
 }
 
 /// A validated workload certificate with its key, as served under `default`.
@@ -98,6 +101,8 @@ pub struct ServedCert {
     pub renew_at: SystemTime,
     /// The backend that signed it.
     pub backend: &'static str,
+    /// The root its chain verified to.
+    pub(crate) anchor: CertificateDer<'static>,
 }
 
 /// The trust bundle, as served under `ROOTCA`.
@@ -193,6 +198,10 @@ pub struct SecretManager {
     /// notAfter of each identity's last certificate and of the earliest root, kept after an
     /// expiry so the metrics can say how long ago it was.
     expiries: Mutex<HashMap<SecretLabels, SystemTime>>,
+    /// The served roots and the staged root rotation. Lock order: `state`, then `roots`.
+    roots: Mutex<roots::Rotation>,
+    /// For each SDS stream subscribed to the bundle, the bundle version it last ACKed.
+    bundle_acks: Mutex<BTreeMap<u64, Option<u64>>>,
 }
 
 /// What the scheduler knows, under one lock.
@@ -205,6 +214,9 @@ struct State {
     /// When the trust bundle is read next, and reads failed in a row.
     bundle_due: Option<Instant>,
     bundle_failures: u32,
+    /// Certificates of a new root held back during phase 1 of a root rotation, with when
+    /// they are due for renewal; published when phase 2 begins.
+    held: HashMap<SpiffeId, ServedCert>,
 }
 
 /// One identity's rotation state.
@@ -271,6 +283,8 @@ impl SecretManager {
         ca: Arc<dyn CertificateAuthority>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let overlap = policy.root_overlap;
+        metrics.root_overlap_seconds.set(overlap.as_secs_f64());
         Arc::new(Self {
             trust_domain,
             workload,
@@ -284,6 +298,8 @@ impl SecretManager {
             metrics,
             cert_version: AtomicU64::new(0),
             expiries: Mutex::new(HashMap::new()),
+            roots: Mutex::new(roots::Rotation::new(overlap)),
+            bundle_acks: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -579,6 +595,7 @@ impl SecretManager {
             while calls.try_join_next().is_some() {}
             let now = Instant::now();
             self.withdraw_expired(now);
+            self.advance_roots(now);
             if now >= next_sweep {
                 self.drop_idle(now);
                 next_sweep = now + sweep_every;
@@ -625,10 +642,12 @@ impl SecretManager {
         self.set_queue_gauges(&st.queue);
         // Work that is due already is waiting for a permit: a finished call wakes the
         // scheduler for it, so only future times count here (else it would spin).
+        let rotation_due = self.roots.lock().deadline();
         [
             st.queue.next_due(),
             st.bundle_due,
             st.expiries.first().map(|(t, _)| *t),
+            rotation_due,
         ]
         .into_iter()
         .flatten()
@@ -650,11 +669,11 @@ impl SecretManager {
         self.wake.notify_one();
     }
 
-    /// Publishes a new certificate for `id` and plans its renewal.
+    /// Publishes a new certificate for `id` (or holds it back during phase 1 of a root
+    /// rotation) and plans its renewal.
     fn issued(&self, id: &SpiffeId, cert: ServedCert, started: Instant) {
         let now = SystemTime::now();
         let delay = cert.renew_at.duration_since(now).unwrap_or_default();
-        let expires = Instant::now() + cert.leaf.not_after.duration_since(now).unwrap_or_default();
         info!(
             id = %id,
             serial = %cert.leaf.serial,
@@ -679,6 +698,7 @@ impl SecretManager {
             identities,
             queue,
             expiries,
+            held,
             ..
         } = &mut *st;
         let Some(t) = identities.get_mut(id) else {
@@ -686,15 +706,56 @@ impl SecretManager {
         };
         t.in_flight = false;
         t.failures = 0;
-        if let Some(old) = t.expires.replace(expires) {
-            expiries.remove(&(old, id.clone()));
-        }
-        expiries.insert((expires, id.clone()));
         // A rotation asked for while this call ran is answered by it.
         queue.remove(id);
         queue.push(id.clone(), Priority::Background, Instant::now() + delay);
         self.set_queue_gauges(queue);
         *t.entry.health.lock() = Health::default();
+        let (hold, stale) = {
+            let roots = self.roots.lock();
+            // Held only while the certificate served now outlives the longest wait.
+            let outlives = |deadline: Instant| {
+                t.expires
+                    .is_some_and(|e| e > deadline + self.policy.ttl.mul_f64(0.05))
+                    && t.entry.cert.borrow().is_some()
+            };
+            let hold = roots.holds(&cert.anchor) && roots.deadline().is_some_and(outlives);
+            if roots.holds(&cert.anchor) && !hold {
+                warn!(id = %id, "root rotation: serving a certificate of the new root before every proxy ACKed it; the certificate served now would expire first");
+            }
+            (hold, roots.is_stale(&cert.anchor))
+        };
+        if hold {
+            info!(id = %id, serial = %cert.leaf.serial, "root rotation: certificate of the new root held back until every proxy trusts it");
+            held.insert(id.clone(), cert);
+            return;
+        }
+        if stale {
+            // Signed under the old root just before the CA was switched: move it at once.
+            queue.remove(id);
+            queue.push(id.clone(), Priority::Background, Instant::now());
+        }
+        held.remove(id);
+        Self::publish(t, expiries, id, cert);
+    }
+
+    /// Serves `cert` as `id`'s certificate, and watches for its expiry.
+    fn publish(
+        t: &mut Tracked,
+        expiries: &mut BTreeSet<(Instant, SpiffeId)>,
+        id: &SpiffeId,
+        cert: ServedCert,
+    ) {
+        let expires = Instant::now()
+            + cert
+                .leaf
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+        if let Some(old) = t.expires.replace(expires) {
+            expiries.remove(&(old, id.clone()));
+        }
+        expiries.insert((expires, id.clone()));
         t.entry.cert.send_replace(Some(Arc::new(cert)));
     }
 
@@ -936,16 +997,19 @@ impl SecretManager {
             }
         };
         let now = SystemTime::now();
-        let leaf =
-            match validate::validate(&chain, key.public_key_raw(), identity, &bundle.roots, now) {
-                Err(Rejection::Chain { .. }) if !refreshed => {
-                    // The CA may have moved to a new root: re-read the bundle once and re-check.
-                    debug!("chain does not verify to the cached bundle; re-reading it");
-                    let fresh = self.refresh_bundle(Some(bundle.version)).await?;
-                    validate::validate(&chain, key.public_key_raw(), identity, &fresh.roots, now)?
-                }
-                other => other?,
-            };
+        let check = |roots: &[CertificateDer<'static>]| {
+            validate::validate_anchored(&chain, key.public_key_raw(), identity, roots, now)
+                .map(|(leaf, i)| (leaf, roots[i].clone()))
+        };
+        let (leaf, anchor) = match check(&bundle.roots) {
+            Err(Rejection::Chain { .. }) if !refreshed => {
+                // The CA may have moved to a new root: re-read the bundle once and re-check.
+                debug!("chain does not verify to the cached bundle; re-reading it");
+                let fresh = self.refresh_bundle(Some(bundle.version)).await?;
+                check(&fresh.roots)?
+            }
+            other => other?,
+        };
         let lifetime = leaf
             .not_after
             .duration_since(leaf.not_before)
@@ -970,6 +1034,7 @@ impl SecretManager {
             leaf,
             renew_at,
             backend: self.ca.name(),
+            anchor,
         })
     }
 
@@ -984,12 +1049,39 @@ impl SecretManager {
             return Ok(current);
         }
         let bundle: TrustBundle = self.ca_call("trust_bundle", self.ca.trust_bundle()).await?;
+        let next = self.ca.root_control().and_then(|c| c.next_root());
+        let anchors = self.anchors_in_use();
+        let acks = self.acks();
+        let served = {
+            let mut rotation = self.roots.lock();
+            let obs = roots::Observed {
+                now: Instant::now(),
+                wall: SystemTime::now(),
+                acks: &acks,
+                anchors: &anchors,
+            };
+            if rotation.on_ca_roots(bundle.roots(), next.as_ref(), &obs) {
+                self.wake.notify_one();
+            }
+            self.publish_roots(&mut rotation)?
+        };
+        self.record_rotation_metrics();
+        Ok(served)
+    }
+
+    /// Publishes the roots `rotation` serves as the trust bundle if they differ from the
+    /// served ones; the bundle served after. Called under the `roots` lock, so that bundles
+    /// are published in the order the rotation decided them.
+    fn publish_roots(
+        &self,
+        rotation: &mut roots::Rotation,
+    ) -> Result<Arc<ServedBundle>, IssueError> {
+        let roots = rotation.served_roots();
         let current = self.bundle.borrow().clone();
-        if let Some(cur) = current.filter(|c| c.roots == bundle.roots()) {
+        if let Some(cur) = current.filter(|c| c.roots == roots) {
             return Ok(cur);
         }
-        let root_info = bundle
-            .roots()
+        let root_info = roots
             .iter()
             .map(root_info)
             .collect::<Result<Vec<_>, _>>()
@@ -997,13 +1089,9 @@ impl SecretManager {
         let version = self.bundle.borrow().as_ref().map_or(1, |b| b.version + 1);
         let served = Arc::new(ServedBundle {
             version,
-            pem: sds_backends::pem::encode_certificates(bundle.roots()),
-            der: bundle
-                .roots()
-                .iter()
-                .flat_map(|c| c.iter().copied())
-                .collect(),
-            roots: bundle.roots().to_vec(),
+            pem: sds_backends::pem::encode_certificates(&roots),
+            der: roots.iter().flat_map(|c| c.iter().copied()).collect(),
+            roots,
             root_info,
         });
         info!(
@@ -1019,9 +1107,193 @@ impl SecretManager {
                 earliest,
             );
         }
+        self.metrics
+            .trust_bundle_roots
+            .set(i64::try_from(served.roots.len()).unwrap_or(i64::MAX));
+        rotation.published(version, &served.roots);
         self.bundle.send_replace(Some(served.clone()));
+        self.wake.notify_one();
         Ok(served)
     }
+
+    /// The roots that the served and held certificates chain to, one entry per certificate.
+    fn anchors_in_use(&self) -> Vec<CertificateDer<'static>> {
+        let st = self.state.lock();
+        let mut anchors: Vec<_> = st
+            .identities
+            .values()
+            .filter_map(|t| t.entry.cert.borrow().as_ref().map(|c| c.anchor.clone()))
+            .collect();
+        anchors.extend(st.held.values().map(|c| c.anchor.clone()));
+        anchors
+    }
+
+    /// The bundle version each subscribed SDS stream last ACKed.
+    fn acks(&self) -> Vec<Option<u64>> {
+        self.bundle_acks.lock().values().copied().collect()
+    }
+
+    /// Moves the root rotation through the phases whose end has come, and does what each
+    /// asks.
+    fn advance_roots(self: &Arc<Self>, now: Instant) {
+        let anchors = self.anchors_in_use();
+        let acks = self.acks();
+        let actions = {
+            let mut rotation = self.roots.lock();
+            rotation.advance(&roots::Observed {
+                now,
+                wall: SystemTime::now(),
+                acks: &acks,
+                anchors: &anchors,
+            })
+        };
+        if actions.is_empty() {
+            return;
+        }
+        for action in actions {
+            match action {
+                roots::Action::Activate => {
+                    if let Some(control) = self.ca.root_control()
+                        && control.activate_next()
+                    {
+                        info!(
+                            backend = self.ca.name(),
+                            "root rotation: the CA signs under the new root from now on"
+                        );
+                        // Read the CA's bundle now: the old root leaves it, and the rotation
+                        // keeps serving it.
+                        self.state.lock().bundle_due = Some(now);
+                    }
+                }
+                roots::Action::PublishHeld => {
+                    let mut st = self.state.lock();
+                    let State {
+                        identities,
+                        expiries,
+                        held,
+                        ..
+                    } = &mut *st;
+                    for (id, cert) in held.drain() {
+                        if let Some(t) = identities.get_mut(&id) {
+                            info!(id = %id, serial = %cert.leaf.serial, "root rotation: publishing the certificate held back");
+                            Self::publish(t, expiries, &id, cert);
+                        }
+                    }
+                }
+                roots::Action::RenewAll => self.queue_all(Priority::Background),
+                roots::Action::Republish => {
+                    if let Err(error) = self.publish_roots(&mut self.roots.lock()) {
+                        error!(%error, "root rotation: cannot publish the bundle without the old root");
+                    }
+                }
+            }
+        }
+        self.record_rotation_metrics();
+        self.wake.notify_one();
+    }
+
+    fn record_rotation_metrics(&self) {
+        let status = self.roots.lock().status(|_| String::new());
+        let m = &self.metrics;
+        let previous = m.root_rotation_phase.get();
+        if previous != status.phase_number {
+            m.root_rotation_phase.set(status.phase_number);
+            m.root_rotation_phase_started
+                .set(unix_f64(SystemTime::now()));
+        }
+        for phase in self.roots.lock().take_entered() {
+            m.root_rotation_transitions
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// An SDS stream's subscription to the trust bundle began (`true`) or ended.
+    pub fn bundle_subscription(&self, stream: u64, subscribed: bool) {
+        let mut acks = self.bundle_acks.lock();
+        if subscribed {
+            acks.entry(stream).or_insert(None);
+        } else if acks.remove(&stream).is_some() {
+            drop(acks);
+            self.wake.notify_one();
+        }
+    }
+
+    /// An SDS stream ACKed a response that carried bundle `version`.
+    pub fn bundle_acked(&self, stream: u64, version: u64) {
+        if let Some(v) = self.bundle_acks.lock().get_mut(&stream) {
+            *v = Some(version);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Begins a staged root rotation of a CA the agent moves itself (`sds-agent ca rotate`).
+    /// Returns the new root's serial, or why it cannot.
+    pub fn begin_root_rotation(&self) -> Result<String, String> {
+        let control = self.ca.root_control().ok_or_else(|| {
+            format!(
+                "the {} CA announces its own roots: rotate the root at the CA, and the agent \
+                 follows it through the same phases",
+                self.ca.name()
+            )
+        })?;
+        let root = control.prepare_next()?;
+        let serial = root_info(&root).map(|i| i.serial).unwrap_or_default();
+        info!(serial, "root rotation asked for: a new root is prepared");
+        self.state.lock().bundle_due = Some(Instant::now());
+        self.wake.notify_one();
+        Ok(serial)
+    }
+
+    /// The staged root rotation's phase and history, and the roots served.
+    pub fn trust_status(&self) -> TrustStatus {
+        let serial = |r: &CertificateDer<'_>| root_info(r).map(|i| i.serial).unwrap_or_default();
+        let rotation = self.roots.lock().status(serial);
+        let bundle = self.bundle.borrow().clone();
+        TrustStatus {
+            trust_domain: self.trust_domain.to_string(),
+            bundle_version: bundle.as_ref().map(|b| b.version),
+            roots: bundle
+                .map(|b| {
+                    b.root_info
+                        .iter()
+                        .map(|r| RootStatus {
+                            serial: r.serial.clone(),
+                            not_after: rfc3339(r.not_after),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            proxies_subscribed: self.bundle_acks.lock().len(),
+            rotation,
+        }
+    }
+}
+
+/// What `/trust` shows: the served roots and the staged root rotation.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustStatus {
+    /// The agent's trust domain.
+    pub trust_domain: String,
+    /// The served bundle's version.
+    pub bundle_version: Option<u64>,
+    /// The served roots.
+    pub roots: Vec<RootStatus>,
+    /// SDS streams subscribed to the bundle, whose ACKs phase 1 waits for.
+    pub proxies_subscribed: usize,
+    /// The rotation.
+    pub rotation: roots::RotationStatus,
+}
+
+/// One served root.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootStatus {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
 }
 
 impl fmt::Debug for IdentityEntry {
@@ -1148,6 +1420,7 @@ mod tests {
             bundle_refresh: Duration::from_secs(300),
             ca_concurrency: 8,
             idle_timeout: Duration::from_secs(3600),
+            root_overlap: Duration::from_secs(3600),
         }
     }
 

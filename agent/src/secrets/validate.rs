@@ -88,6 +88,17 @@ pub fn validate(
     roots: &[CertificateDer<'static>],
     now: SystemTime,
 ) -> Result<LeafInfo, Rejection> {
+    validate_anchored(chain, public_key_raw, identity, roots, now).map(|(leaf, _)| leaf)
+}
+
+/// [`validate`], also saying which of `roots` (its index) the chain verified to.
+pub fn validate_anchored(
+    chain: &IssuedChain,
+    public_key_raw: &[u8],
+    identity: &SpiffeId,
+    roots: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<(LeafInfo, usize), Rejection> {
     let (_, leaf) = X509Certificate::from_der(&chain.leaf)
         .map_err(|e| Rejection::Unparseable(e.to_string()))?;
     if leaf.public_key().subject_public_key.data.as_ref() != public_key_raw {
@@ -126,10 +137,11 @@ pub fn validate(
         return Err(Rejection::Expired(na));
     }
 
-    let anchors = roots
+    let (indexes, anchors): (Vec<usize>, Vec<_>) = roots
         .iter()
-        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-        .collect::<Vec<_>>();
+        .enumerate()
+        .filter_map(|(i, r)| webpki::anchor_from_trusted_cert(r).ok().map(|a| (i, a)))
+        .unzip();
     let ee = webpki::EndEntityCert::try_from(&chain.leaf)
         .map_err(|e| Rejection::Unparseable(e.to_string()))?;
     let time = UnixTime::since_unix_epoch(
@@ -138,19 +150,27 @@ pub fn validate(
     );
     // One chain verification (signatures, validity, name constraints) for clientAuth; the
     // serverAuth half of the usage check needs no second pass over the signatures.
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &chain.intermediates,
-        time,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map_err(|e| Rejection::Chain {
-        usage: "clientAuth",
-        error: e.to_string(),
-    })?;
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain.intermediates,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| Rejection::Chain {
+            usage: "clientAuth",
+            error: e.to_string(),
+        })?;
+    let used = path.anchor();
+    let anchor = anchors
+        .iter()
+        .position(|a| {
+            a.subject == used.subject && a.subject_public_key_info == used.subject_public_key_info
+        })
+        .map_or(0, |i| indexes[i]);
     // Same rule as webpki's: an EKU extension, when present, must allow the usage.
     if let Ok(Some(eku)) = leaf.extended_key_usage()
         && !eku.value.server_auth
@@ -161,15 +181,18 @@ pub fn validate(
             error: "the extended key usage does not include serverAuth".into(),
         });
     }
-    Ok(LeafInfo {
-        serial: leaf
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-        not_before: from_unix(nb),
-        not_after: from_unix(na),
-    })
+    Ok((
+        LeafInfo {
+            serial: leaf
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            not_before: from_unix(nb),
+            not_after: from_unix(na),
+        },
+        anchor,
+    ))
 }
 
 fn unix(t: SystemTime) -> i64 {

@@ -21,6 +21,14 @@ pub struct EmbeddedArgs {
     /// Embedded CA: PEM private key (PKCS#8) of the signing certificate.
     #[arg(long, env = "SDS_AGENT_EMBEDDED_CA_KEY", value_name = "PEM")]
     pub embedded_ca_key: Option<PathBuf>,
+    /// Embedded CA: the next signing CA for a staged root rotation, PEM chain up to its new
+    /// root (with --embedded-next-ca-key). Read at start-up if it exists, which starts the
+    /// rotation, else by `sds-agent ca rotate`.
+    #[arg(long, env = "SDS_AGENT_EMBEDDED_NEXT_CA_CERT", value_name = "PEM")]
+    pub embedded_next_ca_cert: Option<PathBuf>,
+    /// Embedded CA: PEM private key of the next signing CA.
+    #[arg(long, env = "SDS_AGENT_EMBEDDED_NEXT_CA_KEY", value_name = "PEM")]
+    pub embedded_next_ca_key: Option<PathBuf>,
 }
 
 /// Settings of the embedded CA.
@@ -30,6 +38,10 @@ pub struct EmbeddedSettings {
     pub cert: Option<PathBuf>,
     /// Its key, PEM.
     pub key: Option<PathBuf>,
+    /// The next signing CA's certificate and chain, for a root rotation.
+    pub next_cert: Option<PathBuf>,
+    /// Its key.
+    pub next_key: Option<PathBuf>,
 }
 
 impl Backend for EmbeddedArgs {
@@ -47,7 +59,32 @@ impl Backend for EmbeddedArgs {
                 "--embedded-ca-cert and --embedded-ca-key go together: give both or neither".into(),
             ));
         }
-        Ok(EmbeddedSettings { cert, key })
+        let next_cert = pick(&self.embedded_next_ca_cert, &file.embedded_next_ca_cert);
+        let next_key = pick(&self.embedded_next_ca_key, &file.embedded_next_ca_key);
+        if next_cert.is_some() != next_key.is_some() {
+            return Err(SettingsError::Conflict(
+                "--embedded-next-ca-cert and --embedded-next-ca-key go together: give both or neither"
+                    .into(),
+            ));
+        }
+        if next_cert.is_some() && cert.is_none() {
+            return Err(SettingsError::Conflict(
+                "--embedded-next-ca-cert needs --embedded-ca-cert: an ephemeral root is rotated \
+                 with `sds-agent ca rotate`, which makes the next one"
+                    .into(),
+            ));
+        }
+        if next_cert.is_some() && next_cert == cert {
+            return Err(SettingsError::Conflict(
+                "--embedded-next-ca-cert names the same file as --embedded-ca-cert".into(),
+            ));
+        }
+        Ok(EmbeddedSettings {
+            cert,
+            key,
+            next_cert,
+            next_key,
+        })
     }
 }
 
@@ -63,6 +100,7 @@ impl EmbeddedSettings {
         ctx: &crate::settings::BuildContext<'_>,
     ) -> Result<std::sync::Arc<dyn crate::CertificateAuthority>, crate::settings::BuildError> {
         use crate::embedded::EmbeddedCa;
+        use crate::embedded::rotating::{NextSource, RotatingCa};
         use crate::settings::BuildError;
 
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
@@ -71,7 +109,10 @@ impl EmbeddedSettings {
                 "embedded CA: generated an ephemeral self-signed root for this process; only proxies served by this \
                  agent will trust its certificates. Give --embedded-ca-cert and --embedded-ca-key to share a trust domain"
             );
-            return Ok(std::sync::Arc::new(ca.local_requests_only()));
+            return Ok(std::sync::Arc::new(RotatingCa::new(
+                ca.local_requests_only(),
+                NextSource::Generate(ctx.trust_domain.clone()),
+            )));
         };
         let read_error = |flag, path: &PathBuf| {
             let path = path.clone();
@@ -90,7 +131,25 @@ impl EmbeddedSettings {
             source: Box::new(e),
         })?;
         tracing::info!(cert = %cert.display(), "embedded CA loaded");
-        Ok(std::sync::Arc::new(ca.local_requests_only()))
+        let source = match (&self.next_cert, &self.next_key) {
+            (Some(cert), Some(key)) => NextSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => NextSource::None,
+        };
+        let ca = RotatingCa::new(ca.local_requests_only(), source)
+            .with_next_if_present()
+            .map_err(|e| BuildError::Invalid {
+                context: "the next embedded CA".into(),
+                source: e.into(),
+            })?;
+        if let Some(next) = &self.next_cert
+            && crate::RootControl::next_root(&ca).is_some()
+        {
+            tracing::info!(next = %next.display(), "embedded CA: the next CA is given; a staged root rotation begins");
+        }
+        Ok(std::sync::Arc::new(ca))
     }
 }
 
@@ -113,7 +172,9 @@ mod tests {
             none.resolve(&none, &ctx()).unwrap(),
             EmbeddedSettings {
                 cert: None,
-                key: None
+                key: None,
+                next_cert: None,
+                next_key: None,
             }
         );
         let cert_only = EmbeddedArgs {
