@@ -440,6 +440,16 @@ impl IstioTestCa {
     pub async fn sign_with_next_root(&self) {
         self.state.roots.lock().await.signing_next = true;
     }
+
+    /// Root rotation, step 3: the old root leaves the root bundle of every answer, as when
+    /// istiod's `root-cert.pem` is cut down to the new root. Does nothing before step 1.
+    pub async fn drop_old_root(&self) {
+        let mut roots = self.state.roots.lock().await;
+        if let Some(next) = roots.next.take() {
+            roots.current = next;
+            roots.signing_next = false;
+        }
+    }
 }
 
 impl Drop for IstioTestCa {

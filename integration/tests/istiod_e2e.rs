@@ -390,9 +390,14 @@ async fn a_root_rotated_by_the_ca_reaches_envoy_and_traffic_flows_across_both_ro
         fresh.server_certs_used.len()
     );
     let roots_used: Vec<Option<u8>> = ca.calls().await.iter().map(|c| c.root).collect();
-    assert_eq!(
-        roots_used,
-        [Some(1), Some(1), Some(1), Some(1), Some(2), Some(2)],
-        "first certificates, renewals after the new root was added, then under it"
+    // First certificates, renewals after the new root was added, the renewals of phase 2 of
+    // the agents' staged rotation (once the Envoys ACKed both roots; root_rotation_e2e.rs
+    // follows the phases), then the two under the new root.
+    assert!(
+        roots_used.windows(2).all(|w| w[0] <= w[1])
+            && roots_used.iter().filter(|r| **r == Some(2)).count() == 2
+            && roots_used.iter().filter(|r| **r == Some(1)).count() >= 4
+            && roots_used.iter().all(|r| r.is_some()),
+        "{roots_used:?}"
     );
 }

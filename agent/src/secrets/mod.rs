@@ -985,9 +985,16 @@ impl SecretManager {
         // The bundle is read after signing: some CAs (istiod) only send their roots with a
         // certificate. A chain naming a root the bundle lacks means the CA has a new root,
         // so the bundle is re-read before the chain is checked against it.
+        // A CA whose roots come only with its certificates also says, with each one, which
+        // roots it has dropped: that is learned at once too (its bundle read is local).
         let cached = self.bundle.borrow().clone();
+        let dropped = self.ca.roots_come_with_certificates()
+            && !chain.roots_hint.is_empty()
+            && self.roots.lock().ca_roots() != chain.roots_hint.as_slice();
         let (bundle, refreshed) = match cached {
-            Some(b) if chain.roots_hint.iter().all(|hint| b.roots.contains(hint)) => (b, false),
+            Some(b) if !dropped && chain.roots_hint.iter().all(|hint| b.roots.contains(hint)) => {
+                (b, false)
+            }
             cached => {
                 if cached.is_some() {
                     debug!("the CA's chain names a root not in the bundle; re-reading it");

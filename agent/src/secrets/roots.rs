@@ -171,6 +171,11 @@ impl Rotation {
         std::mem::take(&mut self.entered)
     }
 
+    /// The roots as the CA last gave them.
+    pub fn ca_roots(&self) -> &[Root] {
+        &self.ca_roots
+    }
+
     /// The phase now.
     pub fn phase(&self) -> Phase {
         match (&self.current, &self.last) {
