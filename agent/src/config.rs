@@ -251,6 +251,10 @@ pub struct RunArgs {
     /// chains to it (for other agents' peers). [default: --cert-ttl]
     #[arg(long, env = "SDS_AGENT_ROOT_OVERLAP", value_name = "DURATION")]
     pub root_overlap: Option<String>,
+    /// How often the CA's roots are read again (a new root, a root dropped), besides when a
+    /// certificate names a root the bundle lacks. [default: 5m]
+    #[arg(long, env = "SDS_AGENT_TRUST_BUNDLE_REFRESH", value_name = "DURATION")]
+    pub trust_bundle_refresh: Option<String>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -526,6 +530,7 @@ struct FileConfig {
     federation_poll_interval: Option<String>,
     federation_endpoint_ca: Option<PathBuf>,
     root_overlap: Option<String>,
+    trust_bundle_refresh: Option<String>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -603,7 +608,13 @@ pub struct Config {
     /// Root rotation: phase 1's longest wait for ACKs, and phase 3's overlap.
     #[serde(serialize_with = "humanized")]
     pub root_overlap: Duration,
+    /// How often the CA's roots are read again.
+    #[serde(serialize_with = "humanized")]
+    pub trust_bundle_refresh: Duration,
 }
+
+/// How often the CA's roots are read again, unless `--trust-bundle-refresh` says.
+const DEFAULT_TRUST_BUNDLE_REFRESH: Duration = Duration::from_secs(300);
 
 /// A renewal fraction strictly between 0 and 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -851,6 +862,23 @@ impl RunArgs {
             }
             None => cert_ttl,
         };
+        let trust_bundle_refresh =
+            match pick(&self.trust_bundle_refresh, &file.trust_bundle_refresh) {
+                Some(raw) => {
+                    let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+                        invalid(
+                            "trust-bundle-refresh",
+                            &raw,
+                            format!("{e}; expected e.g. 30s, 5m"),
+                        )
+                    })?;
+                    if d < Duration::from_secs(1) {
+                        return Err(invalid("trust-bundle-refresh", &raw, "must be at least 1s"));
+                    }
+                    d
+                }
+                None => DEFAULT_TRUST_BUNDLE_REFRESH,
+            };
         Ok(Config {
             mode,
             node,
@@ -878,6 +906,7 @@ impl RunArgs {
                 .clone()
                 .or_else(|| file.federation_endpoint_ca.clone()),
             root_overlap,
+            trust_bundle_refresh,
         })
     }
 

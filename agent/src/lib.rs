@@ -72,7 +72,7 @@ impl Policy {
             ca_timeout: ca_timeout(&config.ca),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
-            bundle_refresh: Duration::from_secs(300),
+            bundle_refresh: config.trust_bundle_refresh,
             ca_concurrency: config.ca_concurrency,
             idle_timeout: config.identity_idle_timeout,
             root_overlap: config.root_overlap,

@@ -6,6 +6,8 @@
 //!   `sds-agent ca rotate` (the real CLI) asks each agent to rotate.
 //! - **istiod:** the test Istio CA adds a root, signs under it, then drops the old one, as an
 //!   operator does with istiod's plugged-in root; the agents follow.
+//! - **Vault (OpenBao):** a second root issuer is generated in the PKI mount, made the
+//!   default issuer, and the first issuer is deleted; the agents follow.
 //!
 //! Each test asserts 0 failed requests, every phase seen in `/trust` in order (announced,
 //! issuing, retiring, removed), and the old root gone from every Envoy at the end.
@@ -24,7 +26,9 @@ use sds_integration::http;
 use sds_integration::istio_ca::{IstioTestCa, mesh_ca};
 use sds_integration::mesh::{BODY, Mesh, MeshCa, Traffic, drive, rotation_paths};
 use sds_integration::pki::SharedCa;
+use sds_integration::pki::serial_of_pem;
 use sds_integration::process::{agent_bin, envoy_bin};
+use sds_integration::vault::Vault;
 use sds_integration::{Serial, test_dir, wait_until};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -114,14 +118,21 @@ async fn wait_for_phase(agent: &Agent, wanted: &str, limit: Duration) {
     }
 }
 
+/// Waits until both Envoys trust exactly `roots`, in any order.
 async fn wait_for_envoys_to_trust(mesh: &Mesh, roots: &[Serial]) {
     for side in [&mesh.client, &mesh.server] {
         wait_until(
             "the Envoys to trust the new roots",
             Duration::from_secs(20),
             || {
-                let roots = roots.to_vec();
-                async move { envoy_roots(side).await.is_some_and(|r| r == roots) }
+                let mut roots = roots.to_vec();
+                roots.sort();
+                async move {
+                    envoy_roots(side).await.is_some_and(|mut r| {
+                        r.sort();
+                        r == roots
+                    })
+                }
             },
         )
         .await
@@ -339,6 +350,130 @@ async fn an_istiod_root_rotation_is_followed_under_traffic_in_four_phases() {
     eprintln!(
         "istiod root rotation under traffic: fresh {} ok, pooled {} ok, 0 failed; phases seen \
          {seen:?}; old root {old_root:?} gone, new root {new_root:?}",
+        fresh.ok, pooled.ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_issuer_rotation_is_followed_under_traffic_in_four_phases() {
+    let Some(envoy) = envoy_bin().unwrap() else {
+        return;
+    };
+    let dir = test_dir().unwrap();
+    let Some(vault) = Vault::start(dir.path()).await.unwrap() else {
+        return;
+    };
+    let root_1 = vault
+        .pki_with_root("pki", "sds-agent root 1")
+        .await
+        .unwrap();
+    vault
+        .role("pki", "sds", "spiffe://example.org/*", "1h")
+        .await
+        .unwrap();
+    vault.sign_policy("sds-agent", "pki", "sds").await.unwrap();
+    // The issuers API, from which the agents read the roots, needs no token.
+    let token = vault.token("sds-agent", "1h", true).await.unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, token).unwrap();
+    let old_root = vec![serial_of_pem(&root_1).unwrap()];
+    let addr = vault.addr().to_owned();
+    let mesh_ca = MeshCa {
+        agent_args: Box::new(move |_| {
+            [
+                "--ca",
+                "vault",
+                "--vault-addr",
+                &addr,
+                "--vault-role",
+                "sds",
+                "--root-overlap",
+                OVERLAP,
+                // Issuers added and deleted are seen within a second.
+                "--trust-bundle-refresh",
+                "1s",
+            ]
+            .into_iter()
+            .map(OsString::from)
+            .chain([
+                OsString::from("--vault-token-file"),
+                token_file.clone().into(),
+            ])
+            .collect()
+        }),
+        roots: old_root.clone(),
+        agent_env: Vec::new(),
+    };
+    let mesh = Mesh::start(&envoy, dir.path(), "1h", &rotation_paths(), &mesh_ca)
+        .await
+        .unwrap();
+    first_request(&mesh).await;
+
+    let until = Instant::now() + Duration::from_secs(35);
+    let steps = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // 1. A second root issuer; the default issuer still signs.
+        let root_2 = vault
+            .root(
+                "POST",
+                "pki/root/generate/internal",
+                Some(serde_json::json!({
+                    "common_name": "sds-agent root 2",
+                    "key_type": "ec",
+                    "key_bits": 256,
+                    "ttl": "87600h",
+                    "issuer_name": "root-2",
+                })),
+            )
+            .await
+            .unwrap();
+        let new_root = serial_of_pem(root_2["data"]["certificate"].as_str().unwrap()).unwrap();
+        for agent in [&mesh.frontend, &mesh.backend] {
+            wait_for_phase(agent, "issuing", Duration::from_secs(20)).await;
+        }
+        let mut both = old_root.clone();
+        both.push(new_root.clone());
+        wait_for_envoys_to_trust(&mesh, &both).await;
+        // 2. root-2 becomes the default issuer; the agents renew under it.
+        vault
+            .root(
+                "POST",
+                "pki/config/issuers",
+                Some(serde_json::json!({ "default": "root-2" })),
+            )
+            .await
+            .unwrap();
+        rotate(&mesh.frontend).await;
+        wait_for_phase(&mesh.frontend, "retiring", Duration::from_secs(20)).await;
+        rotate(&mesh.backend).await;
+        wait_for_phase(&mesh.backend, "retiring", Duration::from_secs(20)).await;
+        // 3. root-1 is deleted from the mount: gone at the next read, after the overlap.
+        vault
+            .root("DELETE", "pki/issuer/root-1", None)
+            .await
+            .unwrap();
+        for agent in [&mesh.frontend, &mesh.backend] {
+            wait_for_phase(agent, "removed", Duration::from_secs(20)).await;
+        }
+        new_root
+    };
+    let (fresh, pooled, seen, new_root) = tokio::join!(
+        drive(mesh.entry, "/fresh", until),
+        drive(mesh.entry, "/pooled", until),
+        watch_phases(&mesh, until),
+        steps,
+    );
+    let report = check_traffic(&mesh, &fresh, &pooled).await;
+    for (agent, seen) in [&mesh.frontend, &mesh.backend].into_iter().zip(&seen) {
+        let t = trust(agent).await;
+        assert_eq!(history(&t), PHASES, "{t}");
+        assert_in_order(seen, &report);
+        assert_eq!(served_roots(&t), [new_root.clone()], "{t}");
+    }
+    wait_for_envoys_to_trust(&mesh, std::slice::from_ref(&new_root)).await;
+    eprintln!(
+        "vault root rotation under traffic: fresh {} ok, pooled {} ok, 0 failed; phases seen \
+         {seen:?}; old root {old_root:?} gone, new root {new_root}",
         fresh.ok, pooled.ok
     );
 }
