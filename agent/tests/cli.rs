@@ -1202,6 +1202,39 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         &["federation-poll-interval", "at least 100ms"],
     ));
     cases.push(bad(
+        "root overlap not a duration",
+        &["--root-overlap", "a day"],
+        &["root-overlap", "a day", "expected e.g. 30m"],
+    ));
+    cases.push(bad(
+        "root overlap too short",
+        &["--root-overlap", "10ms"],
+        &["root-overlap", "at least 1s"],
+    ));
+    cases.push(bad(
+        "trust bundle refresh too short",
+        &["--trust-bundle-refresh", "0s"],
+        &["trust-bundle-refresh", "at least 1s"],
+    ));
+    cases.push(bad(
+        "next embedded CA without its key",
+        &["--embedded-next-ca-cert", "/etc/next.pem"],
+        &["--embedded-next-ca-cert and --embedded-next-ca-key go together"],
+    ));
+    cases.push(bad(
+        "next embedded CA for an ephemeral root",
+        &[
+            "--embedded-next-ca-cert",
+            "/etc/next.pem",
+            "--embedded-next-ca-key",
+            "/etc/next-key.pem",
+        ],
+        &[
+            "--embedded-next-ca-cert needs --embedded-ca-cert",
+            "sds-agent ca rotate",
+        ],
+    ));
+    cases.push(bad(
         "unknown mode",
         &["--mode", "nodes"],
         &["mode", "nodes", "expected pod or node"],
@@ -2051,7 +2084,7 @@ fn status_and_rotate_fail_clearly_without_an_agent_and_status_says_not_ready() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let other = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
-        for stream in listener.incoming().take(3) {
+        for stream in listener.incoming().take(4) {
             let mut s = stream.unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
