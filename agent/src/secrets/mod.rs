@@ -840,6 +840,7 @@ impl SecretManager {
                 identities,
                 queue,
                 expiries,
+                held,
                 ..
             } = &mut *st;
             identities.retain(|id, t| {
@@ -854,6 +855,7 @@ impl SecretManager {
                     return true;
                 }
                 queue.remove(id);
+                held.remove(id);
                 if let Some(at) = t.expires {
                     expiries.remove(&(at, id.clone()));
                 }
@@ -1057,7 +1059,6 @@ impl SecretManager {
         }
         let bundle: TrustBundle = self.ca_call("trust_bundle", self.ca.trust_bundle()).await?;
         let next = self.ca.root_control().and_then(|c| c.next_root());
-        let anchors = self.anchors_in_use();
         let acks = self.acks();
         let served = {
             let mut rotation = self.roots.lock();
@@ -1065,7 +1066,7 @@ impl SecretManager {
                 now: Instant::now(),
                 wall: SystemTime::now(),
                 acks: &acks,
-                anchors: &anchors,
+                anchors: &[],
             };
             if rotation.on_ca_roots(bundle.roots(), next.as_ref(), &obs) {
                 self.wake.notify_one();
@@ -1123,16 +1124,20 @@ impl SecretManager {
         Ok(served)
     }
 
-    /// The roots that the served and held certificates chain to, one entry per certificate.
-    fn anchors_in_use(&self) -> Vec<CertificateDer<'static>> {
+    /// The roots among `old` that served and held certificates chain to, one entry per
+    /// certificate. Only these matter to the rotation, and there are none once it has moved
+    /// on, so nothing is copied for the others.
+    fn anchors_among(&self, old: &[CertificateDer<'static>]) -> Vec<CertificateDer<'static>> {
+        if old.is_empty() {
+            return Vec::new();
+        }
         let st = self.state.lock();
-        let mut anchors: Vec<_> = st
+        let served = st
             .identities
             .values()
-            .filter_map(|t| t.entry.cert.borrow().as_ref().map(|c| c.anchor.clone()))
-            .collect();
-        anchors.extend(st.held.values().map(|c| c.anchor.clone()));
-        anchors
+            .filter_map(|t| t.entry.cert.borrow().as_ref().map(|c| c.anchor.clone()));
+        let held = st.held.values().map(|c| c.anchor.clone());
+        served.chain(held).filter(|a| old.contains(a)).collect()
     }
 
     /// The bundle version each subscribed SDS stream last ACKed.
@@ -1143,7 +1148,10 @@ impl SecretManager {
     /// Moves the root rotation through the phases whose end has come, and does what each
     /// asks.
     fn advance_roots(self: &Arc<Self>, now: Instant) {
-        let anchors = self.anchors_in_use();
+        let Some(old) = self.roots.lock().old_roots() else {
+            return;
+        };
+        let anchors = self.anchors_among(&old);
         let acks = self.acks();
         let actions = {
             let mut rotation = self.roots.lock();

@@ -93,7 +93,8 @@ pub struct Observed<'a> {
     pub wall: SystemTime,
     /// For each stream subscribed to the bundle, the bundle version it last ACKed.
     pub acks: &'a [Option<u64>],
-    /// The roots that served (and held) certificates chain to.
+    /// The roots that served (and held) certificates chain to, one per certificate (only
+    /// those among the old roots are looked at).
     pub anchors: &'a [Root],
 }
 
@@ -169,6 +170,11 @@ impl Rotation {
     /// The phases entered since the last call, in order.
     pub fn take_entered(&mut self) -> Vec<Phase> {
         std::mem::take(&mut self.entered)
+    }
+
+    /// The roots being replaced, while a rotation runs.
+    pub fn old_roots(&self) -> Option<Vec<Root>> {
+        self.current.as_ref().map(|p| p.old.clone())
     }
 
     /// The roots as the CA last gave them.
