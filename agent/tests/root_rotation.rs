@@ -179,7 +179,7 @@ async fn the_embedded_ca_rotates_its_root_in_four_phases_waiting_for_the_proxies
     .await;
     let old_root = ca.trust_bundle().await.unwrap().roots()[0].clone();
     let old = serial(&old_root);
-    assert_eq!(h.roots(), [old.clone()]);
+    assert_eq!(h.roots(), std::slice::from_ref(&old));
     assert_eq!(h.phase(), Phase::None);
     // A proxy subscribed to the bundle, which has ACKed the current one.
     h.manager.bundle_subscription(7, true);
@@ -233,7 +233,7 @@ async fn the_embedded_ca_rotates_its_root_in_four_phases_waiting_for_the_proxies
         h.phase() == Phase::Removed
     })
     .await;
-    assert_eq!(h.roots(), [new.clone()]);
+    assert_eq!(h.roots(), std::slice::from_ref(&new));
     assert_eq!(
         history(&h),
         [

@@ -184,6 +184,7 @@ fn policy(ca_concurrency: usize) -> Policy {
         bundle_refresh: Duration::from_secs(300),
         ca_concurrency,
         idle_timeout: Duration::from_secs(3600),
+        root_overlap: Duration::from_secs(24 * 3600),
     }
 }
 
@@ -434,6 +435,8 @@ fn embedded_as_the_agent_builds_it() -> Arc<dyn CertificateAuthority> {
     EmbeddedSettings {
         cert: None,
         key: None,
+        next_cert: None,
+        next_key: None,
     }
     .build(&BuildContext {
         trust_domain: &td,

@@ -242,7 +242,7 @@ async fn the_embedded_ca_root_is_rotated_under_traffic_in_four_phases() {
         let t = trust(agent).await;
         assert_eq!(history(&t), PHASES, "{t}");
         assert_in_order(seen, &report);
-        assert_eq!(served_roots(&t), [new_root.clone()], "{t}");
+        assert_eq!(served_roots(&t), std::slice::from_ref(&new_root), "{t}");
         assert_eq!(
             agent
                 .metric_total("sds_agent_root_rotation_phase ")
@@ -468,7 +468,7 @@ async fn a_vault_issuer_rotation_is_followed_under_traffic_in_four_phases() {
         let t = trust(agent).await;
         assert_eq!(history(&t), PHASES, "{t}");
         assert_in_order(seen, &report);
-        assert_eq!(served_roots(&t), [new_root.clone()], "{t}");
+        assert_eq!(served_roots(&t), std::slice::from_ref(&new_root), "{t}");
     }
     wait_for_envoys_to_trust(&mesh, std::slice::from_ref(&new_root)).await;
     eprintln!(
