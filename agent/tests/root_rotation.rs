@@ -58,8 +58,12 @@ struct Harness {
 
 impl Harness {
     fn start(ca: Arc<dyn CertificateAuthority>) -> Self {
+        Self::start_with(ca, policy())
+    }
+
+    fn start_with(ca: Arc<dyn CertificateAuthority>, policy: Policy) -> Self {
         let metrics = Arc::new(Metrics::new());
-        let manager = SecretManager::new(id(), policy(), ca, metrics.clone());
+        let manager = SecretManager::new(id(), policy, ca, metrics.clone());
         let shutdown = CancellationToken::new();
         tokio::spawn(manager.clone().run(shutdown.clone()));
         Self {
@@ -376,4 +380,47 @@ async fn a_certificate_of_a_new_root_is_held_back_until_every_proxy_trusts_the_r
     })
     .await;
     assert_eq!(h.roots().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_certificate_is_served_before_the_current_one_expires_even_without_acks() {
+    let ca = Arc::new(AnnouncingCa {
+        a: EmbeddedCa::generate(&td()).unwrap(),
+        b: EmbeddedCa::generate(&td()).unwrap(),
+        step: AtomicU8::new(0),
+    });
+    // An overlap far longer than the certificates: the ACK never comes in time.
+    let policy = Policy {
+        root_overlap: Duration::from_secs(100 * 3600),
+        ..policy()
+    };
+    let h = Harness::start_with(ca.clone(), policy);
+    h.until("a first certificate", Duration::from_secs(5), |h| {
+        h.cert().is_some()
+    })
+    .await;
+    h.manager.bundle_subscription(3, true); // never ACKs
+    let first = h.cert().unwrap();
+    let issued = tokio::time::Instant::now();
+    ca.step.store(1, Ordering::SeqCst);
+    h.manager.rotate_now();
+    h.until("B announced", Duration::from_secs(5), |h| {
+        h.roots().len() == 2
+    })
+    .await;
+    // Held ... until a tenth of the lifetime (the hold margin) before the first one expires.
+    h.until("the held certificate", Duration::from_secs(3600), |h| {
+        h.cert().unwrap().leaf.serial != first.leaf.serial
+    })
+    .await;
+    let left = Duration::from_secs(3600).saturating_sub(issued.elapsed());
+    assert!(
+        left <= Duration::from_secs(361) && left >= Duration::from_secs(350),
+        "published with {left:?} left on the old certificate"
+    );
+    assert_eq!(
+        h.phase(),
+        Phase::Announced,
+        "phase 1 still waits for the ACK"
+    );
 }

@@ -643,11 +643,18 @@ impl SecretManager {
         // Work that is due already is waiting for a permit: a finished call wakes the
         // scheduler for it, so only future times count here (else it would spin).
         let rotation_due = self.roots.lock().deadline();
+        let margin = self.hold_margin();
+        let held_due = st
+            .held
+            .keys()
+            .map(|id| held_due(&st, id, margin, now))
+            .min();
         [
             st.queue.next_due(),
             st.bundle_due,
             st.expiries.first().map(|(t, _)| *t),
             rotation_due,
+            held_due,
         ]
         .into_iter()
         .flatten()
@@ -713,15 +720,14 @@ impl SecretManager {
         *t.entry.health.lock() = Health::default();
         let (hold, stale) = {
             let roots = self.roots.lock();
-            // Held only while the certificate served now outlives the longest wait.
-            let outlives = |deadline: Instant| {
-                t.expires
-                    .is_some_and(|e| e > deadline + self.policy.ttl.mul_f64(0.05))
-                    && t.entry.cert.borrow().is_some()
-            };
-            let hold = roots.holds(&cert.anchor) && roots.deadline().is_some_and(outlives);
+            // Held while the certificate served now has more than the margin left; it is
+            // published when phase 2 begins, or at the margin before that one expires.
+            let margin = self.hold_margin();
+            let outlives = t.expires.is_some_and(|e| e > Instant::now() + margin)
+                && t.entry.cert.borrow().is_some();
+            let hold = roots.holds(&cert.anchor) && outlives;
             if roots.holds(&cert.anchor) && !hold {
-                warn!(id = %id, "root rotation: serving a certificate of the new root before every proxy ACKed it; the certificate served now would expire first");
+                warn!(id = %id, "root rotation: serving a certificate of the new root before every proxy ACKed it; the certificate served now is about to expire");
             }
             (hold, roots.is_stale(&cert.anchor))
         };
@@ -737,6 +743,59 @@ impl SecretManager {
         }
         held.remove(id);
         Self::publish(t, expiries, id, cert);
+    }
+
+    /// How long before the served certificate expires a certificate held back during phase 1
+    /// is published anyway: an expired certificate is worse than an early root.
+    fn hold_margin(&self) -> Duration {
+        self.policy.ttl.mul_f64(0.1).max(Duration::from_secs(1))
+    }
+
+    /// Publishes the held certificates whose served one expires within the hold margin, or
+    /// every held one (`all`).
+    fn release_held(&self, all: bool) {
+        let now = Instant::now();
+        let margin = self.hold_margin();
+        let mut st = self.state.lock();
+        let release: Vec<SpiffeId> = st
+            .held
+            .keys()
+            .filter(|id| all || held_due(&st, id, margin, now) <= now)
+            .cloned()
+            .collect();
+        let State {
+            identities,
+            expiries,
+            held,
+            ..
+        } = &mut *st;
+        for id in release {
+            let (Some(cert), Some(t)) = (held.remove(&id), identities.get_mut(&id)) else {
+                continue;
+            };
+            if all {
+                info!(id = %id, serial = %cert.leaf.serial, "root rotation: publishing the certificate held back");
+            } else {
+                warn!(id = %id, serial = %cert.leaf.serial, "root rotation: publishing a certificate of the new root before every proxy ACKed it; the one served now is about to expire");
+            }
+            Self::publish(t, expiries, &id, cert);
+        }
+    }
+
+    /// Drops the certificates held back for a rotation that was abandoned (the CA withdrew
+    /// the new root they chain to), and renews those identities at once.
+    fn discard_held(&self) {
+        let mut st = self.state.lock();
+        if st.held.is_empty() {
+            return;
+        }
+        let State { held, queue, .. } = &mut *st;
+        for (id, _) in held.drain() {
+            warn!(id = %id, "root rotation abandoned: dropping the certificate held back for it, renewing");
+            queue.remove(&id);
+            queue.push(id, Priority::Background, Instant::now());
+        }
+        self.set_queue_gauges(queue);
     }
 
     /// Serves `cert` as `id`'s certificate, and watches for its expiry.
@@ -1149,8 +1208,10 @@ impl SecretManager {
     /// asks.
     fn advance_roots(self: &Arc<Self>, now: Instant) {
         let Some(old) = self.roots.lock().old_roots() else {
+            self.discard_held();
             return;
         };
+        self.release_held(false);
         let anchors = self.anchors_among(&old);
         let acks = self.acks();
         let actions = {
@@ -1181,19 +1242,7 @@ impl SecretManager {
                     }
                 }
                 roots::Action::PublishHeld => {
-                    let mut st = self.state.lock();
-                    let State {
-                        identities,
-                        expiries,
-                        held,
-                        ..
-                    } = &mut *st;
-                    for (id, cert) in held.drain() {
-                        if let Some(t) = identities.get_mut(&id) {
-                            info!(id = %id, serial = %cert.leaf.serial, "root rotation: publishing the certificate held back");
-                            Self::publish(t, expiries, &id, cert);
-                        }
-                    }
+                    self.release_held(true);
                 }
                 roots::Action::RenewAll => self.queue_all(Priority::Background),
                 roots::Action::Republish => {
@@ -1285,6 +1334,15 @@ impl SecretManager {
             rotation,
         }
     }
+}
+
+/// When the certificate held back for `id` must be published anyway: the hold margin before
+/// the one served now expires (now, if none is served).
+fn held_due(st: &State, id: &SpiffeId, margin: Duration, now: Instant) -> Instant {
+    st.identities
+        .get(id)
+        .and_then(|t| t.expires)
+        .map_or(now, |e| e.checked_sub(margin).unwrap_or(now))
 }
 
 /// What `/trust` shows: the served roots and the staged root rotation.
