@@ -233,6 +233,24 @@ pub struct RunArgs {
     /// system's. [default: the system's]
     #[arg(long, env = "SDS_AGENT_FEDERATION_ENDPOINT_CA", value_name = "PEM")]
     pub federation_endpoint_ca: Option<PathBuf>,
+    /// A directory of federated bundles, one file per trust domain: <TD>.json (SPIFFE
+    /// bundle) or <TD>.pem, as a ConfigMap is mounted. A new file adds its domain, a changed
+    /// one updates it, a removed one removes it; checked every --federation-poll-interval.
+    /// [default: none]
+    #[arg(long, env = "SDS_AGENT_FEDERATION_DIR", value_name = "DIR")]
+    pub federation_dir: Option<PathBuf>,
+    /// Serve the trust bundles over SDS (ROOTCA, ALL, spiffe://<TD>) as a plain trusted_ca
+    /// instead of Envoy's SPIFFE certificate validator, for proxies without it. A proxy can
+    /// ask for this alone with the node metadata disable_spiffe_cert_validation: true.
+    /// [default: false]
+    #[arg(
+        long,
+        env = "SDS_AGENT_SDS_PLAIN_ROOTS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub sds_plain_roots: Option<String>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -507,6 +525,8 @@ struct FileConfig {
     federate_with: Option<Vec<String>>,
     federation_poll_interval: Option<String>,
     federation_endpoint_ca: Option<PathBuf>,
+    federation_dir: Option<PathBuf>,
+    sds_plain_roots: Option<bool>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -581,6 +601,11 @@ pub struct Config {
     /// The roots bundle endpoints are verified with, if not the system's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub federation_endpoint_ca: Option<PathBuf>,
+    /// The directory of federated bundle files, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_dir: Option<PathBuf>,
+    /// Bundles over SDS as plain `trusted_ca`, not the SPIFFE validator.
+    pub sds_plain_roots: bool,
 }
 
 /// A renewal fraction strictly between 0 and 1.
@@ -817,6 +842,27 @@ impl RunArgs {
         }
         let (federate_with, federation_poll_interval) =
             self.federation(&file, spiffe_id.trust_domain())?;
+        let federation_dir = self
+            .federation_dir
+            .clone()
+            .or_else(|| file.federation_dir.clone());
+        if federation_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("federation-dir", "", "must not be empty"));
+        }
+        let sds_plain_roots = match (&self.sds_plain_roots, file.sds_plain_roots) {
+            (Some(raw), _) => match raw.trim() {
+                "true" | "1" => true,
+                "false" | "0" | "" => false,
+                other => {
+                    return Err(invalid("sds-plain-roots", other, "expected true or false"));
+                }
+            },
+            (None, Some(b)) => b,
+            (None, None) => false,
+        };
         Ok(Config {
             mode,
             node,
@@ -843,6 +889,8 @@ impl RunArgs {
                 .federation_endpoint_ca
                 .clone()
                 .or_else(|| file.federation_endpoint_ca.clone()),
+            federation_dir,
+            sds_plain_roots,
         })
     }
 

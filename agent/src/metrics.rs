@@ -80,7 +80,19 @@ pub struct Metrics {
     pub federation_errors: Family<FederationErrorLabels, Counter>,
     /// Federated bundles replaced by a changed, good one, by trust domain.
     pub federation_updates: Family<FederationLabels, Counter>,
+    /// Federated trust domains served now (each with a good bundle).
+    pub federated_domains: Gauge,
+    /// `--federation-dir` entries skipped, by reason ([`FEDERATION_DIR_SKIP_REASONS`]).
+    pub federation_dir_skipped: Family<ReasonLabel, Counter>,
 }
+
+/// The `reason` label values of `sds_agent_federation_dir_skipped_total`.
+pub const FEDERATION_DIR_SKIP_REASONS: [&str; 4] = [
+    "bad_name",
+    "own_trust_domain",
+    "duplicate",
+    "unreadable_dir",
+];
 
 /// The `reason` label values of `sds_agent_federation_errors_total`.
 pub const FEDERATION_ERROR_REASONS: [&str; 7] = [
@@ -319,6 +331,8 @@ impl Metrics {
             attestations_refused: Counter::default(),
             federation_errors: Family::default(),
             federation_updates: Family::default(),
+            federated_domains: Gauge::default(),
+            federation_dir_skipped: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -466,6 +480,16 @@ impl Metrics {
             "Federated bundles replaced by a changed, good one, by trust domain",
             m.federation_updates.clone(),
         );
+        r.register(
+            "federated_domains",
+            "Federated trust domains served now, each with a good bundle",
+            m.federated_domains.clone(),
+        );
+        r.register(
+            "federation_dir_skipped",
+            "--federation-dir entries skipped (counted once per file), by reason",
+            m.federation_dir_skipped.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -475,6 +499,16 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Creates, at zero, the `--federation-dir` series.
+    pub fn prime_federation_dir(&self) {
+        for reason in FEDERATION_DIR_SKIP_REASONS {
+            drop(
+                self.federation_dir_skipped
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
     }
 
     /// Creates, at zero, the series of federated trust domain `trust_domain`.
