@@ -237,32 +237,16 @@ pub fn parse_bundle(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     let mut der = Vec::new();
-    let mut pem = String::new();
     for (index, root) in roots.iter().enumerate() {
         check_root(index, root, trust_domain, now_secs)?;
         der.extend_from_slice(root);
-        pem.push_str(&pem_certificate(root));
     }
     Ok(FederatedBundle {
         der,
-        pem,
+        pem: sds_backends::pem::encode_certificates(&roots),
         roots: roots.len(),
         version: 0,
     })
-}
-
-/// One certificate as a PEM block.
-fn pem_certificate(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 64);
-    out.push_str("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII.
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 /// The `x5c` certificates of the `x509-svid` keys. The specification requires exactly one
