@@ -87,14 +87,6 @@ impl ResourceName {
         }
     }
 
-    /// Whether it is a `validation_context` (a bundle) rather than a certificate.
-    pub fn is_bundle(&self) -> bool {
-        matches!(
-            self,
-            ResourceName::RootCa | ResourceName::All | ResourceName::TrustDomain(_)
-        )
-    }
-
     /// The name `s` as asked by a caller served as `own`. A `spiffe://` name with a path is
     /// a workload's identity: only the caller's own is served, any other is refused. Bundle
     /// names (`ROOTCA`, `ALL`, `spiffe://<trust-domain>`) are served to every caller, since
@@ -194,5 +186,48 @@ mod tests {
             "spiffe://cluster.local/ns/web/sa/frontend"
         );
         assert_eq!(ResourceName::RootCa.wire_name(&own()), "ROOTCA");
+    }
+
+    #[test]
+    fn bundle_names_are_served_to_every_caller_and_other_ids_are_not() {
+        for strict in [false, true] {
+            assert_eq!(
+                ResourceName::for_caller("ALL", &own(), strict),
+                Ok(ResourceName::All)
+            );
+            for td in ["cluster.local", "partner.example", "nobody.example"] {
+                let name = format!("spiffe://{td}");
+                let got = ResourceName::for_caller(&name, &own(), strict);
+                assert_eq!(
+                    got,
+                    Ok(ResourceName::TrustDomain(td.parse().unwrap_or_else(|e| panic!("{e}")))),
+                    "{name} (strict: {strict})"
+                );
+                assert_eq!(
+                    got.map(|n| n.wire_name(&own()).into_owned()),
+                    Ok(name),
+                    "the name on the wire is the name asked"
+                );
+            }
+            // A path makes it a workload's identity; a bad domain is no trust domain.
+            for refused in [
+                "spiffe://partner.example/ns/web/sa/frontend",
+                "spiffe://partner.example/",
+                "spiffe://Partner.example",
+                "spiffe://",
+            ] {
+                assert!(
+                    matches!(
+                        ResourceName::for_caller(refused, &own(), strict),
+                        Err(NameError::NotAuthorized(_))
+                    ),
+                    "{refused} (strict: {strict})"
+                );
+            }
+        }
+        assert!(matches!(
+            ResourceName::for_caller("all", &own(), false),
+            Err(NameError::Unknown(_))
+        ));
     }
 }
