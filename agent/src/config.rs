@@ -213,8 +213,8 @@ pub struct RunArgs {
     pub output_dir: Option<PathBuf>,
     /// Federate with another trust domain: TD=FILE (a SPIFFE bundle or PEM roots, re-read
     /// when it changes) or TD=https://... (a SPIFFE bundle endpoint, fetched again at its
-    /// refresh hint), served on the Workload API. Repeatable; comma-separated in the
-    /// environment. [default: none]
+    /// refresh hint), served on the Workload API and over SDS (ALL, spiffe://TD).
+    /// Repeatable; comma-separated in the environment. [default: none]
     #[arg(
         long,
         env = "SDS_AGENT_FEDERATE_WITH",
@@ -222,7 +222,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub federate_with: Vec<String>,
-    /// How often the federated bundle files are checked for changes. [default: 5s]
+    /// How often the federated bundle files and --federation-dir are checked for changes.
+    /// [default: 5s]
     #[arg(
         long,
         env = "SDS_AGENT_FEDERATION_POLL_INTERVAL",
