@@ -200,7 +200,9 @@ mod tests {
                 let got = ResourceName::for_caller(&name, &own(), strict);
                 assert_eq!(
                     got,
-                    Ok(ResourceName::TrustDomain(td.parse().unwrap_or_else(|e| panic!("{e}")))),
+                    Ok(ResourceName::TrustDomain(
+                        td.parse().unwrap_or_else(|e| panic!("{e}"))
+                    )),
                     "{name} (strict: {strict})"
                 );
                 assert_eq!(

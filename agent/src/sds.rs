@@ -880,9 +880,10 @@ impl XdsState for SotwState {
         let names = self.names.as_ref()?;
         // Compare versions first: most wake-ups (ACKs, the other resource changing) owe
         // nothing, and encoding is the expensive part.
-        let owed = names
-            .iter()
-            .any(|n| view.version(n).is_some_and(|v| self.sent.get(n) != Some(&v)));
+        let owed = names.iter().any(|n| {
+            view.version(n)
+                .is_some_and(|v| self.sent.get(n) != Some(&v))
+        });
         if !owed {
             return None;
         }
@@ -998,7 +999,9 @@ impl XdsState for DeltaState {
                 }
                 Some(_) => {}
                 // A trust domain sent before and no longer trusted: it is removed.
-                None if matches!(n, ResourceName::TrustDomain(_)) && self.sent.remove(n).is_some() => {
+                None if matches!(n, ResourceName::TrustDomain(_))
+                    && self.sent.remove(n).is_some() =>
+                {
                     self.removed.push(n.as_str().into_owned());
                 }
                 None => {}
@@ -1371,7 +1374,10 @@ fn inline(bytes: &[u8]) -> Option<DataSource> {
 /// The `validation_context` of `domains`: Envoy's SPIFFE validator with one trust domain
 /// (its name without `spiffe://`, as Envoy wants it) and roots each, or, `plain`, every
 /// domain's roots as one `trusted_ca`.
-fn validation_context(domains: &[(&TrustDomain, &str)], plain: bool) -> CertificateValidationContext {
+fn validation_context(
+    domains: &[(&TrustDomain, &str)],
+    plain: bool,
+) -> CertificateValidationContext {
     if plain {
         let pem: String = domains.iter().map(|(_, pem)| *pem).collect();
         return CertificateValidationContext {

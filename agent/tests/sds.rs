@@ -981,8 +981,15 @@ fn spiffe_domains(s: &Secret) -> Vec<(String, String)> {
     let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
         panic!("{}: not a validation_context: {:?}", s.name, s.r#type);
     };
-    assert!(vc.trusted_ca.is_none(), "{}: trusted_ca next to the validator", s.name);
-    let custom = vc.custom_validator_config.as_ref().expect("a custom validator");
+    assert!(
+        vc.trusted_ca.is_none(),
+        "{}: trusted_ca next to the validator",
+        s.name
+    );
+    let custom = vc
+        .custom_validator_config
+        .as_ref()
+        .expect("a custom validator");
     assert_eq!(custom.name, "envoy.tls.cert_validator.spiffe");
     let any = custom.typed_config.as_ref().unwrap();
     assert_eq!(
@@ -1003,7 +1010,11 @@ fn plain_roots(s: &Secret) -> String {
     let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
         panic!("{}: not a validation_context", s.name);
     };
-    assert!(vc.custom_validator_config.is_none(), "{}: a validator", s.name);
+    assert!(
+        vc.custom_validator_config.is_none(),
+        "{}: a validator",
+        s.name
+    );
     inline(&vc.trusted_ca)
 }
 
@@ -1057,7 +1068,15 @@ impl Federated {
 
     /// The agent's own roots, PEM.
     fn own(&self) -> String {
-        self.a.agent().manager().subscribe_bundle().borrow().clone().unwrap().pem.clone()
+        self.a
+            .agent()
+            .manager()
+            .subscribe_bundle()
+            .borrow()
+            .clone()
+            .unwrap()
+            .pem
+            .clone()
     }
 }
 
@@ -1145,8 +1164,14 @@ async fn plain_roots_by_flag_or_by_node_metadata_are_trusted_ca() {
     })
     .await;
     let mut client = f.a.client().await;
-    check(&secrets(&Sotw::open(&mut client, &names).await.recv().await.unwrap()), &f);
-    let fetched = client.fetch_secrets(request(&names, "", "", None)).await.unwrap();
+    check(
+        &secrets(&Sotw::open(&mut client, &names).await.recv().await.unwrap()),
+        &f,
+    );
+    let fetched = client
+        .fetch_secrets(request(&names, "", "", None))
+        .await
+        .unwrap();
     check(&secrets(&fetched.into_inner()), &f);
 
     // Node metadata, per stream: true (or "true") is plain; the stream next to it, and one
@@ -1179,9 +1204,12 @@ async fn plain_roots_by_flag_or_by_node_metadata_are_trusted_ca() {
         .unwrap();
     check(&secrets(&fetched.into_inner()), &f);
     let (tx, rx) = mpsc::channel(1);
-    tx.send(with_metadata(request(&names, "", "", None), Kind::BoolValue(false)))
-        .await
-        .unwrap();
+    tx.send(with_metadata(
+        request(&names, "", "", None),
+        Kind::BoolValue(false),
+    ))
+    .await
+    .unwrap();
     let mut stream = client
         .stream_secrets(ReceiverStream::new(rx))
         .await
@@ -1250,7 +1278,15 @@ async fn an_untrusted_trust_domain_is_unknown_and_another_workloads_id_refused()
         .unwrap();
     assert_eq!(next.resources.len(), 1);
     assert_eq!(next.resources[0].name, "spiffe://nobody.example");
-    let s = Secret::decode(next.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    let s = Secret::decode(
+        next.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
     assert_eq!(spiffe_domains(&s), [("nobody.example".to_string(), nobody)]);
 }
 
@@ -1263,7 +1299,10 @@ async fn next_within(s: &mut Sotw, quiet: Duration) -> Option<DiscoveryResponse>
 }
 
 /// Opens a stream of `names`, takes its first response and ACKs it.
-async fn acked(client: &mut SecretDiscoveryServiceClient<Channel>, names: &[&str]) -> (Sotw, DiscoveryResponse) {
+async fn acked(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    names: &[&str],
+) -> (Sotw, DiscoveryResponse) {
     let mut s = Sotw::open(client, names).await;
     let first = s.recv().await.unwrap();
     s.ack(&first, names).await;
@@ -1280,7 +1319,11 @@ async fn a_changed_federated_bundle_is_pushed_only_to_the_streams_that_list_it()
     let (mut other, _) = acked(&mut client, &["spiffe://other.example"]).await;
 
     let partner2 = root_pem();
-    std::fs::write(f.dir.path().join("partner.example.pem"), format!("{}{partner2}", f.partner)).unwrap();
+    std::fs::write(
+        f.dir.path().join("partner.example.pem"),
+        format!("{}{partner2}", f.partner),
+    )
+    .unwrap();
     let all2 = all.recv().await.unwrap();
     let p2 = partner.recv().await.unwrap();
     assert_ne!(all2.version_info, all1.version_info);
@@ -1289,11 +1332,20 @@ async fn a_changed_federated_bundle_is_pushed_only_to_the_streams_that_list_it()
         spiffe_domains(&secrets(&p2)["spiffe://partner.example"])[0].1,
         format!("{}{partner2}", f.partner)
     );
-    assert_eq!(spiffe_domains(&secrets(&all2)["ALL"])[2].1, format!("{}{partner2}", f.partner));
+    assert_eq!(
+        spiffe_domains(&secrets(&all2)["ALL"])[2].1,
+        format!("{}{partner2}", f.partner)
+    );
     // Neither ROOTCA nor another domain changed: those streams get nothing.
     let quiet = Duration::from_millis(300);
-    assert!(next_within(&mut root, quiet).await.is_none(), "ROOTCA pushed");
-    assert!(next_within(&mut other, quiet).await.is_none(), "another domain pushed");
+    assert!(
+        next_within(&mut root, quiet).await.is_none(),
+        "ROOTCA pushed"
+    );
+    assert!(
+        next_within(&mut other, quiet).await.is_none(),
+        "another domain pushed"
+    );
     assert_eq!(
         f.a.metric("sds_agent_federated_domains "),
         2,
@@ -1338,12 +1390,19 @@ async fn a_removed_domain_is_a_removed_resource_on_delta_and_left_out_on_sotw() 
     assert_eq!(d2.resources[0].name, "ALL");
     let s = Secret::decode(d2.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
     assert_eq!(
-        spiffe_domains(&s).iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        spiffe_domains(&s)
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>(),
         ["example.org", "other.example"]
     );
     let s2 = sotw.recv().await.unwrap();
     let got = secrets(&s2);
-    assert_eq!(got.keys().collect::<Vec<_>>(), ["ALL"], "the removed domain is left out");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["ALL"],
+        "the removed domain is left out"
+    );
     assert_eq!(spiffe_domains(&got["ALL"]).len(), 2);
     // The ACK that names the removed domain again does not end the stream.
     sotw.ack(&s2, &names).await;

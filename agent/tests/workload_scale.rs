@@ -312,7 +312,10 @@ fn check_all(expected: &Expected, svids: &[X509svidResponse], sotws: &[Discovery
             panic!("SDS stream {i}: ROOTCA is not a validation_context");
         };
         // The SPIFFE validator, with the agent's trust domain and the same roots.
-        let custom = vc.custom_validator_config.as_ref().expect("the SPIFFE validator");
+        let custom = vc
+            .custom_validator_config
+            .as_ref()
+            .expect("the SPIFFE validator");
         let config = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig::decode(
             custom.typed_config.as_ref().expect("its config").value.as_slice(),
         )

@@ -164,7 +164,10 @@ async fn rejects_a_peer_with_the_wrong_spiffe_id(plain_roots: bool) {
         } else {
             assert!(vc["trusted_ca"].is_null(), "{rootca}");
             let validator = &vc["custom_validator_config"];
-            assert_eq!(validator["name"], "envoy.tls.cert_validator.spiffe", "{rootca}");
+            assert_eq!(
+                validator["name"], "envoy.tls.cert_validator.spiffe",
+                "{rootca}"
+            );
             assert_eq!(
                 validator["typed_config"]["trust_domains"][0]["name"], "example.org",
                 "{rootca}"

@@ -327,7 +327,10 @@ async fn federated_domains_accept_each_other_and_refuse_a_third() {
     // What the Envoys hold: the SPIFFE validator listing the agent's domain and the other.
     let all = a.server().active_secret(ALL_SECRET).await.unwrap().unwrap();
     let validator = &all["secret"]["validation_context"]["custom_validator_config"];
-    assert_eq!(validator["name"], "envoy.tls.cert_validator.spiffe", "{all}");
+    assert_eq!(
+        validator["name"], "envoy.tls.cert_validator.spiffe",
+        "{all}"
+    );
     let names: Vec<&str> = validator["typed_config"]["trust_domains"]
         .as_array()
         .unwrap_or_else(|| panic!("{all}"))
@@ -394,9 +397,10 @@ async fn a_federated_root_rotates_under_traffic_with_zero_failed_requests() {
         .start_envoys(&envoy, upstream.addr(), &[("a", a.server_port)])
         .await;
     for (from, to) in [(&a, &b), (&b, &a), (&legacy, &a)] {
-        eventually(&format!("{} -> {} to succeed", from.dir.display(), to.td), || {
-            from.reaches(to)
-        })
+        eventually(
+            &format!("{} -> {} to succeed", from.dir.display(), to.td),
+            || from.reaches(to),
+        )
         .await;
     }
 
@@ -411,7 +415,10 @@ async fn a_federated_root_rotates_under_traffic_with_zero_failed_requests() {
     let old_pem = std::fs::read_to_string(&b.ca.cert).unwrap();
     let new_pem = std::fs::read_to_string(&new_root.cert).unwrap();
     let v0 = a.all_version().await.unwrap();
-    write_atomically(&a.fed_dir.join("b.test.pem"), &format!("{old_pem}{new_pem}"));
+    write_atomically(
+        &a.fed_dir.join("b.test.pem"),
+        &format!("{old_pem}{new_pem}"),
+    );
     let v1 = a.wait_all_changed(&v0).await;
 
     // 2. b moves to the new root: its agent restarts on it, and its Envoys take its
@@ -419,14 +426,17 @@ async fn a_federated_root_rotates_under_traffic_with_zero_failed_requests() {
     b.start_agent(&new_root, &[]).await;
     let serial = b.agent().current_serial().await.unwrap().unwrap();
     for envoy in [b.server(), b.client()] {
-        eventually("b's Envoys to present a certificate of the new root", || async {
-            envoy.certs().await.is_ok_and(|contexts| {
-                contexts
-                    .iter()
-                    .filter(|c| !c.chain.is_empty())
-                    .all(|c| c.chain[0].serial == serial)
-            })
-        })
+        eventually(
+            "b's Envoys to present a certificate of the new root",
+            || async {
+                envoy.certs().await.is_ok_and(|contexts| {
+                    contexts
+                        .iter()
+                        .filter(|c| !c.chain.is_empty())
+                        .all(|c| c.chain[0].serial == serial)
+                })
+            },
+        )
         .await;
     }
 
@@ -448,11 +458,17 @@ async fn a_federated_root_rotates_under_traffic_with_zero_failed_requests() {
         a_to_b.1,
         b_to_a.1
     );
-    assert!(a_to_b.0 > 50 && b_to_a.0 > 50, "too little traffic: {a_to_b:?} {b_to_a:?}");
+    assert!(
+        a_to_b.0 > 50 && b_to_a.0 > 50,
+        "too little traffic: {a_to_b:?} {b_to_a:?}"
+    );
 
     // The workload still on the old root is refused by a, at the handshake.
     for _ in 0..3 {
-        assert!(!legacy.reaches(&a).await, "the old root is still trusted by a");
+        assert!(
+            !legacy.reaches(&a).await,
+            "the old root is still trusted by a"
+        );
     }
     assert!(a.server_ssl("fail_verify_error").await >= refused + 3);
     eprintln!(

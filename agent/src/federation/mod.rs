@@ -489,8 +489,11 @@ impl Federation {
                 reason,
             })
         })?;
-        let flagged: BTreeSet<TrustDomain> =
-            self.sources.iter().map(|s| s.trust_domain.clone()).collect();
+        let flagged: BTreeSet<TrustDomain> = self
+            .sources
+            .iter()
+            .map(|s| s.trust_domain.clone())
+            .collect();
         if let Some(td) = listing.files.keys().find(|td| flagged.contains(*td)) {
             return Err(Box::new(StartError::Dir {
                 dir: dir.to_owned(),
@@ -587,9 +590,15 @@ impl Federation {
         for td in refused {
             if let Some(path) = listing.files.remove(&td) {
                 let (reason, why) = if td == dir.own {
-                    ("own_trust_domain", "it names the agent's own trust domain, whose roots come from its CA")
+                    (
+                        "own_trust_domain",
+                        "it names the agent's own trust domain, whose roots come from its CA",
+                    )
                 } else {
-                    ("duplicate", "its trust domain is given by --federate-with too")
+                    (
+                        "duplicate",
+                        "its trust domain is given by --federate-with too",
+                    )
                 };
                 let name = path.file_name().map(ToOwned::to_owned).unwrap_or_default();
                 listing.skipped.push((name, reason, why.to_owned()));
@@ -759,7 +768,11 @@ impl Federation {
         match result {
             Ok(bundle) if Some(&bundle.der) == current.as_ref() => {}
             Ok(mut bundle) => {
-                let change = if current.is_some() { "changed" } else { "added" };
+                let change = if current.is_some() {
+                    "changed"
+                } else {
+                    "added"
+                };
                 info!(trust_domain = %s.trust_domain, source = %s.source, roots = bundle.roots, change, "federated bundle changed");
                 let version = self.next_change();
                 bundle.version = version;

@@ -366,7 +366,10 @@ fn bad_names_the_own_domain_and_duplicates_are_skipped_and_counted_once() {
     let federation = dir_federation(dir.path(), &metrics);
     let rx = federation.subscribe();
     assert_eq!(
-        rx.borrow().keys().map(TrustDomain::as_str).collect::<Vec<_>>(),
+        rx.borrow()
+            .keys()
+            .map(TrustDomain::as_str)
+            .collect::<Vec<_>>(),
         ["fine.example"]
     );
     assert_eq!(skipped(&metrics, "bad_name"), 2.0);
@@ -393,7 +396,10 @@ fn a_dir_that_cannot_be_listed_or_repeats_a_federate_with_domain_stops_the_start
         .unwrap()
         .with_dir(&dir.path().join("nope"), &td("cluster.local"))
         .unwrap_err();
-    assert!(missing.to_string().starts_with("--federation-dir "), "{missing}");
+    assert!(
+        missing.to_string().starts_with("--federation-dir "),
+        "{missing}"
+    );
 
     let (sources, path) = sources(dir.path());
     let root = cert(true, None, yesterday(), 30);
@@ -406,7 +412,9 @@ fn a_dir_that_cannot_be_listed_or_repeats_a_federate_with_domain_stops_the_start
         .with_dir(&bundles, &td("cluster.local"))
         .unwrap_err();
     assert!(
-        twice.to_string().contains("partner.example is also given by --federate-with"),
+        twice
+            .to_string()
+            .contains("partner.example is also given by --federate-with"),
         "{twice}"
     );
 }
@@ -431,7 +439,11 @@ fn a_configmap_layout_of_symlinks_is_followed_and_its_swaps_seen() {
     let federation = dir_federation(d, &metrics);
     let mut rx = federation.subscribe();
     assert_eq!(rx.borrow_and_update().len(), 2);
-    assert_eq!(skipped(&metrics, "bad_name"), 0.0, "dot entries say nothing");
+    assert_eq!(
+        skipped(&metrics, "bad_name"),
+        0.0,
+        "dot entries say nothing"
+    );
 
     // The next version drops b: the kubelet writes a new timestamped dir, swaps `..data`,
     // and removes the dangling top-level link.
@@ -443,7 +455,10 @@ fn a_configmap_layout_of_symlinks_is_followed_and_its_swaps_seen() {
     federation.refresh();
     // A dangling link is no file: b is removed even before its link goes.
     assert_eq!(
-        rx.borrow_and_update().keys().map(TrustDomain::as_str).collect::<Vec<_>>(),
+        rx.borrow_and_update()
+            .keys()
+            .map(TrustDomain::as_str)
+            .collect::<Vec<_>>(),
         ["a.example"]
     );
     std::fs::remove_file(d.join("b.example.pem")).unwrap();
