@@ -71,12 +71,12 @@ const FETCH_WAIT: Duration = Duration::from_secs(5);
 type CertRx = watch::Receiver<Option<Arc<ServedCert>>>;
 type BundleRx = watch::Receiver<Option<Arc<ServedBundle>>>;
 type FederatedRx = watch::Receiver<Bundles>;
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The name of Envoy's SPIFFE certificate validator extension.
 pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 /// The Envoy node metadata key that asks for plain `trusted_ca` bundles (the SPIRE agent's).
 pub const DISABLE_SPIFFE_VALIDATION: &str = "disable_spiffe_cert_validation";
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The SDS gRPC service.
 #[derive(Debug, Clone)]
@@ -1405,5 +1405,154 @@ fn validation_context(
             }),
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a panic is the failure report.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message as _;
+
+    use super::*;
+    use crate::federation::{FederatedBundle, FederatedBundles};
+
+    fn td(s: &str) -> TrustDomain {
+        s.parse().unwrap()
+    }
+
+    fn bundle(pem: &str, version: u64) -> FederatedBundle {
+        FederatedBundle {
+            der: pem.as_bytes().to_vec(),
+            pem: pem.into(),
+            roots: 1,
+            version,
+        }
+    }
+
+    fn federated(generation: u64, domains: &[(&str, &str, u64)]) -> Bundles {
+        Arc::new(FederatedBundles {
+            generation,
+            domains: domains
+                .iter()
+                .map(|(name, pem, v)| (td(name), bundle(pem, *v)))
+                .collect::<BTreeMap<_, _>>(),
+        })
+    }
+
+    /// The validator's (name, PEM) pairs, or `None` for a plain `trusted_ca`.
+    fn listed(vc: &CertificateValidationContext) -> Option<Vec<(String, String)>> {
+        let custom = vc.custom_validator_config.as_ref()?;
+        assert_eq!(custom.name, SPIFFE_VALIDATOR);
+        assert!(vc.trusted_ca.is_none());
+        let any = custom.typed_config.as_ref().unwrap();
+        assert_eq!(any.type_url, SpiffeCertValidatorConfig::type_url());
+        let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+        Some(
+            config
+                .trust_domains
+                .into_iter()
+                .map(|d| {
+                    let Some(Specifier::InlineBytes(pem)) =
+                        d.trust_bundle.and_then(|b| b.specifier)
+                    else {
+                        panic!("not inline")
+                    };
+                    (d.name, String::from_utf8(pem).unwrap())
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_validation_context_lists_each_domain_by_bare_name_or_is_plain_roots() {
+        let (a, b) = (td("a.test"), td("b.test"));
+        let domains = [(&a, "A\n"), (&b, "B\n")];
+        let vc = validation_context(&domains, false);
+        assert_eq!(
+            listed(&vc),
+            Some(vec![
+                ("a.test".to_string(), "A\n".to_string()),
+                ("b.test".to_string(), "B\n".to_string())
+            ])
+        );
+        let plain = validation_context(&domains, true);
+        assert!(plain.custom_validator_config.is_none());
+        assert_eq!(
+            plain.trusted_ca.and_then(|d| d.specifier),
+            Some(Specifier::InlineBytes(b"A\nB\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn only_true_node_metadata_disables_the_validator() {
+        let node = |kind: Option<Kind>| Node {
+            metadata: kind.map(|k| Struct {
+                fields: [(
+                    DISABLE_SPIFFE_VALIDATION.to_string(),
+                    Value { kind: Some(k) },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        assert!(disables_validator(&node(Some(Kind::BoolValue(true)))));
+        assert!(disables_validator(&node(Some(Kind::StringValue(
+            "TRUE".into()
+        )))));
+        for no in [
+            None,
+            Some(Kind::BoolValue(false)),
+            Some(Kind::StringValue("yes".into())),
+            Some(Kind::NumberValue(1.0)),
+        ] {
+            assert!(!disables_validator(&node(no.clone())), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn a_federated_domain_has_its_own_version_and_others_do_not_move() {
+        let own = td("own.test");
+        let view = |f: Bundles| View {
+            cert: None,
+            bundle: None,
+            federated: f,
+            own: &own,
+            plain: false,
+        };
+        let before = view(federated(2, &[("a.test", "A", 1), ("b.test", "B", 2)]));
+        // a.test changed: a new version for it and a new generation; b.test keeps its own.
+        let after = view(federated(3, &[("a.test", "A2", 3), ("b.test", "B", 2)]));
+        let (a, b) = (
+            ResourceName::TrustDomain(td("a.test")),
+            ResourceName::TrustDomain(td("b.test")),
+        );
+        assert_ne!(before.version(&a), after.version(&a));
+        assert_eq!(before.version(&b), after.version(&b));
+        let (v, any) = after.resource(&a).unwrap();
+        assert_eq!(Some(v), after.version(&a));
+        let secret = Secret::decode(any.value.as_slice()).unwrap();
+        assert_eq!(secret.name, "spiffe://a.test");
+        let Some(secret::Type::ValidationContext(vc)) = secret.r#type else {
+            panic!("not a validation context");
+        };
+        assert_eq!(listed(&vc), Some(vec![("a.test".into(), "A2".into())]));
+        // Gone, and unknown: no version, so nothing is sent.
+        let removed = view(federated(4, &[("b.test", "B", 2)]));
+        assert_eq!(removed.version(&a), None);
+        assert!(!trusted(&a, &own, &removed.federated));
+        assert!(trusted(
+            &ResourceName::TrustDomain(own.clone()),
+            &own,
+            &removed.federated
+        ));
+        // Without the agent's own roots (not issued yet), ALL and ROOTCA do not exist.
+        assert_eq!(removed.version(&ResourceName::All), None);
+        assert_eq!(removed.version(&ResourceName::RootCa), None);
     }
 }
