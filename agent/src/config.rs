@@ -1401,6 +1401,54 @@ mod tests {
     }
 
     #[test]
+    fn federation_dir_and_plain_roots_come_from_flags_or_the_file() {
+        let f = file("federation-dir = \"/etc/bundles\"\nsds-plain-roots = true\n");
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            from_file.federation_dir,
+            Some(PathBuf::from("/etc/bundles"))
+        );
+        assert!(from_file.sds_plain_roots);
+        let flags = RunArgs {
+            config: Some(f.path().to_owned()),
+            federation_dir: Some("/run/bundles".into()),
+            sds_plain_roots: Some("false".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(flags.federation_dir, Some(PathBuf::from("/run/bundles")));
+        assert!(!flags.sds_plain_roots);
+        let none = RunArgs::default().resolve().unwrap();
+        assert_eq!(none.federation_dir, None);
+        assert!(!none.sds_plain_roots, "the SPIFFE validator unless asked");
+        for (args, setting) in [
+            (
+                RunArgs {
+                    sds_plain_roots: Some("maybe".into()),
+                    ..Default::default()
+                },
+                "sds-plain-roots",
+            ),
+            (
+                RunArgs {
+                    federation_dir: Some(PathBuf::new()),
+                    ..Default::default()
+                },
+                "federation-dir",
+            ),
+        ] {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(setting), "{err}");
+        }
+    }
+
+    #[test]
     fn federated_domains_come_from_flags_or_else_the_file_whole() {
         let f = file(
             "federate-with = [\"a.example=/etc/a.json\", \"b.example=https://bundle.b.example/\"]\nfederation-poll-interval = \"30s\"\n",
