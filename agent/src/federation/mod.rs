@@ -1,6 +1,7 @@
-//! Federated trust domains (`--federate-with TD=SOURCE`): the X.509 roots of other trust
-//! domains, served next to the agent's own bundle on the Workload API (`federated_bundles` of
-//! `FetchX509SVID`, and every bundle of `FetchX509Bundles`).
+//! Federated trust domains (`--federate-with TD=SOURCE`, `--federation-dir DIR`): the X.509
+//! roots of other trust domains, served next to the agent's own bundle on the Workload API
+//! (`federated_bundles` of `FetchX509SVID`, and every bundle of `FetchX509Bundles`) and over
+//! SDS (`ALL`, `spiffe://<td>`: `crate::sds`). This module never touches the CA or a stream.
 //!
 //! A bundle is a SPIFFE bundle (the JWKS of the SPIFFE Trust Domain and Bundle specification:
 //! the `x509-svid` keys' `x5c` certificates are the roots; `jwt-svid` keys are ignored) or PEM
@@ -533,9 +534,10 @@ impl Federation {
         self.bundles.subscribe()
     }
 
-    /// Re-reads every file every `every`, and fetches each endpoint when it is due, until
-    /// `shutdown`; a bundle that changed and passes the checks replaces its trust domain's,
-    /// one that fails leaves it as it was.
+    /// Re-reads every file and lists `--federation-dir` every `every`, and fetches each
+    /// endpoint when it is due, until `shutdown`; a bundle that changed and passes the checks
+    /// replaces its trust domain's, one that fails leaves it as it was, and a domain whose
+    /// file left the directory is removed.
     pub async fn run(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
