@@ -106,7 +106,8 @@ pub fn check_node(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Reads every `--federate-with` bundle file as `run` does at start (and the endpoints' CA),
-/// so `validate` catches a missing or bad one before deployment. Endpoints are not fetched.
+/// and lists `--federation-dir`, so `validate` catches a missing or bad one before
+/// deployment. Endpoints are not fetched.
 pub fn check_federation(config: &Config) -> anyhow::Result<()> {
     start_federation(config, Arc::new(Metrics::new())).map(drop)
 }
@@ -235,6 +236,7 @@ impl RunningAgent {
             trust_domain = %manager.trust_domain(),
             ca_concurrency = config.ca_concurrency,
             backend = ca.name(),
+            sds_plain_roots = config.sds_plain_roots,
             "serving SDS"
         );
         let span = info_span!(
