@@ -226,8 +226,8 @@ pub struct RunArgs {
     pub output_dir: Option<PathBuf>,
     /// Federate with another trust domain: TD=FILE (a SPIFFE bundle or PEM roots, re-read
     /// when it changes) or TD=https://... (a SPIFFE bundle endpoint, fetched again at its
-    /// refresh hint), served on the Workload API. Repeatable; comma-separated in the
-    /// environment. [default: none]
+    /// refresh hint), served on the Workload API and over SDS (ALL, spiffe://TD).
+    /// Repeatable; comma-separated in the environment. [default: none]
     #[arg(
         long,
         env = "SDS_AGENT_FEDERATE_WITH",
@@ -235,7 +235,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub federate_with: Vec<String>,
-    /// How often the federated bundle files are checked for changes. [default: 5s]
+    /// How often the federated bundle files and --federation-dir are checked for changes.
+    /// [default: 5s]
     #[arg(
         long,
         env = "SDS_AGENT_FEDERATION_POLL_INTERVAL",
@@ -255,6 +256,24 @@ pub struct RunArgs {
     /// certificate names a root the bundle lacks. [default: 5m]
     #[arg(long, env = "SDS_AGENT_TRUST_BUNDLE_REFRESH", value_name = "DURATION")]
     pub trust_bundle_refresh: Option<String>,
+    /// A directory of federated bundles, one file per trust domain: <TD>.json (SPIFFE
+    /// bundle) or <TD>.pem, as a ConfigMap is mounted. A new file adds its domain, a changed
+    /// one updates it, a removed one removes it; checked every --federation-poll-interval.
+    /// [default: none]
+    #[arg(long, env = "SDS_AGENT_FEDERATION_DIR", value_name = "DIR")]
+    pub federation_dir: Option<PathBuf>,
+    /// Serve the trust bundles over SDS (ROOTCA, ALL, spiffe://<TD>) as a plain trusted_ca
+    /// instead of Envoy's SPIFFE certificate validator, for proxies without it. A proxy can
+    /// ask for this alone with the node metadata disable_spiffe_cert_validation: true.
+    /// [default: false]
+    #[arg(
+        long,
+        env = "SDS_AGENT_SDS_PLAIN_ROOTS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub sds_plain_roots: Option<String>,
     /// The CA backends' flags, each owned by its backend (`sds_backends::settings`).
     #[command(flatten)]
     pub backends: CaArgs,
@@ -531,6 +550,8 @@ struct FileConfig {
     federation_endpoint_ca: Option<PathBuf>,
     root_overlap: Option<String>,
     trust_bundle_refresh: Option<String>,
+    federation_dir: Option<PathBuf>,
+    sds_plain_roots: Option<bool>,
     mode: Option<String>,
     ca_concurrency: Option<u64>,
     identity_idle_timeout: Option<String>,
@@ -611,6 +632,11 @@ pub struct Config {
     /// How often the CA's roots are read again.
     #[serde(serialize_with = "humanized")]
     pub trust_bundle_refresh: Duration,
+    /// The directory of federated bundle files, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_dir: Option<PathBuf>,
+    /// Bundles over SDS as plain `trusted_ca`, not the SPIFFE validator.
+    pub sds_plain_roots: bool,
 }
 
 /// How often the CA's roots are read again, unless `--trust-bundle-refresh` says.
@@ -879,6 +905,27 @@ impl RunArgs {
                 }
                 None => DEFAULT_TRUST_BUNDLE_REFRESH,
             };
+        let federation_dir = self
+            .federation_dir
+            .clone()
+            .or_else(|| file.federation_dir.clone());
+        if federation_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("federation-dir", "", "must not be empty"));
+        }
+        let sds_plain_roots = match (&self.sds_plain_roots, file.sds_plain_roots) {
+            (Some(raw), _) => match raw.trim() {
+                "true" | "1" => true,
+                "false" | "0" | "" => false,
+                other => {
+                    return Err(invalid("sds-plain-roots", other, "expected true or false"));
+                }
+            },
+            (None, Some(b)) => b,
+            (None, None) => false,
+        };
         Ok(Config {
             mode,
             node,
@@ -907,6 +954,8 @@ impl RunArgs {
                 .or_else(|| file.federation_endpoint_ca.clone()),
             root_overlap,
             trust_bundle_refresh,
+            federation_dir,
+            sds_plain_roots,
         })
     }
 
@@ -1415,6 +1464,54 @@ mod tests {
         );
         assert_eq!(c.cert_ttl, Duration::from_secs(90 * 60));
         assert_eq!(c.renew_at.get(), 0.7);
+    }
+
+    #[test]
+    fn federation_dir_and_plain_roots_come_from_flags_or_the_file() {
+        let f = file("federation-dir = \"/etc/bundles\"\nsds-plain-roots = true\n");
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            from_file.federation_dir,
+            Some(PathBuf::from("/etc/bundles"))
+        );
+        assert!(from_file.sds_plain_roots);
+        let flags = RunArgs {
+            config: Some(f.path().to_owned()),
+            federation_dir: Some("/run/bundles".into()),
+            sds_plain_roots: Some("false".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(flags.federation_dir, Some(PathBuf::from("/run/bundles")));
+        assert!(!flags.sds_plain_roots);
+        let none = RunArgs::default().resolve().unwrap();
+        assert_eq!(none.federation_dir, None);
+        assert!(!none.sds_plain_roots, "the SPIFFE validator unless asked");
+        for (args, setting) in [
+            (
+                RunArgs {
+                    sds_plain_roots: Some("maybe".into()),
+                    ..Default::default()
+                },
+                "sds-plain-roots",
+            ),
+            (
+                RunArgs {
+                    federation_dir: Some(PathBuf::new()),
+                    ..Default::default()
+                },
+                "federation-dir",
+            ),
+        ] {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(setting), "{err}");
+        }
     }
 
     #[test]

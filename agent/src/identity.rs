@@ -5,6 +5,11 @@
 //! certificate and key are served under the resource name `default`, or under the identity
 //! itself (as the SPIRE agent does), and the trust bundle under `ROOTCA`. These are the names
 //! istio-agent and SPIRE use, so existing Envoy bootstraps work unchanged.
+//!
+//! The bundles of the trust domains the agent trusts go by the SPIRE agent's names too: `ALL`
+//! (the agent's domain and every federated one) and `spiffe://<trust-domain>` (one domain, the
+//! agent's own or a federated one). Which federated domains exist is only known when a name is
+//! served, so a trust domain name is parsed here and looked up by the SDS server.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -16,17 +21,24 @@ pub use sds_backends::{SpiffeId, TrustDomain};
 pub const DEFAULT_RESOURCE: &str = "default";
 /// Resource name of the trust bundle.
 pub const ROOTCA_RESOURCE: &str = "ROOTCA";
+/// Resource name of every trusted domain's bundle (the agent's and the federated ones).
+pub const ALL_RESOURCE: &str = "ALL";
 
 /// A secret this agent can serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceName {
     /// `default`: a `tls_certificate`.
     Default,
-    /// `ROOTCA`: a `validation_context`.
+    /// `ROOTCA`: a `validation_context` of the agent's trust domain.
     RootCa,
+    /// `ALL`: a `validation_context` of the agent's trust domain and every federated one.
+    All,
     /// The caller's own SPIFFE ID: the same `tls_certificate` as `default`, under the name
     /// the caller used.
     OwnId,
+    /// `spiffe://<trust-domain>`: a `validation_context` of that domain alone, if the agent
+    /// trusts it (its own, or a federated one).
+    TrustDomain(TrustDomain),
 }
 
 /// Why a resource name is not served to a caller.
@@ -44,34 +56,42 @@ pub enum NameError {
 /// A resource name this agent does not serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown secret {0:?}: this agent serves \"default\" (the workload certificate) and \"ROOTCA\" (the trust bundle)"
+    "unknown secret {0:?}: this agent serves \"default\" (the workload certificate), \"ROOTCA\" (its trust domain's bundle), \"ALL\" (every trusted domain's bundle) and \"spiffe://<trust-domain>\" for the domains it trusts"
 )]
 pub struct UnknownResource(pub String);
 
-impl ResourceName {
-    /// The fixed names, in response order.
-    pub const ALL: [ResourceName; 2] = [ResourceName::Default, ResourceName::RootCa];
+impl UnknownResource {
+    /// The name, cut short: it comes from the client.
+    pub fn of(name: &str) -> Self {
+        Self(name.chars().take(128).collect())
+    }
+}
 
+impl ResourceName {
     /// The name for logs and version strings; the caller's own ID is `spiffe-id` here.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> Cow<'static, str> {
         match self {
-            ResourceName::Default => DEFAULT_RESOURCE,
-            ResourceName::RootCa => ROOTCA_RESOURCE,
-            ResourceName::OwnId => "spiffe-id",
+            ResourceName::Default => Cow::Borrowed(DEFAULT_RESOURCE),
+            ResourceName::RootCa => Cow::Borrowed(ROOTCA_RESOURCE),
+            ResourceName::All => Cow::Borrowed(ALL_RESOURCE),
+            ResourceName::OwnId => Cow::Borrowed("spiffe-id"),
+            ResourceName::TrustDomain(td) => Cow::Owned(format!("spiffe://{td}")),
         }
     }
 
     /// The name on the wire for a caller served as `own`.
-    pub fn wire_name(self, own: &SpiffeId) -> Cow<'static, str> {
+    pub fn wire_name(&self, own: &SpiffeId) -> Cow<'static, str> {
         match self {
             ResourceName::OwnId => Cow::Owned(own.to_string()),
-            other => Cow::Borrowed(other.as_str()),
+            other => other.as_str(),
         }
     }
 
-    /// The name `s` as asked by a caller served as `own`. `strict` (node mode) refuses every
-    /// name that is not `default`, `ROOTCA` or `own`; otherwise only other SPIFFE IDs are
-    /// refused, and other names are unknown.
+    /// The name `s` as asked by a caller served as `own`. A `spiffe://` name with a path is
+    /// a workload's identity: only the caller's own is served, any other is refused. Bundle
+    /// names (`ROOTCA`, `ALL`, `spiffe://<trust-domain>`) are served to every caller, since
+    /// they are nobody's identity. `strict` (node mode) refuses every other name; otherwise
+    /// other names are unknown.
     pub fn for_caller(s: &str, own: &SpiffeId, strict: bool) -> Result<Self, NameError> {
         match s.parse::<ResourceName>() {
             Ok(name) => Ok(name),
@@ -87,19 +107,25 @@ impl ResourceName {
 impl FromStr for ResourceName {
     type Err = UnknownResource;
 
+    /// The names any caller may ask for: the fixed ones and `spiffe://<trust-domain>` with
+    /// no path.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             DEFAULT_RESOURCE => Ok(ResourceName::Default),
             ROOTCA_RESOURCE => Ok(ResourceName::RootCa),
-            // Keep the echoed name short: it comes from the client.
-            other => Err(UnknownResource(other.chars().take(128).collect())),
+            ALL_RESOURCE => Ok(ResourceName::All),
+            other => other
+                .strip_prefix("spiffe://")
+                .and_then(|td| td.parse::<TrustDomain>().ok())
+                .map(ResourceName::TrustDomain)
+                .ok_or_else(|| UnknownResource::of(other)),
         }
     }
 }
 
 impl fmt::Display for ResourceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&self.as_str())
     }
 }
 
@@ -160,5 +186,50 @@ mod tests {
             "spiffe://cluster.local/ns/web/sa/frontend"
         );
         assert_eq!(ResourceName::RootCa.wire_name(&own()), "ROOTCA");
+    }
+
+    #[test]
+    fn bundle_names_are_served_to_every_caller_and_other_ids_are_not() {
+        for strict in [false, true] {
+            assert_eq!(
+                ResourceName::for_caller("ALL", &own(), strict),
+                Ok(ResourceName::All)
+            );
+            for td in ["cluster.local", "partner.example", "nobody.example"] {
+                let name = format!("spiffe://{td}");
+                let got = ResourceName::for_caller(&name, &own(), strict);
+                assert_eq!(
+                    got,
+                    Ok(ResourceName::TrustDomain(
+                        td.parse().unwrap_or_else(|e| panic!("{e}"))
+                    )),
+                    "{name} (strict: {strict})"
+                );
+                assert_eq!(
+                    got.map(|n| n.wire_name(&own()).into_owned()),
+                    Ok(name),
+                    "the name on the wire is the name asked"
+                );
+            }
+            // A path makes it a workload's identity; a bad domain is no trust domain.
+            for refused in [
+                "spiffe://partner.example/ns/web/sa/frontend",
+                "spiffe://partner.example/",
+                "spiffe://Partner.example",
+                "spiffe://",
+            ] {
+                assert!(
+                    matches!(
+                        ResourceName::for_caller(refused, &own(), strict),
+                        Err(NameError::NotAuthorized(_))
+                    ),
+                    "{refused} (strict: {strict})"
+                );
+            }
+        }
+        assert!(matches!(
+            ResourceName::for_caller("all", &own(), false),
+            Err(NameError::Unknown(_))
+        ));
     }
 }

@@ -107,18 +107,30 @@ pub fn check_node(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Reads every `--federate-with` bundle file as `run` does at start (and the endpoints' CA),
-/// so `validate` catches a missing or bad one before deployment. Endpoints are not fetched.
+/// and lists `--federation-dir`, so `validate` catches a missing or bad one before
+/// deployment. Endpoints are not fetched.
 pub fn check_federation(config: &Config) -> anyhow::Result<()> {
-    if config.federate_with.is_empty() {
-        return Ok(());
+    start_federation(config, Arc::new(Metrics::new())).map(drop)
+}
+
+/// The federation of `config` (`--federate-with`, `--federation-dir`), read once; `None`
+/// when the agent federates with nobody.
+fn start_federation(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<federation::Federation>> {
+    if config.federate_with.is_empty() && config.federation_dir.is_none() {
+        return Ok(None);
     }
-    federation::Federation::start(
+    let mut f = federation::Federation::start(
         config.federate_with.clone(),
         config.federation_endpoint_ca.as_deref(),
-        Arc::new(Metrics::new()),
-    )
-    .map(drop)
-    .map_err(Into::into)
+        metrics,
+    )?;
+    if let Some(dir) = &config.federation_dir {
+        f = f.with_dir(dir, config.spiffe_id.trust_domain())?;
+    }
+    Ok(Some(f))
 }
 
 impl RunningAgent {
@@ -159,15 +171,7 @@ impl RunningAgent {
             }
         };
         // Every federated bundle must be good at start, as CA files must.
-        let federation = if config.federate_with.is_empty() {
-            None
-        } else {
-            Some(Arc::new(federation::Federation::start(
-                config.federate_with.clone(),
-                config.federation_endpoint_ca.as_deref(),
-                metrics.clone(),
-            )?))
-        };
+        let federation = start_federation(config, metrics.clone())?.map(Arc::new);
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on --admin-addr {}", config.admin_addr))?;
@@ -213,6 +217,10 @@ impl RunningAgent {
             callers.clone(),
             config.limits,
             shutdown.clone(),
+            sds::TrustOptions {
+                federated: federation.as_ref().map(|f| f.subscribe()),
+                plain_roots: config.sds_plain_roots,
+            },
         );
 
         // Every listener is bound: say so before the first certificate can be served.
@@ -229,6 +237,7 @@ impl RunningAgent {
             trust_domain = %manager.trust_domain(),
             ca_concurrency = config.ca_concurrency,
             backend = ca.name(),
+            sds_plain_roots = config.sds_plain_roots,
             "serving SDS"
         );
         let span = info_span!(

@@ -91,6 +91,10 @@ pub struct Metrics {
     pub root_overlap_seconds: FloatGauge,
     /// Roots in the served trust bundle (the agent's own trust domain).
     pub trust_bundle_roots: Gauge,
+    /// Federated trust domains served now (each with a good bundle).
+    pub federated_domains: Gauge,
+    /// `--federation-dir` entries skipped, by reason ([`FEDERATION_DIR_SKIP_REASONS`]).
+    pub federation_dir_skipped: Family<ReasonLabel, Counter>,
 }
 
 /// The `phase` label of `sds_agent_root_rotation_transitions_total`.
@@ -99,6 +103,14 @@ pub struct PhaseLabel {
     /// `announced`, `issuing`, `retiring` or `removed`.
     pub phase: &'static str,
 }
+
+/// The `reason` label values of `sds_agent_federation_dir_skipped_total`.
+pub const FEDERATION_DIR_SKIP_REASONS: [&str; 4] = [
+    "bad_name",
+    "own_trust_domain",
+    "duplicate",
+    "unreadable_dir",
+];
 
 /// The `reason` label values of `sds_agent_federation_errors_total`.
 pub const FEDERATION_ERROR_REASONS: [&str; 7] = [
@@ -342,6 +354,8 @@ impl Metrics {
             root_rotation_transitions: Family::default(),
             root_overlap_seconds: FloatGauge::default(),
             trust_bundle_roots: Gauge::default(),
+            federated_domains: Gauge::default(),
+            federation_dir_skipped: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -514,6 +528,16 @@ impl Metrics {
             "Roots in the trust bundle served for the agent's own trust domain",
             m.trust_bundle_roots.clone(),
         );
+        r.register(
+            "federated_domains",
+            "Federated trust domains served now, each with a good bundle",
+            m.federated_domains.clone(),
+        );
+        r.register(
+            "federation_dir_skipped",
+            "--federation-dir entries skipped (counted once per file), by reason",
+            m.federation_dir_skipped.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -523,6 +547,16 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Creates, at zero, the `--federation-dir` series.
+    pub fn prime_federation_dir(&self) {
+        for reason in FEDERATION_DIR_SKIP_REASONS {
+            drop(
+                self.federation_dir_skipped
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
     }
 
     /// Creates, at zero, the series of federated trust domain `trust_domain`.

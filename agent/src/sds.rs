@@ -11,6 +11,18 @@
 //! Fetch: `NOT_FOUND`; Delta: the name in `removed_resources`, the delta protocol's "does not
 //! exist"), never a hang.
 //!
+//! Trust bundles are served as the SPIRE agent serves them: `ROOTCA` (the agent's trust
+//! domain), `ALL` (it and every federated domain) and `spiffe://<trust-domain>` (one of
+//! those), each a `validation_context` whose `custom_validator_config` is Envoy's SPIFFE
+//! certificate validator (`envoy.tls.cert_validator.spiffe`) listing each domain with its own
+//! roots, so a root of one domain never vouches for an ID of another. With `--sds-plain-roots`,
+//! or the node metadata `disable_spiffe_cert_validation: true` on a stream, they are a plain
+//! `trusted_ca` instead (`ALL`: every domain's roots in one PEM). A bundle resource's version
+//! changes only when its content does: `ROOTCA` with the agent's roots, `spiffe://<td>` with
+//! that domain's, `ALL` with any. A `spiffe://<td>` the agent does not trust is unknown. When
+//! a federated domain is removed, a Delta stream gets its name in `removed_resources`; a
+//! state-of-the-world response leaves it out (Envoy keeps what it has until then).
+//!
 //! A stream that stops reading stalls only itself: the manager publishes into `watch`
 //! channels and never waits for readers. This module never touches the CA.
 
@@ -20,9 +32,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TypedExtensionConfig, data_source::Specifier,
+};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, Secret, TlsCertificate, secret,
+    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
+    spiffe_cert_validator_config,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
@@ -41,7 +56,8 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::attest::conn::ConnInfo;
 use crate::attest::node::{NodeAttestor, Refusal};
 use crate::config::{ResolvedCallers, SdsLimits};
-use crate::identity::{NameError, ResourceName, SpiffeId, UnknownResource};
+use crate::federation::Bundles;
+use crate::identity::{NameError, ResourceName, SpiffeId, TrustDomain, UnknownResource};
 use crate::metrics::{ApiLabel, BAD_REQUEST_REASONS, Metrics, WORKLOAD_API};
 use crate::secrets::{SecretManager, ServedBundle, ServedCert};
 
@@ -54,7 +70,13 @@ const FETCH_WAIT: Duration = Duration::from_secs(5);
 
 type CertRx = watch::Receiver<Option<Arc<ServedCert>>>;
 type BundleRx = watch::Receiver<Option<Arc<ServedBundle>>>;
+type FederatedRx = watch::Receiver<Bundles>;
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The name of Envoy's SPIFFE certificate validator extension.
+pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
+/// The Envoy node metadata key that asks for plain `trusted_ca` bundles (the SPIRE agent's).
+pub const DISABLE_SPIFFE_VALIDATION: &str = "disable_spiffe_cert_validation";
 
 /// The SDS gRPC service.
 #[derive(Debug, Clone)]
@@ -76,6 +98,21 @@ struct Inner {
     /// Workload API streams (`crate::workload_api`), counted against `--max-streams` apart
     /// from the SDS ones.
     workload_clients: Mutex<BTreeMap<u64, ProxyState>>,
+    /// The federated trust domains' bundles.
+    federated: FederatedRx,
+    /// Keeps `federated` open when the agent federates with nobody.
+    _no_federation: Option<watch::Sender<Bundles>>,
+    /// `--sds-plain-roots`: bundles are `trusted_ca`, not the SPIFFE validator.
+    plain_roots: bool,
+}
+
+/// Where the trust bundles beyond the agent's own come from, and how they are served.
+#[derive(Debug, Clone, Default)]
+pub struct TrustOptions {
+    /// The federated trust domains' bundles, if the agent federates.
+    pub federated: Option<FederatedRx>,
+    /// `--sds-plain-roots`: serve `trusted_ca` to every stream.
+    pub plain_roots: bool,
 }
 
 /// Whose certificate a caller is served.
@@ -95,8 +132,8 @@ pub(crate) struct Admitted {
     pub(crate) caller: Caller,
     /// The identity whose certificate it gets.
     pub(crate) identity: SpiffeId,
-    /// Node mode: names other than `default`, `ROOTCA` and the caller's own ID are refused
-    /// as unauthorized rather than unknown.
+    /// Node mode: names other than `default`, the bundle names and the caller's own ID are
+    /// refused as unauthorized rather than unknown.
     pub(crate) strict: bool,
 }
 
@@ -196,6 +233,9 @@ struct SotwState {
     sent: BTreeMap<ResourceName, u64>,
     nonce: u64,
     last_nonce: Option<String>,
+    /// The version of the agent's own roots last sent (in `ROOTCA`, `ALL` or
+    /// `spiffe://<own>`), which an ACK confirms to the root rotation.
+    sent_bundle: Option<u64>,
 }
 
 /// Incremental state on one delta stream.
@@ -207,6 +247,8 @@ struct DeltaState {
     nonce: u64,
     last_nonce: Option<String>,
     started: bool,
+    /// As [`SotwState::sent_bundle`].
+    sent_bundle: Option<u64>,
 }
 
 /// Removes a stream's traces when its task ends, however it ends.
@@ -216,11 +258,13 @@ pub(crate) struct StreamGuard {
     api: &'static str,
     identity: SpiffeId,
     strict: bool,
+    /// The proxy's node metadata asked for plain `trusted_ca` bundles.
+    plain: std::sync::atomic::AtomicBool,
 }
 
 impl SdsService {
     /// A service over `manager`'s channels for the `callers` allowed, within `limits`; its
-    /// streams end when `shutdown` fires.
+    /// streams end when `shutdown` fires. Bundles are served as `trust` says.
     pub fn new(
         manager: Arc<SecretManager>,
         identify: Identify,
@@ -228,7 +272,15 @@ impl SdsService {
         callers: ResolvedCallers,
         limits: SdsLimits,
         shutdown: CancellationToken,
+        trust: TrustOptions,
     ) -> Self {
+        let (federated, no_federation) = match trust.federated {
+            Some(rx) => (rx, None),
+            None => {
+                let tx = watch::Sender::new(Bundles::default());
+                (tx.subscribe(), Some(tx))
+            }
+        };
         Self {
             inner: Arc::new(Inner {
                 manager,
@@ -240,6 +292,9 @@ impl SdsService {
                 next_stream: AtomicU64::new(1),
                 proxies: Mutex::new(BTreeMap::new()),
                 workload_clients: Mutex::new(BTreeMap::new()),
+                federated,
+                _no_federation: no_federation,
+                plain_roots: trust.plain_roots,
             }),
         }
     }
@@ -443,6 +498,7 @@ impl SdsService {
             api,
             identity,
             strict,
+            plain: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -499,14 +555,24 @@ impl SecretDiscoveryService for SdsService {
                 return Err(SdsError::Wildcard);
             }
             let names = parse_names(&req.resource_names, &admitted)?;
+            let plain = inner.plain_roots || req.node.as_ref().is_some_and(disables_validator);
+            let federated = inner.federated.borrow().clone();
+            let own = inner.manager.trust_domain();
+            if let Some(unknown) = names.iter().find(|n| !trusted(n, own, &federated)) {
+                return Err(SdsError::Unknown(UnknownResource::of(&unknown.as_str())));
+            }
             let mut cert_rx = inner.manager.subscribe_cert(&admitted.identity);
             let mut bundle_rx = inner.manager.subscribe_bundle();
             let deadline = tokio::time::Instant::now() + FETCH_WAIT;
             loop {
-                let ready = names
-                    .iter()
-                    .all(|n| version(*n, &cert_rx.borrow(), &bundle_rx.borrow()).is_some());
-                if ready {
+                let view = View {
+                    cert: cert_rx.borrow().clone(),
+                    bundle: bundle_rx.borrow().clone(),
+                    federated: federated.clone(),
+                    own,
+                    plain,
+                };
+                if names.iter().all(|n| view.version(n).is_some()) {
                     break;
                 }
                 tokio::select! {
@@ -515,9 +581,14 @@ impl SecretDiscoveryService for SdsService {
                     r = bundle_rx.changed() => if r.is_err() { return Err(SdsError::NotReady) },
                 }
             }
-            let cert = cert_rx.borrow().clone();
-            let bundle = bundle_rx.borrow().clone();
-            let (versions, resources) = encode_all(&names, &cert, &bundle);
+            let view = View {
+                cert: cert_rx.borrow().clone(),
+                bundle: bundle_rx.borrow().clone(),
+                federated,
+                own,
+                plain,
+            };
+            let (versions, resources) = view.encode_all(&names);
             Ok(DiscoveryResponse {
                 version_info: version_info(&versions),
                 resources,
@@ -618,12 +689,7 @@ trait XdsState: Default + Send + 'static {
 
     fn on_request(&mut self, g: &StreamGuard, req: Self::Request) -> Result<(), SdsError>;
 
-    fn pending(
-        &mut self,
-        stream: u64,
-        cert_rx: &CertRx,
-        bundle_rx: &BundleRx,
-    ) -> Option<Self::Response>;
+    fn pending(&mut self, stream: u64, view: &View<'_>) -> Option<Self::Response>;
 
     /// The versions the client was last sent, as its ACK will name them.
     fn sent_version(&self) -> String;
@@ -644,6 +710,7 @@ fn serve_stream<S: XdsState>(
     let driver = StreamDriver::<S> {
         cert_rx: inner.manager.subscribe_cert(&guard.identity),
         bundle_rx: inner.manager.subscribe_bundle(),
+        federated_rx: Some(inner.federated.clone()),
         bucket: TokenBucket::new(inner.limits.max_requests_per_second),
         st: S::default(),
         guard,
@@ -665,6 +732,8 @@ struct StreamDriver<S: XdsState> {
     inbound: Streaming<S::Request>,
     cert_rx: CertRx,
     bundle_rx: BundleRx,
+    /// The federated bundles, while their source lives.
+    federated_rx: Option<FederatedRx>,
     st: S,
     bucket: TokenBucket,
     /// An error status was returned; the stream is over.
@@ -681,10 +750,21 @@ impl<S: XdsState> StreamDriver<S> {
         let inner = self.guard.inner.clone();
         let api = ApiLabel { api: S::API };
         loop {
-            if let Some(resp) = self
-                .st
-                .pending(self.guard.id, &self.cert_rx, &self.bundle_rx)
-            {
+            let view = View {
+                cert: self.cert_rx.borrow_and_update().clone(),
+                bundle: self.bundle_rx.borrow_and_update().clone(),
+                federated: self
+                    .federated_rx
+                    .as_mut()
+                    .map(|rx| rx.borrow_and_update().clone())
+                    .unwrap_or_default(),
+                own: inner.manager.trust_domain(),
+                plain: inner.plain_roots
+                    || self.guard.plain.load(std::sync::atomic::Ordering::Relaxed),
+            };
+            let pending = self.st.pending(self.guard.id, &view);
+            drop(view);
+            if let Some(resp) = pending {
                 inner.metrics.pushes.get_or_create(&api).inc();
                 let sent = self.st.sent_version();
                 self.guard.update(|p| p.sent_version = Some(sent));
@@ -736,6 +816,12 @@ impl<S: XdsState> StreamDriver<S> {
                 },
                 r = self.cert_rx.changed() => if r.is_err() { return None },
                 r = self.bundle_rx.changed() => if r.is_err() { return None },
+                open = federation_changed(&mut self.federated_rx) => {
+                    // The source is gone (the agent is stopping): serve what was last seen.
+                    if !open {
+                        self.federated_rx = None;
+                    }
+                }
             }
         }
     }
@@ -764,9 +850,9 @@ impl XdsState for SotwState {
             Admit::Reply => {
                 g.ack_or_nack(Self::API, &req.version_info, req.error_detail.as_ref());
                 if req.error_detail.is_none()
-                    && let Some(v) = self.sent.get(&ResourceName::RootCa)
+                    && let Some(v) = self.sent_bundle
                 {
-                    g.bundle_acked(*v);
+                    g.bundle_acked(v);
                 }
             }
             Admit::Fresh => {}
@@ -777,6 +863,18 @@ impl XdsState for SotwState {
             return Err(SdsError::Wildcard);
         }
         let names = parse_names(&req.resource_names, g)?;
+        // A trust domain must exist when it is first asked for; one removed later is left
+        // out of responses, not refused again in every ACK.
+        let federated = g.inner.federated.borrow().clone();
+        let own = g.inner.manager.trust_domain();
+        let known = self.names.as_ref();
+        if let Some(unknown) = names
+            .iter()
+            .filter(|n| known.is_none_or(|k| !k.contains(*n)))
+            .find(|n| !trusted(n, own, &federated))
+        {
+            return Err(SdsError::Unknown(UnknownResource::of(&unknown.as_str())));
+        }
         self.sent.retain(|n, _| names.contains(n));
         g.update(|p| {
             p.resources = names
@@ -784,32 +882,29 @@ impl XdsState for SotwState {
                 .map(|n| n.wire_name(&g.identity).into())
                 .collect()
         });
-        g.bundle_subscription(names.contains(&ResourceName::RootCa));
+        g.bundle_subscription(names.iter().any(|n| carries_own_roots(n, own)));
         self.names = Some(names);
         Ok(())
     }
 
     /// The response owed to the client, if a subscribed resource has a version it has not
     /// been sent. SotW responses carry every subscribed resource that exists.
-    fn pending(
-        &mut self,
-        stream: u64,
-        cert_rx: &CertRx,
-        bundle_rx: &BundleRx,
-    ) -> Option<DiscoveryResponse> {
+    fn pending(&mut self, stream: u64, view: &View<'_>) -> Option<DiscoveryResponse> {
         let names = self.names.as_ref()?;
-        let cert = cert_rx.borrow().clone();
-        let bundle = bundle_rx.borrow().clone();
         // Compare versions first: most wake-ups (ACKs, the other resource changing) owe
         // nothing, and encoding is the expensive part.
-        let owed = names
-            .iter()
-            .any(|n| version(*n, &cert, &bundle).is_some_and(|v| self.sent.get(n) != Some(&v)));
+        let owed = names.iter().any(|n| {
+            view.version(n)
+                .is_some_and(|v| self.sent.get(n) != Some(&v))
+        });
         if !owed {
             return None;
         }
-        let (versions, resources) = encode_all(names, &cert, &bundle);
-        self.sent = versions.iter().copied().collect();
+        let (versions, resources) = view.encode_all(names);
+        if versions.iter().any(|(n, _)| carries_own_roots(n, view.own)) {
+            self.sent_bundle = view.bundle.as_ref().map(|b| b.version);
+        }
+        self.sent = versions.iter().cloned().collect();
         self.nonce += 1;
         let nonce = format!("{stream}-{}", self.nonce);
         self.last_nonce = Some(nonce.clone());
@@ -824,7 +919,7 @@ impl XdsState for SotwState {
     }
 
     fn sent_version(&self) -> String {
-        let sent: Vec<_> = self.sent.iter().map(|(n, v)| (*n, *v)).collect();
+        let sent: Vec<_> = self.sent.iter().map(|(n, v)| (n.clone(), *v)).collect();
         version_info(&sent)
     }
 }
@@ -847,10 +942,7 @@ impl XdsState for DeltaState {
                 let acked = self.sent_version();
                 g.ack_or_nack(Self::API, &acked, req.error_detail.as_ref());
                 if req.error_detail.is_none()
-                    && let Some(v) = self
-                        .sent
-                        .get(&ResourceName::RootCa)
-                        .and_then(|v| v.parse().ok())
+                    && let Some(v) = self.sent_bundle
                 {
                     g.bundle_acked(v);
                 }
@@ -869,11 +961,20 @@ impl XdsState for DeltaState {
                 }
             }
         }
+        let federated = g.inner.federated.borrow().clone();
+        let own = g.inner.manager.trust_domain();
         for name in &req.resource_names_subscribe {
             if name == "*" {
                 return Err(SdsError::Wildcard);
             }
             match g.name(name) {
+                Ok(n) if !trusted(&n, own, &federated) => {
+                    // Stays subscribed: it is sent if the domain is federated later.
+                    g.inner.metrics.bad_request(BAD_REQUEST_REASONS[0]);
+                    warn!(name = %n, "subscription to a trust domain this agent does not trust; answering that it does not exist");
+                    self.removed.push(n.as_str().into_owned());
+                    self.subscribed.insert(n);
+                }
                 Ok(n) => {
                     self.subscribed.insert(n);
                 }
@@ -891,7 +992,7 @@ impl XdsState for DeltaState {
                 self.sent.remove(&n);
             }
         }
-        g.bundle_subscription(self.subscribed.contains(&ResourceName::RootCa));
+        g.bundle_subscription(self.subscribed.iter().any(|n| carries_own_roots(n, own)));
         g.update(|p| {
             p.resources = self
                 .subscribed
@@ -902,27 +1003,33 @@ impl XdsState for DeltaState {
         Ok(())
     }
 
-    fn pending(
-        &mut self,
-        stream: u64,
-        cert_rx: &CertRx,
-        bundle_rx: &BundleRx,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let cert = cert_rx.borrow().clone();
-        let bundle = bundle_rx.borrow().clone();
+    fn pending(&mut self, stream: u64, view: &View<'_>) -> Option<DeltaDiscoveryResponse> {
         let mut resources = Vec::new();
         for n in &self.subscribed {
-            if let Some((v, any)) = resource(*n, &cert, &bundle) {
-                let v = v.to_string();
-                if self.sent.get(n) != Some(&v) {
-                    self.sent.insert(*n, v.clone());
-                    resources.push(Resource {
-                        name: wire_name(*n, &cert).into_owned(),
-                        version: v,
-                        resource: Some(any),
-                        ..Default::default()
-                    });
+            match view.version(n) {
+                Some(v) if self.sent.get(n) != Some(&v.to_string()) => {
+                    if let Some((v, any)) = view.resource(n) {
+                        let v = v.to_string();
+                        self.sent.insert(n.clone(), v.clone());
+                        if carries_own_roots(n, view.own) {
+                            self.sent_bundle = view.bundle.as_ref().map(|b| b.version);
+                        }
+                        resources.push(Resource {
+                            name: view.wire_name(n).into_owned(),
+                            version: v,
+                            resource: Some(any),
+                            ..Default::default()
+                        });
+                    }
                 }
+                Some(_) => {}
+                // A trust domain sent before and no longer trusted: it is removed.
+                None if matches!(n, ResourceName::TrustDomain(_))
+                    && self.sent.remove(n).is_some() =>
+                {
+                    self.removed.push(n.as_str().into_owned());
+                }
+                None => {}
             }
         }
         if resources.is_empty() && self.removed.is_empty() {
@@ -937,7 +1044,7 @@ impl XdsState for DeltaState {
                 &self
                     .sent
                     .iter()
-                    .filter_map(|(n, v)| v.parse().ok().map(|v| (*n, v)))
+                    .filter_map(|(n, v)| v.parse().ok().map(|v| (n.clone(), v)))
                     .collect::<Vec<_>>(),
             ),
             resources,
@@ -980,6 +1087,10 @@ impl StreamGuard {
         check_type(type_url)?;
         if let Some(node) = node {
             self.update(|p| p.node_id.clone_from(&node.id));
+            self.plain.store(
+                disables_validator(node),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         if nonce.is_empty() {
             return Ok(Admit::Fresh);
@@ -1151,14 +1262,37 @@ impl From<NameError> for SdsError {
     }
 }
 
-fn version(
-    name: ResourceName,
-    cert: &Option<Arc<ServedCert>>,
-    bundle: &Option<Arc<ServedBundle>>,
-) -> Option<u64> {
+/// Whether the stream's proxy asked for plain `trusted_ca` bundles: node metadata
+/// `disable_spiffe_cert_validation` true (a boolean, or the string `"true"` as metadata set
+/// from the command line carries it).
+fn disables_validator(node: &envoy_types::pb::envoy::config::core::v3::Node) -> bool {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    node.metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(DISABLE_SPIFFE_VALIDATION))
+        .and_then(|v| v.kind.as_ref())
+        .is_some_and(|k| match k {
+            Kind::BoolValue(b) => *b,
+            Kind::StringValue(s) => s.eq_ignore_ascii_case("true"),
+            _ => false,
+        })
+}
+
+/// Whether `name` names something the agent serves now: every name but a trust domain it
+/// does not trust.
+fn trusted(name: &ResourceName, own: &TrustDomain, federated: &Bundles) -> bool {
     match name {
-        ResourceName::Default | ResourceName::OwnId => cert.as_ref().map(|c| c.version),
-        ResourceName::RootCa => bundle.as_ref().map(|b| b.version),
+        ResourceName::TrustDomain(td) => td == own || federated.contains_key(td),
+        _ => true,
+    }
+}
+
+/// Waits until the federated bundles change; `false` once their source is gone. Never
+/// returns without one.
+async fn federation_changed(rx: &mut Option<FederatedRx>) -> bool {
+    match rx.as_mut() {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -1171,66 +1305,303 @@ fn version_info(versions: &[(ResourceName, u64)]) -> String {
         .join(",")
 }
 
-/// The versions and encodings of those of `names` that exist now.
-fn encode_all(
-    names: &BTreeSet<ResourceName>,
-    cert: &Option<Arc<ServedCert>>,
-    bundle: &Option<Arc<ServedBundle>>,
-) -> (Vec<(ResourceName, u64)>, Vec<Any>) {
-    names
-        .iter()
-        .filter_map(|n| resource(*n, cert, bundle).map(|(v, any)| ((*n, v), any)))
-        .unzip()
-}
-
-/// The name a resource goes by on the wire: the caller's own ID is the certificate's.
-fn wire_name(name: ResourceName, cert: &Option<Arc<ServedCert>>) -> std::borrow::Cow<'static, str> {
-    match cert {
-        Some(c) => name.wire_name(&c.identity),
-        None => name.as_str().into(),
+/// Whether `name` lists the agent's own roots, so that a proxy's ACK of it tells the root
+/// rotation that the proxy trusts them.
+fn carries_own_roots(name: &ResourceName, own: &TrustDomain) -> bool {
+    match name {
+        ResourceName::RootCa | ResourceName::All => true,
+        ResourceName::TrustDomain(td) => td == own,
+        ResourceName::Default | ResourceName::OwnId => false,
     }
 }
 
-/// The resource's version and its encoding, if it exists now.
-fn resource(
-    name: ResourceName,
-    cert: &Option<Arc<ServedCert>>,
-    bundle: &Option<Arc<ServedBundle>>,
-) -> Option<(u64, Any)> {
-    let inline = |bytes: &[u8]| {
-        Some(DataSource {
-            specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+/// What responses are built from, read at one moment.
+#[derive(Debug)]
+struct View<'a> {
+    cert: Option<Arc<ServedCert>>,
+    bundle: Option<Arc<ServedBundle>>,
+    federated: Bundles,
+    /// The agent's trust domain.
+    own: &'a TrustDomain,
+    /// Bundles as plain `trusted_ca`, not the SPIFFE validator.
+    plain: bool,
+}
+
+impl View<'_> {
+    /// The version of `name` now, if it exists. A bundle's changes only when its content
+    /// does: `ALL` adds the federated set's generation to the agent's roots' version (both
+    /// only grow, so the sum changes whenever either does).
+    fn version(&self, name: &ResourceName) -> Option<u64> {
+        match name {
+            ResourceName::Default | ResourceName::OwnId => self.cert.as_ref().map(|c| c.version),
+            ResourceName::RootCa => self.bundle.as_ref().map(|b| b.version),
+            ResourceName::All => self
+                .bundle
+                .as_ref()
+                .map(|b| b.version.saturating_add(self.federated.generation)),
+            ResourceName::TrustDomain(td) if td == self.own => {
+                self.bundle.as_ref().map(|b| b.version)
+            }
+            ResourceName::TrustDomain(td) => self.federated.get(td).map(|b| b.version),
+        }
+    }
+
+    /// The versions and encodings of those of `names` that exist now.
+    fn encode_all(&self, names: &BTreeSet<ResourceName>) -> (Vec<(ResourceName, u64)>, Vec<Any>) {
+        names
+            .iter()
+            .filter_map(|n| self.resource(n).map(|(v, any)| ((n.clone(), v), any)))
+            .unzip()
+    }
+
+    /// The name a resource goes by on the wire: the caller's own ID is the certificate's.
+    fn wire_name(&self, name: &ResourceName) -> std::borrow::Cow<'static, str> {
+        match &self.cert {
+            Some(c) => name.wire_name(&c.identity),
+            None => name.as_str(),
+        }
+    }
+
+    /// The trust domains `name` lists, each with its roots (PEM), the agent's first.
+    fn domains(&self, name: &ResourceName) -> Option<Vec<(&TrustDomain, &str)>> {
+        let own = || self.bundle.as_ref().map(|b| (self.own, b.pem.as_str()));
+        match name {
+            ResourceName::Default | ResourceName::OwnId => None,
+            ResourceName::RootCa => Some(vec![own()?]),
+            ResourceName::All => {
+                let mut all = vec![own()?];
+                all.extend(self.federated.iter().map(|(td, b)| (td, b.pem.as_str())));
+                Some(all)
+            }
+            ResourceName::TrustDomain(td) if td == self.own => Some(vec![own()?]),
+            ResourceName::TrustDomain(td) => {
+                let (td, b) = self.federated.get_key_value(td)?;
+                Some(vec![(td, b.pem.as_str())])
+            }
+        }
+    }
+
+    /// The resource's version and its encoding, if it exists now.
+    fn resource(&self, name: &ResourceName) -> Option<(u64, Any)> {
+        let v = self.version(name)?;
+        let ty = match name {
+            ResourceName::Default | ResourceName::OwnId => {
+                let c = self.cert.as_ref()?;
+                let tls = TlsCertificate {
+                    certificate_chain: inline(c.chain_pem.as_bytes()),
+                    private_key: inline(c.key_pem().as_bytes()),
+                    ..Default::default()
+                };
+                secret::Type::TlsCertificate(tls)
+            }
+            bundle_name => {
+                let domains = self.domains(bundle_name)?;
+                secret::Type::ValidationContext(validation_context(&domains, self.plain))
+            }
+        };
+        let secret = Secret {
+            name: self.wire_name(name).into_owned(),
+            r#type: Some(ty),
+        };
+        Some((
+            v,
+            Any {
+                type_url: Secret::type_url(),
+                value: prost::Message::encode_to_vec(&secret),
+            },
+        ))
+    }
+}
+
+fn inline(bytes: &[u8]) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+        ..Default::default()
+    })
+}
+
+/// The `validation_context` of `domains`: Envoy's SPIFFE validator with one trust domain
+/// (its name without `spiffe://`, as Envoy wants it) and roots each, or, `plain`, every
+/// domain's roots as one `trusted_ca`.
+fn validation_context(
+    domains: &[(&TrustDomain, &str)],
+    plain: bool,
+) -> CertificateValidationContext {
+    if plain {
+        let pem: String = domains.iter().map(|(_, pem)| *pem).collect();
+        return CertificateValidationContext {
+            trusted_ca: inline(pem.as_bytes()),
             ..Default::default()
+        };
+    }
+    let config = SpiffeCertValidatorConfig {
+        trust_domains: domains
+            .iter()
+            .map(|(td, pem)| spiffe_cert_validator_config::TrustDomain {
+                name: td.to_string(),
+                trust_bundle: inline(pem.as_bytes()),
+                ..Default::default()
+            })
+            .collect(),
+        trust_bundles: None,
+    };
+    CertificateValidationContext {
+        custom_validator_config: Some(TypedExtensionConfig {
+            name: SPIFFE_VALIDATOR.into(),
+            typed_config: Some(Any {
+                type_url: SpiffeCertValidatorConfig::type_url(),
+                value: prost::Message::encode_to_vec(&config),
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a panic is the failure report.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message as _;
+
+    use super::*;
+    use crate::federation::{FederatedBundle, FederatedBundles};
+
+    fn td(s: &str) -> TrustDomain {
+        s.parse().unwrap()
+    }
+
+    fn bundle(pem: &str, version: u64) -> FederatedBundle {
+        FederatedBundle {
+            der: pem.as_bytes().to_vec(),
+            pem: pem.into(),
+            roots: 1,
+            version,
+        }
+    }
+
+    fn federated(generation: u64, domains: &[(&str, &str, u64)]) -> Bundles {
+        Arc::new(FederatedBundles {
+            generation,
+            domains: domains
+                .iter()
+                .map(|(name, pem, v)| (td(name), bundle(pem, *v)))
+                .collect::<BTreeMap<_, _>>(),
         })
-    };
-    let (v, ty) = match name {
-        ResourceName::Default | ResourceName::OwnId => {
-            let c = cert.as_ref()?;
-            let tls = TlsCertificate {
-                certificate_chain: inline(c.chain_pem.as_bytes()),
-                private_key: inline(c.key_pem().as_bytes()),
-                ..Default::default()
-            };
-            (c.version, secret::Type::TlsCertificate(tls))
+    }
+
+    /// The validator's (name, PEM) pairs, or `None` for a plain `trusted_ca`.
+    fn listed(vc: &CertificateValidationContext) -> Option<Vec<(String, String)>> {
+        let custom = vc.custom_validator_config.as_ref()?;
+        assert_eq!(custom.name, SPIFFE_VALIDATOR);
+        assert!(vc.trusted_ca.is_none());
+        let any = custom.typed_config.as_ref().unwrap();
+        assert_eq!(any.type_url, SpiffeCertValidatorConfig::type_url());
+        let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+        Some(
+            config
+                .trust_domains
+                .into_iter()
+                .map(|d| {
+                    let Some(Specifier::InlineBytes(pem)) =
+                        d.trust_bundle.and_then(|b| b.specifier)
+                    else {
+                        panic!("not inline")
+                    };
+                    (d.name, String::from_utf8(pem).unwrap())
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_validation_context_lists_each_domain_by_bare_name_or_is_plain_roots() {
+        let (a, b) = (td("a.test"), td("b.test"));
+        let domains = [(&a, "A\n"), (&b, "B\n")];
+        let vc = validation_context(&domains, false);
+        assert_eq!(
+            listed(&vc),
+            Some(vec![
+                ("a.test".to_string(), "A\n".to_string()),
+                ("b.test".to_string(), "B\n".to_string())
+            ])
+        );
+        let plain = validation_context(&domains, true);
+        assert!(plain.custom_validator_config.is_none());
+        assert_eq!(
+            plain.trusted_ca.and_then(|d| d.specifier),
+            Some(Specifier::InlineBytes(b"A\nB\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn only_true_node_metadata_disables_the_validator() {
+        let node = |kind: Option<Kind>| Node {
+            metadata: kind.map(|k| Struct {
+                fields: [(
+                    DISABLE_SPIFFE_VALIDATION.to_string(),
+                    Value { kind: Some(k) },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        assert!(disables_validator(&node(Some(Kind::BoolValue(true)))));
+        assert!(disables_validator(&node(Some(Kind::StringValue(
+            "TRUE".into()
+        )))));
+        for no in [
+            None,
+            Some(Kind::BoolValue(false)),
+            Some(Kind::StringValue("yes".into())),
+            Some(Kind::NumberValue(1.0)),
+        ] {
+            assert!(!disables_validator(&node(no.clone())), "{no:?}");
         }
-        ResourceName::RootCa => {
-            let b = bundle.as_ref()?;
-            let vc = CertificateValidationContext {
-                trusted_ca: inline(b.pem.as_bytes()),
-                ..Default::default()
-            };
-            (b.version, secret::Type::ValidationContext(vc))
-        }
-    };
-    let secret = Secret {
-        name: wire_name(name, cert).into_owned(),
-        r#type: Some(ty),
-    };
-    Some((
-        v,
-        Any {
-            type_url: Secret::type_url(),
-            value: prost::Message::encode_to_vec(&secret),
-        },
-    ))
+    }
+
+    #[test]
+    fn a_federated_domain_has_its_own_version_and_others_do_not_move() {
+        let own = td("own.test");
+        let view = |f: Bundles| View {
+            cert: None,
+            bundle: None,
+            federated: f,
+            own: &own,
+            plain: false,
+        };
+        let before = view(federated(2, &[("a.test", "A", 1), ("b.test", "B", 2)]));
+        // a.test changed: a new version for it and a new generation; b.test keeps its own.
+        let after = view(federated(3, &[("a.test", "A2", 3), ("b.test", "B", 2)]));
+        let (a, b) = (
+            ResourceName::TrustDomain(td("a.test")),
+            ResourceName::TrustDomain(td("b.test")),
+        );
+        assert_ne!(before.version(&a), after.version(&a));
+        assert_eq!(before.version(&b), after.version(&b));
+        let (v, any) = after.resource(&a).unwrap();
+        assert_eq!(Some(v), after.version(&a));
+        let secret = Secret::decode(any.value.as_slice()).unwrap();
+        assert_eq!(secret.name, "spiffe://a.test");
+        let Some(secret::Type::ValidationContext(vc)) = secret.r#type else {
+            panic!("not a validation context");
+        };
+        assert_eq!(listed(&vc), Some(vec![("a.test".into(), "A2".into())]));
+        // Gone, and unknown: no version, so nothing is sent.
+        let removed = view(federated(4, &[("b.test", "B", 2)]));
+        assert_eq!(removed.version(&a), None);
+        assert!(!trusted(&a, &own, &removed.federated));
+        assert!(trusted(
+            &ResourceName::TrustDomain(own.clone()),
+            &own,
+            &removed.federated
+        ));
+        // Without the agent's own roots (not issued yet), ALL and ROOTCA do not exist.
+        assert_eq!(removed.version(&ResourceName::All), None);
+        assert_eq!(removed.version(&ResourceName::RootCa), None);
+    }
 }

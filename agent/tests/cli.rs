@@ -1196,6 +1196,37 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
     );
     unreadable_bundle.ca_file = true;
     cases.push(unreadable_bundle);
+    let missing_dir = dir.join("no-such-dir").display().to_string();
+    let mut no_dir = bad(
+        "federation dir that does not exist",
+        &["--federation-dir", &missing_dir],
+        &["--federation-dir", &missing_dir],
+    );
+    no_dir.ca_file = true;
+    cases.push(no_dir);
+    let bundles = dir.join("bundles");
+    std::fs::create_dir(&bundles).unwrap();
+    std::fs::copy(&good.cert, bundles.join("partner.example.pem")).unwrap();
+    let mut twice = bad(
+        "federation dir repeating a --federate-with domain",
+        &[
+            "--federate-with",
+            &format!("partner.example={}", good.cert.display()),
+            "--federation-dir",
+            &bundles.display().to_string(),
+        ],
+        &[
+            "--federation-dir",
+            "partner.example is also given by --federate-with",
+        ],
+    );
+    twice.ca_file = true;
+    cases.push(twice);
+    cases.push(bad(
+        "sds-plain-roots that is not a boolean",
+        &["--sds-plain-roots=maybe"],
+        &["sds-plain-roots", "expected true or false"],
+    ));
     cases.push(bad(
         "federation poll interval too short",
         &["--federation-poll-interval", "1ms"],

@@ -260,12 +260,11 @@ async fn sotw_serves_the_certificate_and_the_bundle() {
         format!("{:?}", san.value.general_names),
         "[URI(\"spiffe://example.org/ns/default/sa/web\")]"
     );
-    match &got["ROOTCA"].r#type {
-        Some(secret::Type::ValidationContext(vc)) => {
-            assert!(inline(&vc.trusted_ca).starts_with("-----BEGIN CERTIFICATE-----"))
-        }
-        other => panic!("ROOTCA is not a validation_context: {other:?}"),
-    }
+    // ROOTCA: the SPIFFE validator with the agent's trust domain only.
+    let domains = spiffe_domains(&got["ROOTCA"]);
+    assert_eq!(domains.len(), 1);
+    assert_eq!(domains[0].0, "example.org");
+    assert!(domains[0].1.starts_with("-----BEGIN CERTIFICATE-----"));
 }
 
 #[tokio::test]
@@ -971,4 +970,502 @@ async fn a_request_that_is_not_protobuf_ends_its_stream_with_a_clear_error() {
 
     a.agent().manager().rotate_now();
     assert!(fine.recv().await.is_ok());
+}
+
+// ---- Trust bundles: the SPIFFE certificate validator, federation, plain roots ----
+
+/// The trust domains (name, PEM) of a bundle served through Envoy's SPIFFE validator; panics
+/// if it is anything else.
+fn spiffe_domains(s: &Secret) -> Vec<(String, String)> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig;
+    let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
+        panic!("{}: not a validation_context: {:?}", s.name, s.r#type);
+    };
+    assert!(
+        vc.trusted_ca.is_none(),
+        "{}: trusted_ca next to the validator",
+        s.name
+    );
+    let custom = vc
+        .custom_validator_config
+        .as_ref()
+        .expect("a custom validator");
+    assert_eq!(custom.name, "envoy.tls.cert_validator.spiffe");
+    let any = custom.typed_config.as_ref().unwrap();
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+    );
+    let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+    assert!(config.trust_bundles.is_none());
+    config
+        .trust_domains
+        .iter()
+        .map(|td| (td.name.clone(), inline(&td.trust_bundle)))
+        .collect()
+}
+
+/// The `trusted_ca` of a plain bundle; panics if it is anything else.
+fn plain_roots(s: &Secret) -> String {
+    let Some(secret::Type::ValidationContext(vc)) = &s.r#type else {
+        panic!("{}: not a validation_context", s.name);
+    };
+    assert!(
+        vc.custom_validator_config.is_none(),
+        "{}: a validator",
+        s.name
+    );
+    inline(&vc.trusted_ca)
+}
+
+/// A self-signed CA certificate, PEM with LF line ends (as served).
+fn root_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.self_signed(&key).unwrap().pem().replace("\r\n", "\n")
+}
+
+/// A SPIFFE bundle document with the one root of `pem`.
+fn spiffe_bundle(pem: &str) -> String {
+    use base64::Engine as _;
+    let der = sds_backends::pem::decode_certificates(pem.as_bytes()).unwrap();
+    serde_json::json!({ "keys": [ {
+        "use": "x509-svid", "kty": "EC", "crv": "P-256", "x": "-", "y": "-",
+        "x5c": [ base64::engine::general_purpose::STANDARD.encode(&der[0]) ],
+    } ] })
+    .to_string()
+}
+
+/// An agent of `example.org` federated through a `--federation-dir` polled every 100 ms that
+/// holds `partner.example.pem` and `other.example.json`; `args` may set more.
+struct Federated {
+    a: Agent,
+    dir: tempfile::TempDir,
+    partner: String,
+    other: String,
+}
+
+impl Federated {
+    async fn start(args: RunArgs) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (partner, other) = (root_pem(), root_pem());
+        std::fs::write(dir.path().join("partner.example.pem"), &partner).unwrap();
+        std::fs::write(dir.path().join("other.example.json"), spiffe_bundle(&other)).unwrap();
+        let a = Agent::ready_with(RunArgs {
+            federation_dir: Some(dir.path().to_owned()),
+            federation_poll_interval: Some("100ms".into()),
+            ..args
+        })
+        .await;
+        Self {
+            a,
+            dir,
+            partner,
+            other,
+        }
+    }
+
+    /// The agent's own roots, PEM.
+    fn own(&self) -> String {
+        self.a
+            .agent()
+            .manager()
+            .subscribe_bundle()
+            .borrow()
+            .clone()
+            .unwrap()
+            .pem
+            .clone()
+    }
+}
+
+/// A request whose node metadata says `disable_spiffe_cert_validation: <value>`.
+fn with_metadata(
+    mut req: DiscoveryRequest,
+    value: envoy_types::pb::google::protobuf::value::Kind,
+) -> DiscoveryRequest {
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+    let node = req.node.get_or_insert_with(Default::default);
+    node.metadata = Some(Struct {
+        fields: [(
+            "disable_spiffe_cert_validation".to_string(),
+            Value { kind: Some(value) },
+        )]
+        .into(),
+    });
+    req
+}
+
+#[tokio::test]
+async fn rootca_all_and_trust_domain_names_are_spiffe_validators_of_their_domains() {
+    let f = Federated::start(RunArgs::default()).await;
+    let own = f.own();
+    let names = [
+        "ROOTCA",
+        "ALL",
+        "spiffe://partner.example",
+        "spiffe://other.example",
+        "spiffe://example.org",
+    ];
+    let mut client = f.a.client().await;
+    let mut s = Sotw::open(&mut client, &names).await;
+    let streamed = s.recv().await.unwrap();
+    let fetched = client
+        .fetch_secrets(request(&names, "", "", None))
+        .await
+        .unwrap()
+        .into_inner();
+    for resp in [streamed, fetched] {
+        let got = secrets(&resp);
+        assert_eq!(got.len(), 5, "{:?}", got.keys());
+        let d = |name: &str| spiffe_domains(&got[name]);
+        let ours = vec![("example.org".to_string(), own.clone())];
+        assert_eq!(d("ROOTCA"), ours);
+        assert_eq!(d("spiffe://example.org"), ours);
+        assert_eq!(
+            d("spiffe://partner.example"),
+            [("partner.example".to_string(), f.partner.clone())]
+        );
+        assert_eq!(
+            d("spiffe://other.example"),
+            [("other.example".to_string(), f.other.clone())]
+        );
+        assert_eq!(
+            d("ALL"),
+            [
+                ("example.org".to_string(), own.clone()),
+                ("other.example".to_string(), f.other.clone()),
+                ("partner.example".to_string(), f.partner.clone()),
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn plain_roots_by_flag_or_by_node_metadata_are_trusted_ca() {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let names = ["ROOTCA", "ALL", "spiffe://partner.example"];
+    let check = |got: &BTreeMap<String, Secret>, f: &Federated| {
+        let own = f.own();
+        assert_eq!(plain_roots(&got["ROOTCA"]), own);
+        assert_eq!(plain_roots(&got["spiffe://partner.example"]), f.partner);
+        assert_eq!(
+            plain_roots(&got["ALL"]),
+            format!("{own}{}{}", f.other, f.partner),
+            "ALL: every domain's roots, the agent's first"
+        );
+    };
+
+    // --sds-plain-roots: every stream and fetch.
+    let f = Federated::start(RunArgs {
+        sds_plain_roots: Some("true".into()),
+        ..Default::default()
+    })
+    .await;
+    let mut client = f.a.client().await;
+    check(
+        &secrets(&Sotw::open(&mut client, &names).await.recv().await.unwrap()),
+        &f,
+    );
+    let fetched = client
+        .fetch_secrets(request(&names, "", "", None))
+        .await
+        .unwrap();
+    check(&secrets(&fetched.into_inner()), &f);
+
+    // Node metadata, per stream: true (or "true") is plain; the stream next to it, and one
+    // saying false, get the validator.
+    let f = Federated::start(RunArgs::default()).await;
+    let mut client = f.a.client().await;
+    for value in [Kind::BoolValue(true), Kind::StringValue("true".into())] {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(with_metadata(request(&names, "", "", None), value))
+            .await
+            .unwrap();
+        let mut stream = client
+            .stream_secrets(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        check(&secrets(&resp), &f);
+    }
+    let fetched = client
+        .fetch_secrets(with_metadata(
+            request(&names, "", "", None),
+            Kind::BoolValue(true),
+        ))
+        .await
+        .unwrap();
+    check(&secrets(&fetched.into_inner()), &f);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(with_metadata(
+        request(&names, "", "", None),
+        Kind::BoolValue(false),
+    ))
+    .await
+    .unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(spiffe_domains(&secrets(&resp)["ALL"]).len(), 3);
+    let plain = Sotw::open(&mut client, &names).await.recv().await.unwrap();
+    assert_eq!(spiffe_domains(&secrets(&plain)["ROOTCA"]).len(), 1);
+}
+
+#[tokio::test]
+async fn an_untrusted_trust_domain_is_unknown_and_another_workloads_id_refused() {
+    let f = Federated::start(RunArgs::default()).await;
+    let mut client = f.a.client().await;
+    let err = first_error(
+        &mut client,
+        request(&["ROOTCA", "spiffe://nobody.example"], "", "", None),
+    )
+    .await;
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("spiffe://nobody.example"), "{err:?}");
+    let err = client
+        .fetch_secrets(request(&["spiffe://nobody.example"], "", "", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = first_error(
+        &mut client,
+        request(&["spiffe://partner.example/ns/web/sa/api"], "", "", None),
+    )
+    .await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Delta: "does not exist", and sent once the domain is federated.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: vec!["spiffe://nobody.example".into(), "ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .delta_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.removed_resources, ["spiffe://nobody.example"]);
+    assert_eq!(first.resources.len(), 1);
+    let nobody = root_pem();
+    std::fs::write(f.dir.path().join("nobody.example.pem"), &nobody).unwrap();
+    let next = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.resources.len(), 1);
+    assert_eq!(next.resources[0].name, "spiffe://nobody.example");
+    let s = Secret::decode(
+        next.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(spiffe_domains(&s), [("nobody.example".to_string(), nobody)]);
+}
+
+/// The next message on `s`, or `None` if nothing comes in `quiet`.
+async fn next_within(s: &mut Sotw, quiet: Duration) -> Option<DiscoveryResponse> {
+    match tokio::time::timeout(quiet, s.rx.message()).await {
+        Ok(r) => Some(r.unwrap().unwrap()),
+        Err(_) => None,
+    }
+}
+
+/// Opens a stream of `names`, takes its first response and ACKs it.
+async fn acked(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    names: &[&str],
+) -> (Sotw, DiscoveryResponse) {
+    let mut s = Sotw::open(client, names).await;
+    let first = s.recv().await.unwrap();
+    s.ack(&first, names).await;
+    (s, first)
+}
+
+#[tokio::test]
+async fn a_changed_federated_bundle_is_pushed_only_to_the_streams_that_list_it() {
+    let f = Federated::start(RunArgs::default()).await;
+    let mut client = f.a.client().await;
+    let (mut root, _) = acked(&mut client, &["ROOTCA"]).await;
+    let (mut all, all1) = acked(&mut client, &["ALL"]).await;
+    let (mut partner, partner1) = acked(&mut client, &["spiffe://partner.example"]).await;
+    let (mut other, _) = acked(&mut client, &["spiffe://other.example"]).await;
+
+    let partner2 = root_pem();
+    std::fs::write(
+        f.dir.path().join("partner.example.pem"),
+        format!("{}{partner2}", f.partner),
+    )
+    .unwrap();
+    let all2 = all.recv().await.unwrap();
+    let p2 = partner.recv().await.unwrap();
+    assert_ne!(all2.version_info, all1.version_info);
+    assert_ne!(p2.version_info, partner1.version_info);
+    assert_eq!(
+        spiffe_domains(&secrets(&p2)["spiffe://partner.example"])[0].1,
+        format!("{}{partner2}", f.partner)
+    );
+    assert_eq!(
+        spiffe_domains(&secrets(&all2)["ALL"])[2].1,
+        format!("{}{partner2}", f.partner)
+    );
+    // Neither ROOTCA nor another domain changed: those streams get nothing.
+    let quiet = Duration::from_millis(300);
+    assert!(
+        next_within(&mut root, quiet).await.is_none(),
+        "ROOTCA pushed"
+    );
+    assert!(
+        next_within(&mut other, quiet).await.is_none(),
+        "another domain pushed"
+    );
+    assert_eq!(
+        f.a.metric("sds_agent_federated_domains "),
+        2,
+        "the gauge counts the federated domains"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_domain_is_a_removed_resource_on_delta_and_left_out_on_sotw() {
+    let f = Federated::start(RunArgs::default()).await;
+    let mut client = f.a.client().await;
+    let names = ["ALL", "spiffe://partner.example"];
+    let (mut sotw, first) = acked(&mut client, &names).await;
+    assert_eq!(secrets(&first).len(), 2);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut delta = client
+        .delta_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut recv = async || {
+        tokio::time::timeout(WAIT, delta.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let d1 = recv().await;
+    assert_eq!(d1.resources.len(), 2);
+
+    std::fs::remove_file(f.dir.path().join("partner.example.pem")).unwrap();
+    let d2 = recv().await;
+    assert_eq!(d2.removed_resources, ["spiffe://partner.example"]);
+    assert_eq!(d2.resources.len(), 1);
+    assert_eq!(d2.resources[0].name, "ALL");
+    let s = Secret::decode(d2.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(
+        spiffe_domains(&s)
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>(),
+        ["example.org", "other.example"]
+    );
+    let s2 = sotw.recv().await.unwrap();
+    let got = secrets(&s2);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["ALL"],
+        "the removed domain is left out"
+    );
+    assert_eq!(spiffe_domains(&got["ALL"]).len(), 2);
+    // The ACK that names the removed domain again does not end the stream.
+    sotw.ack(&s2, &names).await;
+    assert_eq!(f.a.metric("sds_agent_federated_domains "), 1);
+
+    // Back again: both streams get it.
+    std::fs::write(f.dir.path().join("partner.example.pem"), &f.partner).unwrap();
+    let d3 = recv().await;
+    let mut sent: Vec<_> = d3.resources.iter().map(|r| r.name.as_str()).collect();
+    sent.sort_unstable();
+    assert_eq!(sent, ["ALL", "spiffe://partner.example"]);
+    assert_eq!(secrets(&sotw.recv().await.unwrap()).len(), 2);
+}
+
+// ---- Staged root rotation: the ACKs it waits for ----
+
+/// Phase 1 of a root rotation ends when every stream subscribed to a bundle of the agent's
+/// roots has ACKed one holding the new root: here a stream that asks for `ALL` only.
+#[tokio::test]
+async fn a_root_rotation_waits_for_the_ack_of_a_stream_subscribed_to_all() {
+    use sds_agent::secrets::roots::Phase;
+    use sds_backends::embedded::EmbeddedCa;
+    use sds_backends::embedded::rotating::{NextSource, RotatingCa};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds.sock");
+    let config = RunArgs {
+        socket: Some(socket.to_string_lossy().into_owned()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        trust_domain: Some("example.org".into()),
+        root_overlap: Some("1h".into()),
+        ..RunArgs::default()
+    }
+    .resolve()
+    .unwrap();
+    let td = config.spiffe_id.trust_domain().clone();
+    let ca = Arc::new(RotatingCa::new(
+        EmbeddedCa::generate(&td).unwrap().local_requests_only(),
+        NextSource::Generate(td),
+    ));
+    let agent = RunningAgent::start(&config, Policy::from_config(&config), ca)
+        .await
+        .unwrap();
+    let manager = agent.manager().clone();
+    wait_for(|| manager.is_ready()).await;
+    let mut client = connect(&socket).await;
+    let mut all = Sotw::open(&mut client, &["ALL"]).await;
+    let first = all.recv().await.unwrap();
+    assert_eq!(spiffe_domains(&secrets(&first)["ALL"]).len(), 1);
+    all.ack(&first, &["ALL"]).await;
+    wait_for(|| manager.trust_status().proxies_subscribed == 1).await;
+
+    manager.begin_root_rotation().unwrap();
+    let second = all.recv().await.unwrap();
+    let domains = spiffe_domains(&secrets(&second)["ALL"]);
+    let roots = sds_backends::pem::decode_certificates(domains[0].1.as_bytes()).unwrap();
+    assert_eq!(roots.len(), 2, "the old root and the new one");
+    // Not ACKed yet: the rotation waits (the overlap is an hour).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(manager.trust_status().rotation.phase, Phase::Announced);
+    all.ack(&second, &["ALL"]).await;
+    wait_for(|| manager.trust_status().rotation.phase >= Phase::Issuing).await;
+    // The stream going away stops counting.
+    drop(all);
+    wait_for(|| manager.trust_status().proxies_subscribed == 0).await;
 }

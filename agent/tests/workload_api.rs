@@ -756,3 +756,40 @@ async fn federated_bundles_are_served_and_pushed_again_when_their_file_changes()
         1
     );
 }
+
+#[tokio::test]
+async fn a_domain_whose_file_leaves_the_federation_dir_is_no_longer_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let partner = federated_root("partner.example");
+    let other = federated_root("other.example");
+    std::fs::write(dir.path().join("partner.example.pem"), partner.pem()).unwrap();
+    std::fs::write(dir.path().join("other.example.pem"), other.pem()).unwrap();
+    let a = Agent::ready_with(RunArgs {
+        federation_dir: Some(dir.path().to_owned()),
+        federation_poll_interval: Some("100ms".into()),
+        ..RunArgs::default()
+    })
+    .await;
+    let mut svids = a.svid_stream().await;
+    let mut bundles = a.bundles_stream().await;
+    let mut keys = next(&mut svids)
+        .await
+        .federated_bundles
+        .into_keys()
+        .collect::<Vec<_>>();
+    keys.sort();
+    assert_eq!(keys, ["spiffe://other.example", "spiffe://partner.example"]);
+    assert_eq!(next(&mut bundles).await.bundles.len(), 3);
+
+    std::fs::remove_file(dir.path().join("partner.example.pem")).unwrap();
+    let svid = next(&mut svids).await;
+    assert_eq!(
+        svid.federated_bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://other.example"]
+    );
+    let all = next(&mut bundles).await;
+    let mut keys: Vec<_> = all.bundles.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["spiffe://example.org", "spiffe://other.example"]);
+    assert_eq!(a.metric("sds_agent_federated_domains "), 1);
+}

@@ -311,7 +311,17 @@ fn check_all(expected: &Expected, svids: &[X509svidResponse], sotws: &[Discovery
         let Some(secret::Type::ValidationContext(vc)) = &rootca.r#type else {
             panic!("SDS stream {i}: ROOTCA is not a validation_context");
         };
-        assert!(inline(&vc.trusted_ca) == expected.bundle.pem.as_bytes());
+        // The SPIFFE validator, with the agent's trust domain and the same roots.
+        let custom = vc
+            .custom_validator_config
+            .as_ref()
+            .expect("the SPIFFE validator");
+        let config = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig::decode(
+            custom.typed_config.as_ref().expect("its config").value.as_slice(),
+        )
+        .unwrap();
+        assert_eq!(config.trust_domains.len(), 1);
+        assert!(inline(&config.trust_domains[0].trust_bundle) == expected.bundle.pem.as_bytes());
     }
 }
 

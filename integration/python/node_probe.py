@@ -4,7 +4,8 @@ Run inside a pod's cgroup (integration/tests/node_e2e.rs places it there). Over 
 C-core channel (grpcio, as an application would connect), it asks:
 
   - with each SDS method (StreamSecrets, FetchSecrets, DeltaSecrets) for `default,ROOTCA`, for
-    its own SPIFFE ID (--own), and for each --other SPIFFE ID;
+    its own SPIFFE ID (--own), for the bundles `ALL` and `spiffe://<its trust domain>`, and
+    for each --other SPIFFE ID;
   - the SPIFFE Workload API's FetchX509SVID (on --workload-socket, if given).
 
 It prints one JSON object: for each question, the gRPC code, the details, the names of the
@@ -115,7 +116,13 @@ def main():
         except grpc.FutureTimeoutError:
             print(f"could not connect to {args.socket}", file=sys.stderr)
             return 1
-        questions = {"default,ROOTCA": ["default", "ROOTCA"], "own": [args.own]}
+        # The bundles are nobody's identity: every pod may ask for them.
+        own_domain = "spiffe://" + args.own.split("/")[2]
+        questions = {
+            "default,ROOTCA": ["default", "ROOTCA"],
+            "own": [args.own],
+            "bundles": ["ALL", own_domain],
+        }
         for i, other in enumerate(args.other):
             questions[f"other{i}"] = [other]
         for label, names in questions.items():

@@ -209,9 +209,15 @@ def describe_secret(raw):
     elif 4 in f:
         vc = decode(_first(f, 4))
         ca = data_source(_first(vc, 1)) if 1 in vc else b""
+        domains = spiffe_validator_domains(_first(vc, 12)) if 12 in vc else None
+        if domains is not None:
+            # The SPIFFE validator: every trust domain's roots, in the order listed.
+            ca = b"".join(pem for _, pem in domains)
         blocks = certificates(ca)
         out.update(
             kind="validation_context",
+            validator="spiffe" if domains is not None else "trusted_ca",
+            trust_domains=[name for name, _ in domains] if domains is not None else None,
             pem_first_line=blocks[0].splitlines()[0] if blocks else None,
             certificates=len(blocks),
             roots=[describe_cert(b) for b in blocks],
@@ -219,6 +225,31 @@ def describe_secret(raw):
     else:
         out["kind"] = f"unknown (fields {sorted(f)})"
     return out
+
+
+SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
+SPIFFE_VALIDATOR_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+)
+
+
+def spiffe_validator_domains(raw):
+    """CertificateValidationContext.custom_validator_config = 12, a TypedExtensionConfig
+    (name = 1, typed_config = 2, an Any: type_url = 1, value = 2) of Envoy's SPIFFE validator,
+    whose SPIFFECertValidatorConfig lists trust_domains = 1 (name = 1, trust_bundle = 2):
+    [(name, PEM)]."""
+    ext = decode(raw)
+    if _text(ext, 1) != SPIFFE_VALIDATOR:
+        raise Failure(f"a custom validator {_text(ext, 1)!r}, not {SPIFFE_VALIDATOR!r}")
+    typed = decode(_first(ext, 2))
+    if _text(typed, 1) != SPIFFE_VALIDATOR_TYPE:
+        raise Failure(f"a validator config of type {_text(typed, 1)!r}")
+    config = decode(_first(typed, 2))
+    domains = []
+    for td in config.get(1, []):
+        t = decode(td)
+        domains.append((_text(t, 1), data_source(_first(t, 2)) if 2 in t else b""))
+    return domains
 
 
 def any_secret(raw):

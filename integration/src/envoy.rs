@@ -30,6 +30,8 @@ pub const SDS_CLUSTER: &str = "sds-grpc";
 pub const WORKLOAD_SECRET: &str = "default";
 /// SDS resource name of the trust bundle.
 pub const ROOT_SECRET: &str = "ROOTCA";
+/// SDS resource name of every trusted domain's bundle (the agent's and the federated ones).
+pub const ALL_SECRET: &str = "ALL";
 /// How long an Envoy may take to become ready.
 pub const READY_LIMIT: Duration = Duration::from_secs(30);
 
@@ -208,6 +210,25 @@ impl Envoy {
         parse_certs(&body)
     }
 
+    /// The secret `name` as Envoy holds it now (`/config_dump`'s `dynamic_active_secrets`):
+    /// `{"name", "version_info", "secret": {...}}`, the key material redacted by Envoy.
+    /// `None` until it has arrived.
+    pub async fn active_secret(&self, name: &str) -> Result<Option<Value>, Error> {
+        let body = http::get(self.admin, "/config_dump?resource=dynamic_active_secrets")
+            .await?
+            .body;
+        let dump: Value = serde_json::from_str(&body).map_err(|e| Error::Malformed {
+            what: "Envoy /config_dump",
+            detail: format!("{e}: {body}"),
+        })?;
+        Ok(dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .cloned())
+    }
+
     /// The value of counter or gauge `name` (e.g. `cluster.backend.ssl.fail_verify_san`),
     /// from `GET /stats`. A name Envoy does not have is an error, not zero.
     pub async fn counter(&self, name: &str) -> Result<u64, Error> {
@@ -352,6 +373,13 @@ pub fn common_tls_context(peer_spiffe_id: &str) -> Value {
 /// A `CommonTlsContext` like [`common_tls_context`] that accepts a peer with any one of the
 /// URI SANs `peer_spiffe_ids`.
 pub fn common_tls_context_any(peer_spiffe_ids: &[&str]) -> Value {
+    common_tls_context_validated_by(ROOT_SECRET, peer_spiffe_ids)
+}
+
+/// A `CommonTlsContext` presenting the agent's `default` certificate and validating the peer
+/// with the bundle `validation_secret` (`ROOTCA`, `ALL`, `spiffe://<td>`); with
+/// `peer_spiffe_ids`, the peer must also have one of those URI SANs.
+pub fn common_tls_context_validated_by(validation_secret: &str, peer_spiffe_ids: &[&str]) -> Value {
     let matchers: Vec<Value> = peer_spiffe_ids
         .iter()
         .map(|id| json!({ "san_type": "URI", "matcher": { "exact": id } }))
@@ -364,7 +392,31 @@ pub fn common_tls_context_any(peer_spiffe_ids: &[&str]) -> Value {
             "default_validation_context": {
                 "match_typed_subject_alt_names": matchers,
             },
-            "validation_context_sds_secret_config": { "name": ROOT_SECRET, "sds_config": sds_config() },
+            "validation_context_sds_secret_config": { "name": validation_secret, "sds_config": sds_config() },
+        },
+    })
+}
+
+/// A listener's TLS transport socket that requires a client certificate and validates it
+/// with `common_tls_context`.
+pub fn downstream_tls_with(common_tls_context: Value) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": common_tls_context,
+        },
+    })
+}
+
+/// A cluster's TLS transport socket with `common_tls_context`.
+pub fn upstream_tls_with(common_tls_context: Value) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common_tls_context,
         },
     })
 }

@@ -44,14 +44,34 @@ async fn mtls_through_rotations_with_zero_failed_requests() {
 
 /// A client Envoy that expects a server identity the server does not have refuses every
 /// connection, for that reason (`ssl.fail_verify_san`), while a cluster of the same Envoy that
-/// expects the right identity gets through.
+/// expects the right identity gets through: `ROOTCA` is Envoy's SPIFFE validator, which
+/// honours the bootstrap's URI SAN matchers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_rejects_a_peer_with_the_wrong_spiffe_id() {
+    rejects_a_peer_with_the_wrong_spiffe_id(false).await;
+}
+
+/// The same with `--sds-plain-roots`: `ROOTCA` is a plain `trusted_ca`, as for proxies without
+/// the SPIFFE validator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_rejects_a_peer_with_the_wrong_spiffe_id_with_plain_roots() {
+    rejects_a_peer_with_the_wrong_spiffe_id(true).await;
+}
+
+async fn rejects_a_peer_with_the_wrong_spiffe_id(plain_roots: bool) {
     let Some(envoy_bin) = envoy_bin().unwrap() else {
         return;
     };
     let dir = test_dir().unwrap();
-    let ca = MeshCa::shared_root(dir.path()).unwrap();
+    let mut ca = MeshCa::shared_root(dir.path()).unwrap();
+    if plain_roots {
+        let args = std::mem::replace(&mut ca.agent_args, Box::new(|_| Vec::new()));
+        ca.agent_args = Box::new(move |sa| {
+            let mut flags = args(sa);
+            flags.push("--sds-plain-roots".into());
+            flags
+        });
+    }
     let mesh = Mesh::start(
         &envoy_bin,
         dir.path(),
@@ -133,4 +153,25 @@ async fn envoy_rejects_a_peer_with_the_wrong_spiffe_id() {
     // And the right identity still gets through afterwards.
     let r = http::get(entry, "/control").await.unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, BODY));
+
+    // What both Envoys validated with.
+    for envoy in [&mesh.client, &mesh.server] {
+        let rootca = envoy.active_secret("ROOTCA").await.unwrap().unwrap();
+        let vc = &rootca["secret"]["validation_context"];
+        if plain_roots {
+            assert!(vc["trusted_ca"]["inline_bytes"].is_string(), "{rootca}");
+            assert!(vc["custom_validator_config"].is_null(), "{rootca}");
+        } else {
+            assert!(vc["trusted_ca"].is_null(), "{rootca}");
+            let validator = &vc["custom_validator_config"];
+            assert_eq!(
+                validator["name"], "envoy.tls.cert_validator.spiffe",
+                "{rootca}"
+            );
+            assert_eq!(
+                validator["typed_config"]["trust_domains"][0]["name"], "example.org",
+                "{rootca}"
+            );
+        }
+    }
 }

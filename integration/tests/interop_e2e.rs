@@ -114,7 +114,7 @@ fn by_name(secrets: &Value) -> std::collections::BTreeMap<String, Value> {
 }
 
 /// `default` is the agent's current certificate for `spiffe_id`, with its key; `ROOTCA` is
-/// the shared root.
+/// the shared root, in the SPIFFE validator.
 fn check_secrets(call: &str, secrets: &Value, spiffe_id: &str, leaf: &Serial, root: &Serial) {
     let s = by_name(secrets);
     assert_eq!(
@@ -147,6 +147,13 @@ fn check_secrets(call: &str, secrets: &Value, spiffe_id: &str, leaf: &Serial, ro
     );
     let rootca = &s["ROOTCA"];
     assert_eq!(rootca["kind"], "validation_context", "{call}: {rootca}");
+    // Envoy's SPIFFE validator, listing the agent's trust domain alone.
+    assert_eq!(rootca["validator"], "spiffe", "{call}: {rootca}");
+    assert_eq!(
+        rootca["trust_domains"],
+        serde_json::json!([TRUST_DOMAIN]),
+        "{call}: {rootca}"
+    );
     assert_eq!(
         rootca["pem_first_line"], "-----BEGIN CERTIFICATE-----",
         "{call}: {rootca}"

@@ -101,6 +101,20 @@ async fn each_pod_gets_its_own_identity(make_pods: fn() -> Result<Pods, Error>) 
                 "{own} {m}: {asked}"
             );
             assert!(asked["private_key"].as_bool().unwrap());
+            let bundles = &out["sds"]["bundles"][m];
+            assert_eq!(
+                bundles["code"], "OK",
+                "{own} {m} ALL, spiffe://<td>: {bundles}"
+            );
+            let mut names: Vec<&str> = bundles["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+                .collect();
+            names.sort_unstable();
+            assert_eq!(names, ["ALL", &format!("spiffe://{TD}")], "{m}: {bundles}");
+            assert!(!bundles["private_key"].as_bool().unwrap(), "{m}: {bundles}");
             let by_id = &out["sds"]["own"][m];
             assert_eq!(by_id["code"], "OK", "{own} {m} by its own ID: {by_id}");
             assert_eq!(by_id["names"], serde_json::json!([own]), "{m}: {by_id}");

@@ -1,6 +1,7 @@
-//! Federated trust domains (`--federate-with TD=SOURCE`): the X.509 roots of other trust
-//! domains, served next to the agent's own bundle on the Workload API (`federated_bundles` of
-//! `FetchX509SVID`, and every bundle of `FetchX509Bundles`).
+//! Federated trust domains (`--federate-with TD=SOURCE`, `--federation-dir DIR`): the X.509
+//! roots of other trust domains, served next to the agent's own bundle on the Workload API
+//! (`federated_bundles` of `FetchX509SVID`, and every bundle of `FetchX509Bundles`) and over
+//! SDS (`ALL`, `spiffe://<td>`: `crate::sds`). This module never touches the CA or a stream.
 //!
 //! A bundle is a SPIFFE bundle (the JWKS of the SPIFFE Trust Domain and Bundle specification:
 //! the `x509-svid` keys' `x5c` certificates are the roots; `jwt-svid` keys are ignored) or PEM
@@ -21,10 +22,20 @@
 //! endpoint is not required at start-up (a partner's outage must not stop this agent), and
 //! its domain is served once a first fetch succeeds.
 //!
-//! Not here yet (issue 19): serving the bundles over SDS (`ALL`, `spiffe://<td>`, the SPIFFE
-//! certificate validator), and removing a domain at run time.
+//! `--federation-dir DIR` is a directory of bundle files, one per domain, as a Kubernetes
+//! ConfigMap of bundles is mounted: `DIR/<trust-domain>.json` (SPIFFE bundle) or
+//! `DIR/<trust-domain>.pem`. It is listed at every poll: a new file adds its domain, a changed
+//! one updates it (with every check above), and a removed one removes the domain. Dotfiles are
+//! ignored and symlinks followed (the kubelet's `..data` layout). A file whose name is not a
+//! trust domain, names the agent's own, or names a domain twice is skipped, logged and counted
+//! once (`sds_agent_federation_dir_skipped_total{reason}`); a domain both in `--federate-with`
+//! and the directory stops the agent at start-up.
+//!
+//! The bundles are published through one `watch` channel read by the Workload API and the SDS
+//! server. Every change takes a new number from one counter: the changed domain's `version`
+//! and the set's `generation` (bumped by removals too), so a reader tells what changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -37,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::metrics::{FederationErrorLabels, FederationLabels, Metrics};
+use crate::metrics::{FederationErrorLabels, FederationLabels, Metrics, ReasonLabel};
 
 /// The largest bundle file read (a real one is a few KiB).
 const MAX_BUNDLE_LEN: u64 = 1024 * 1024;
@@ -91,12 +102,34 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub struct FederatedBundle {
     /// The roots, DER certificates concatenated (the Workload API's form).
     pub der: Vec<u8>,
+    /// The roots, PEM (SDS's form).
+    pub pem: String,
     /// How many roots.
     pub roots: usize,
+    /// Changes whenever the roots change (0 until served).
+    pub version: u64,
 }
 
-/// Every federated trust domain's last good bundle.
-pub type Bundles = Arc<BTreeMap<TrustDomain, FederatedBundle>>;
+/// Every federated trust domain's last good bundle, and the number of the last change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FederatedBundles {
+    /// Increases with every change: a domain added, updated or removed.
+    pub generation: u64,
+    /// The domains and their bundles.
+    pub domains: BTreeMap<TrustDomain, FederatedBundle>,
+}
+
+/// Readers mostly want the map: let them index and iterate it directly.
+impl std::ops::Deref for FederatedBundles {
+    type Target = BTreeMap<TrustDomain, FederatedBundle>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.domains
+    }
+}
+
+/// The federated bundles as published.
+pub type Bundles = Arc<FederatedBundles>;
 
 /// Why a bundle was not accepted. The reasons are also the metric's `reason` label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,7 +244,9 @@ pub fn parse_bundle(
     }
     Ok(FederatedBundle {
         der,
+        pem: sds_backends::pem::encode_certificates(&roots),
         roots: roots.len(),
+        version: 0,
     })
 }
 
@@ -318,15 +353,64 @@ pub struct Federation {
     max_retry: Duration,
     /// When each endpoint is fetched next, and its failures in a row.
     due: parking_lot::Mutex<BTreeMap<TrustDomain, (tokio::time::Instant, u32)>>,
+    /// `--federation-dir`, if given, and what was found in it.
+    dir: Option<FederationDir>,
+    /// The last number handed out to a change (versions and generations).
+    changes: std::sync::atomic::AtomicU64,
+}
+
+/// `--federation-dir`: where it is, and what its last listing found.
+#[derive(Debug)]
+struct FederationDir {
+    path: PathBuf,
+    /// The agent's own trust domain, which no file may name.
+    own: TrustDomain,
+    /// The trust domains of `--federate-with`, which no file may name either.
+    flagged: BTreeSet<TrustDomain>,
+    state: parking_lot::Mutex<DirState>,
+}
+
+#[derive(Debug, Default)]
+struct DirState {
+    /// The domains the directory's files gave, and each one's file.
+    domains: BTreeMap<TrustDomain, PathBuf>,
+    /// The entries skipped, so that each is logged and counted once while it stays.
+    skipped: BTreeSet<std::ffi::OsString>,
+}
+
+/// One listing of `--federation-dir`.
+#[derive(Debug, Default)]
+struct Listing {
+    /// Each domain's file.
+    files: BTreeMap<TrustDomain, PathBuf>,
+    /// Entries skipped: the name, the reason label and what is wrong.
+    skipped: Vec<(std::ffi::OsString, &'static str, String)>,
+    /// Domains given by two files: left as they are, neither updated nor removed.
+    held: BTreeSet<TrustDomain>,
 }
 
 /// A source that failed at start-up.
 #[derive(Debug, thiserror::Error)]
-#[error("--federate-with {trust_domain}={source_}: {error}")]
-pub struct StartError {
-    trust_domain: TrustDomain,
-    source_: BundleSource,
-    error: BundleError,
+#[non_exhaustive]
+pub enum StartError {
+    /// A `--federate-with` bundle is missing or bad.
+    #[error("--federate-with {trust_domain}={source_}: {error}")]
+    Source {
+        /// Its trust domain.
+        trust_domain: TrustDomain,
+        /// Its file or endpoint.
+        source_: BundleSource,
+        /// What is wrong.
+        error: BundleError,
+    },
+    /// `--federation-dir` cannot be listed, or names a domain `--federate-with` gives too.
+    #[error("--federation-dir {}: {reason}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl Federation {
@@ -340,17 +424,20 @@ impl Federation {
     ) -> Result<Self, Box<StartError>> {
         let mut bundles = BTreeMap::new();
         let mut due = BTreeMap::new();
+        let mut version = 0;
         for s in &sources {
             match &s.source {
                 BundleSource::File(path) => {
-                    let bundle = read_bundle(path, &s.trust_domain).map_err(|error| {
-                        Box::new(StartError {
+                    let mut bundle = read_bundle(path, &s.trust_domain).map_err(|error| {
+                        Box::new(StartError::Source {
                             trust_domain: s.trust_domain.clone(),
                             source_: s.source.clone(),
                             error,
                         })
                     })?;
                     info!(trust_domain = %s.trust_domain, file = %path.display(), roots = bundle.roots, "federated bundle read");
+                    version += 1;
+                    bundle.version = version;
                     bundles.insert(s.trust_domain.clone(), bundle);
                 }
                 BundleSource::Endpoint(_) => {
@@ -364,7 +451,7 @@ impl Federation {
         let http = match first_endpoint {
             None => None,
             Some(ep) => Some(endpoint_client(endpoint_ca).map_err(|error| {
-                Box::new(StartError {
+                Box::new(StartError::Source {
                     trust_domain: ep.trust_domain.clone(),
                     source_: ep.source.clone(),
                     error,
@@ -374,15 +461,58 @@ impl Federation {
         for s in &sources {
             metrics.prime_federation(s.trust_domain.as_str());
         }
+        metrics.federated_domains.set(gauge(bundles.len()));
         Ok(Self {
             sources,
-            bundles: watch::Sender::new(Arc::new(bundles)),
+            bundles: watch::Sender::new(Arc::new(FederatedBundles {
+                generation: version,
+                domains: bundles,
+            })),
             metrics,
             http,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             max_retry: RETRY_AFTER_FAILURE,
             due: parking_lot::Mutex::new(due),
+            dir: None,
+            changes: std::sync::atomic::AtomicU64::new(version),
         })
+    }
+
+    /// Also serves the domains of the bundle files in `dir` (`--federation-dir`), read once
+    /// now and again at every poll. The directory must be listable, and no file in it may
+    /// name a `--federate-with` domain; a file that fails its checks is logged and counted,
+    /// and its domain is served once it passes. `own` is the agent's trust domain, which no
+    /// file may name.
+    pub fn with_dir(mut self, dir: &Path, own: &TrustDomain) -> Result<Self, Box<StartError>> {
+        let listing = list_dir(dir).map_err(|reason| {
+            Box::new(StartError::Dir {
+                dir: dir.to_owned(),
+                reason,
+            })
+        })?;
+        let flagged: BTreeSet<TrustDomain> = self
+            .sources
+            .iter()
+            .map(|s| s.trust_domain.clone())
+            .collect();
+        if let Some(td) = listing.files.keys().find(|td| flagged.contains(*td)) {
+            return Err(Box::new(StartError::Dir {
+                dir: dir.to_owned(),
+                reason: format!(
+                    "{td} is also given by --federate-with; a trust domain must have one source"
+                ),
+            }));
+        }
+        self.metrics.prime_federation_dir();
+        self.dir = Some(FederationDir {
+            path: dir.to_owned(),
+            own: own.clone(),
+            flagged,
+            state: parking_lot::Mutex::new(DirState::default()),
+        });
+        info!(dir = %dir.display(), files = listing.files.len(), "reading federated bundles from a directory");
+        self.refresh_dir_with(Ok(listing));
+        Ok(self)
     }
 
     /// Sets how long one endpoint fetch may take.
@@ -404,9 +534,10 @@ impl Federation {
         self.bundles.subscribe()
     }
 
-    /// Re-reads every file every `every`, and fetches each endpoint when it is due, until
-    /// `shutdown`; a bundle that changed and passes the checks replaces its trust domain's,
-    /// one that fails leaves it as it was.
+    /// Re-reads every file and lists `--federation-dir` every `every`, and fetches each
+    /// endpoint when it is due, until `shutdown`; a bundle that changed and passes the checks
+    /// replaces its trust domain's, one that fails leaves it as it was, and a domain whose
+    /// file left the directory is removed.
     pub async fn run(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -424,13 +555,124 @@ impl Federation {
         }
     }
 
-    /// One pass over the file sources.
+    /// One pass over the file sources and `--federation-dir`.
     pub fn refresh(&self) {
         for s in &self.sources {
             if let BundleSource::File(path) = &s.source {
                 self.apply(s, read_bundle(path, &s.trust_domain));
             }
         }
+        if let Some(dir) = &self.dir {
+            self.refresh_dir_with(list_dir(&dir.path));
+        }
+    }
+
+    /// Applies one listing of `--federation-dir`: reads every file, adds and updates their
+    /// domains, and removes the domains whose file is gone. A listing that failed changes
+    /// nothing.
+    fn refresh_dir_with(&self, listing: Result<Listing, String>) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        let mut listing = match listing {
+            Ok(listing) => listing,
+            Err(reason) => {
+                warn!(dir = %dir.path.display(), %reason, "cannot list --federation-dir; keeping its domains as they are");
+                self.count_skip("unreadable_dir");
+                return;
+            }
+        };
+        // Names the directory may not give, known only here.
+        let refused: Vec<TrustDomain> = listing
+            .files
+            .keys()
+            .filter(|td| **td == dir.own || dir.flagged.contains(*td))
+            .cloned()
+            .collect();
+        for td in refused {
+            if let Some(path) = listing.files.remove(&td) {
+                let (reason, why) = if td == dir.own {
+                    (
+                        "own_trust_domain",
+                        "it names the agent's own trust domain, whose roots come from its CA",
+                    )
+                } else {
+                    (
+                        "duplicate",
+                        "its trust domain is given by --federate-with too",
+                    )
+                };
+                let name = path.file_name().map(ToOwned::to_owned).unwrap_or_default();
+                listing.skipped.push((name, reason, why.to_owned()));
+            }
+        }
+        let mut state = dir.state.lock();
+        let mut still_skipped = BTreeSet::new();
+        for (name, reason, why) in listing.skipped {
+            if !state.skipped.contains(&name) {
+                warn!(dir = %dir.path.display(), file = ?name, reason, why, "skipping a --federation-dir entry");
+                self.count_skip(reason);
+            }
+            still_skipped.insert(name);
+        }
+        state.skipped = still_skipped;
+        let gone: Vec<TrustDomain> = state
+            .domains
+            .keys()
+            .filter(|td| !listing.files.contains_key(*td) && !listing.held.contains(*td))
+            .cloned()
+            .collect();
+        for td in gone {
+            state.domains.remove(&td);
+            self.remove(&td, &dir.path);
+        }
+        for (td, path) in listing.files {
+            if !state.domains.contains_key(&td) {
+                self.metrics.prime_federation(td.as_str());
+            }
+            let source = FederationSource {
+                trust_domain: td.clone(),
+                source: BundleSource::File(path.clone()),
+            };
+            self.apply(&source, read_bundle(&path, &td));
+            state.domains.insert(td, path);
+        }
+    }
+
+    /// Stops serving `td`, whose file left `dir`.
+    fn remove(&self, td: &TrustDomain, dir: &Path) {
+        let mut removed = false;
+        let generation = self.next_change();
+        self.bundles.send_if_modified(|all| {
+            if !all.domains.contains_key(td) {
+                return false;
+            }
+            let all = Arc::make_mut(all);
+            all.domains.remove(td);
+            all.generation = generation;
+            removed = true;
+            true
+        });
+        if removed {
+            info!(trust_domain = %td, dir = %dir.display(), "federated trust domain removed: its file is gone");
+            self.metrics
+                .federated_domains
+                .set(gauge(self.bundles.borrow().len()));
+        }
+    }
+
+    fn count_skip(&self, reason: &'static str) {
+        self.metrics
+            .federation_dir_skipped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A new number for a change.
+    fn next_change(&self) -> u64 {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1)
     }
 
     /// Fetches every endpoint that is due (all at once, each within the fetch timeout).
@@ -520,14 +762,30 @@ impl Federation {
 
     /// Replaces `s`'s bundle with `result` if it is good and different; logs and counts.
     fn apply(&self, s: &FederationSource, result: Result<FederatedBundle, BundleError>) {
-        let current = self.bundles.borrow().get(&s.trust_domain).cloned();
+        let current = self
+            .bundles
+            .borrow()
+            .get(&s.trust_domain)
+            .map(|b| b.der.clone());
         match result {
-            Ok(bundle) if Some(&bundle) == current.as_ref() => {}
-            Ok(bundle) => {
-                info!(trust_domain = %s.trust_domain, source = %s.source, roots = bundle.roots, "federated bundle changed");
+            Ok(bundle) if Some(&bundle.der) == current.as_ref() => {}
+            Ok(mut bundle) => {
+                let change = if current.is_some() {
+                    "changed"
+                } else {
+                    "added"
+                };
+                info!(trust_domain = %s.trust_domain, source = %s.source, roots = bundle.roots, change, "federated bundle changed");
+                let version = self.next_change();
+                bundle.version = version;
                 self.bundles.send_modify(|all| {
-                    Arc::make_mut(all).insert(s.trust_domain.clone(), bundle);
+                    let all = Arc::make_mut(all);
+                    all.domains.insert(s.trust_domain.clone(), bundle);
+                    all.generation = version;
                 });
+                self.metrics
+                    .federated_domains
+                    .set(gauge(self.bundles.borrow().len()));
                 self.metrics
                     .federation_updates
                     .get_or_create(&FederationLabels::new(s.trust_domain.as_str()))
@@ -545,6 +803,74 @@ impl Federation {
             }
         }
     }
+}
+
+/// A count as a gauge value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Lists `dir`: each `<trust-domain>.json` or `.pem` (following symlinks) and the entries
+/// skipped. Dotfiles and subdirectories are ignored silently (the kubelet's `..data` layout).
+fn list_dir(dir: &Path) -> Result<Listing, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let mut listing = Listing::default();
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.file_name();
+        let Some(text) = name.to_str() else {
+            listing
+                .skipped
+                .push((name, "bad_name", "the file name is not UTF-8".into()));
+            continue;
+        };
+        if text.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        // Follows symlinks: a ConfigMap's files are links into `..data`.
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let stem = text
+            .strip_suffix(".json")
+            .or_else(|| text.strip_suffix(".pem"));
+        let Some(stem) = stem else {
+            listing.skipped.push((
+                name,
+                "bad_name",
+                "expected <trust-domain>.json or <trust-domain>.pem".into(),
+            ));
+            continue;
+        };
+        let td = match stem.parse::<TrustDomain>() {
+            Ok(td) => td,
+            Err(e) => {
+                let why = format!("{stem:?} is not a trust domain: {e}");
+                listing.skipped.push((name, "bad_name", why));
+                continue;
+            }
+        };
+        if listing.files.contains_key(&td) || listing.held.contains(&td) {
+            listing.held.insert(td.clone());
+            if let Some(first) = listing.files.remove(&td) {
+                let first_name = first.file_name().map(ToOwned::to_owned).unwrap_or_default();
+                listing.skipped.push((
+                    first_name,
+                    "duplicate",
+                    format!("{td} has both a .json and a .pem file"),
+                ));
+            }
+            listing.skipped.push((
+                name,
+                "duplicate",
+                format!("{td} has both a .json and a .pem file"),
+            ));
+            continue;
+        }
+        listing.files.insert(td, path);
+    }
+    Ok(listing)
 }
 
 /// The client of the bundle endpoints: TLS verified with `ca` (PEM) or the system's roots, and

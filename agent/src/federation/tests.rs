@@ -260,3 +260,208 @@ async fn run_re_reads_the_files_at_the_interval_until_shutdown() {
         .expect("stops on shutdown")
         .unwrap();
 }
+
+/// `sds_agent_federation_dir_skipped_total{reason}`.
+fn skipped(metrics: &Metrics, reason: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("sds_agent_federation_dir_skipped_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+fn dir_federation(dir: &std::path::Path, metrics: &Arc<Metrics>) -> Federation {
+    Federation::start(vec![], None, metrics.clone())
+        .unwrap()
+        .with_dir(dir, &td("cluster.local"))
+        .unwrap()
+}
+
+#[test]
+fn a_federation_dir_adds_updates_and_removes_domains_with_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = cert(true, Some("a.example"), yesterday(), 30);
+    let b1 = cert(true, Some("b.example"), yesterday(), 30);
+    std::fs::write(dir.path().join("a.example.json"), jwks(&[&a1])).unwrap();
+    std::fs::write(dir.path().join("b.example.pem"), b1.pem()).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let federation = dir_federation(dir.path(), &metrics);
+    let mut rx = federation.subscribe();
+    let first = rx.borrow_and_update().clone();
+    assert_eq!(
+        first.keys().map(TrustDomain::as_str).collect::<Vec<_>>(),
+        ["a.example", "b.example"]
+    );
+    assert_eq!(first[&td("a.example")].der, a1.der().to_vec());
+    assert_eq!(first[&td("b.example")].pem, b1.pem().replace("\r\n", "\n"));
+    assert_eq!(metric(&metrics, "sds_agent_federated_domains "), 2.0);
+
+    // Nothing changed: nothing sent.
+    federation.refresh();
+    assert!(!rx.has_changed().unwrap());
+
+    // A changed file updates its domain only, with a new version and generation.
+    let a2 = cert(true, Some("a.example"), yesterday(), 30);
+    std::fs::write(dir.path().join("a.example.json"), jwks(&[&a1, &a2])).unwrap();
+    federation.refresh();
+    let second = rx.borrow_and_update().clone();
+    assert_eq!(second[&td("a.example")].roots, 2);
+    assert!(second[&td("a.example")].version > first[&td("a.example")].version);
+    assert_eq!(second[&td("b.example")], first[&td("b.example")]);
+    assert!(second.generation > first.generation);
+
+    // A bad file keeps the last good bundle, counted.
+    std::fs::write(dir.path().join("a.example.json"), "{\"keys\": [").unwrap();
+    federation.refresh();
+    assert!(!rx.has_changed().unwrap());
+    assert_eq!(
+        metric(
+            &metrics,
+            "sds_agent_federation_errors_total{trust_domain=\"a.example\",reason=\"malformed\"}"
+        ),
+        1.0
+    );
+
+    // A removed file removes its domain; a new one adds its domain.
+    std::fs::remove_file(dir.path().join("b.example.pem")).unwrap();
+    let c1 = cert(true, None, yesterday(), 30);
+    std::fs::write(dir.path().join("c.example.pem"), c1.pem()).unwrap();
+    federation.refresh();
+    let third = rx.borrow_and_update().clone();
+    assert_eq!(
+        third.keys().map(TrustDomain::as_str).collect::<Vec<_>>(),
+        ["a.example", "c.example"]
+    );
+    assert_eq!(third[&td("a.example")].roots, 2, "the last good one stays");
+    assert!(third.generation > second.generation);
+    assert_eq!(metric(&metrics, "sds_agent_federated_domains "), 2.0);
+
+    // Removed and brought back: a version never seen before.
+    std::fs::remove_file(dir.path().join("c.example.pem")).unwrap();
+    federation.refresh();
+    assert!(!rx.borrow_and_update().contains_key(&td("c.example")));
+    std::fs::write(dir.path().join("c.example.pem"), c1.pem()).unwrap();
+    federation.refresh();
+    let back = rx.borrow_and_update().clone();
+    assert!(back[&td("c.example")].version > third[&td("c.example")].version);
+}
+
+#[test]
+fn bad_names_the_own_domain_and_duplicates_are_skipped_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = cert(true, None, yesterday(), 30);
+    for name in [
+        "Not_A_Domain.pem",
+        "readme.txt",
+        "cluster.local.pem",
+        "twice.example.pem",
+        "twice.example.json",
+        "fine.example.pem",
+    ] {
+        std::fs::write(dir.path().join(name), good.pem()).unwrap();
+    }
+    // Dotfiles and directories are not bundles, and say nothing.
+    std::fs::write(dir.path().join(".hidden.example.pem"), good.pem()).unwrap();
+    std::fs::create_dir(dir.path().join("sub.example.pem")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let federation = dir_federation(dir.path(), &metrics);
+    let rx = federation.subscribe();
+    assert_eq!(
+        rx.borrow()
+            .keys()
+            .map(TrustDomain::as_str)
+            .collect::<Vec<_>>(),
+        ["fine.example"]
+    );
+    assert_eq!(skipped(&metrics, "bad_name"), 2.0);
+    assert_eq!(skipped(&metrics, "own_trust_domain"), 1.0);
+    assert_eq!(skipped(&metrics, "duplicate"), 2.0);
+    // Counted once per file, not at every poll.
+    federation.refresh();
+    federation.refresh();
+    assert_eq!(skipped(&metrics, "bad_name"), 2.0);
+    assert_eq!(skipped(&metrics, "duplicate"), 2.0);
+
+    // A domain served from one file keeps its bundle when a second file appears for it.
+    let fine2 = cert(true, None, yesterday(), 30);
+    std::fs::write(dir.path().join("fine.example.json"), jwks(&[&fine2])).unwrap();
+    federation.refresh();
+    assert_eq!(rx.borrow()[&td("fine.example")].der, good.der().to_vec());
+    assert_eq!(skipped(&metrics, "duplicate"), 4.0);
+}
+
+#[test]
+fn a_dir_that_cannot_be_listed_or_repeats_a_federate_with_domain_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = Federation::start(vec![], None, Arc::new(Metrics::new()))
+        .unwrap()
+        .with_dir(&dir.path().join("nope"), &td("cluster.local"))
+        .unwrap_err();
+    assert!(
+        missing.to_string().starts_with("--federation-dir "),
+        "{missing}"
+    );
+
+    let (sources, path) = sources(dir.path());
+    let root = cert(true, None, yesterday(), 30);
+    std::fs::write(&path, root.pem()).unwrap();
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir(&bundles).unwrap();
+    std::fs::write(bundles.join("partner.example.pem"), root.pem()).unwrap();
+    let twice = Federation::start(sources, None, Arc::new(Metrics::new()))
+        .unwrap()
+        .with_dir(&bundles, &td("cluster.local"))
+        .unwrap_err();
+    assert!(
+        twice
+            .to_string()
+            .contains("partner.example is also given by --federate-with"),
+        "{twice}"
+    );
+}
+
+/// The kubelet's ConfigMap layout: `DIR/<key>` -> `..data/<key>`, `..data` ->
+/// `..<timestamp>`, switched atomically by replacing the `..data` link.
+#[cfg(unix)]
+#[test]
+fn a_configmap_layout_of_symlinks_is_followed_and_its_swaps_seen() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = cert(true, None, yesterday(), 30);
+    let b = cert(true, None, yesterday(), 30);
+    std::fs::create_dir(d.join("..2026_12_04_v1")).unwrap();
+    std::fs::write(d.join("..2026_12_04_v1/a.example.pem"), a.pem()).unwrap();
+    std::fs::write(d.join("..2026_12_04_v1/b.example.pem"), b.pem()).unwrap();
+    symlink("..2026_12_04_v1", d.join("..data")).unwrap();
+    symlink("..data/a.example.pem", d.join("a.example.pem")).unwrap();
+    symlink("..data/b.example.pem", d.join("b.example.pem")).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let federation = dir_federation(d, &metrics);
+    let mut rx = federation.subscribe();
+    assert_eq!(rx.borrow_and_update().len(), 2);
+    assert_eq!(
+        skipped(&metrics, "bad_name"),
+        0.0,
+        "dot entries say nothing"
+    );
+
+    // The next version drops b: the kubelet writes a new timestamped dir, swaps `..data`,
+    // and removes the dangling top-level link.
+    std::fs::create_dir(d.join("..2026_12_04_v2")).unwrap();
+    std::fs::write(d.join("..2026_12_04_v2/a.example.pem"), a.pem()).unwrap();
+    symlink("..2026_12_04_v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(d.join("..2026_12_04_v1")).unwrap();
+    federation.refresh();
+    // A dangling link is no file: b is removed even before its link goes.
+    assert_eq!(
+        rx.borrow_and_update()
+            .keys()
+            .map(TrustDomain::as_str)
+            .collect::<Vec<_>>(),
+        ["a.example"]
+    );
+    std::fs::remove_file(d.join("b.example.pem")).unwrap();
+    federation.refresh();
+    assert!(!rx.has_changed().unwrap());
+}
