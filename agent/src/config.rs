@@ -178,9 +178,16 @@ pub struct RunArgs {
     /// Kubernetes service account of the workload. [default: default]
     #[arg(long, env = "SDS_AGENT_SERVICE_ACCOUNT", value_name = "SA")]
     pub service_account: Option<String>,
-    /// CA backend that signs the workload certificates. [default: embedded]
-    #[arg(long, env = "SDS_AGENT_CA", value_name = "BACKEND")]
+    /// CA backend that signs the workload certificates; or several, comma-separated, in
+    /// order (e.g. vault,embedded): the first signs, and the next signs only while every one
+    /// before it has failed with retryable errors for --ca-failover-after. [default: embedded]
+    #[arg(long, env = "SDS_AGENT_CA", value_name = "BACKENDS")]
     pub ca: Option<String>,
+    /// With several --ca backends: how long a backend must keep failing with retryable
+    /// errors (unavailable, throttled, timeout) before the next one signs. [default: a
+    /// quarter of the current certificate's lifetime]
+    #[arg(long, env = "SDS_AGENT_CA_FAILOVER_AFTER", value_name = "DURATION")]
+    pub ca_failover_after: Option<String>,
     /// Certificate lifetime to ask for, e.g. 30s, 90m, 24h. [default: 24h]
     #[arg(long, env = "SDS_AGENT_CERT_TTL", value_name = "DURATION")]
     pub cert_ttl: Option<String>,
@@ -347,6 +354,24 @@ enum IdList {
     Text(String),
 }
 
+/// The `ca` key of the config file: `"vault,embedded"` as on the command line, or
+/// `["vault", "embedded"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum CaList {
+    Names(Vec<String>),
+    Text(String),
+}
+
+impl CaList {
+    fn into_text(self) -> String {
+        match self {
+            CaList::Names(names) => names.join(","),
+            CaList::Text(text) => text,
+        }
+    }
+}
+
 impl IdList {
     fn into_text(self) -> String {
         match self {
@@ -495,7 +520,8 @@ struct FileConfig {
     trust_domain: Option<String>,
     namespace: Option<String>,
     service_account: Option<String>,
-    ca: Option<String>,
+    ca: Option<CaList>,
+    ca_failover_after: Option<String>,
     cert_ttl: Option<String>,
     renew_at: Option<f64>,
     key_type: Option<String>,
@@ -542,8 +568,17 @@ pub struct Config {
     pub limits: SdsLimits,
     /// The workload identity served as `default`.
     pub spiffe_id: SpiffeId,
-    /// The CA backend.
+    /// The CA backend; with `--ca a,b`, the primary.
     pub ca: CaConfig,
+    /// With `--ca a,b,...`, the backends after the first, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ca_fallbacks: Vec<CaConfig>,
+    /// `--ca-failover-after`, when given (else a quarter of the certificate's lifetime).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "humanized_option"
+    )]
+    pub ca_failover_after: Option<Duration>,
     /// Lifetime asked of the CA.
     #[serde(serialize_with = "humanized")]
     pub cert_ttl: Duration,
@@ -758,13 +793,31 @@ impl RunArgs {
         // The mode first: a backend refuses, in node mode, what names one workload's
         // resources.
         let (mode, node, ca_concurrency, identity_idle_timeout) = self.node.resolve(&file)?;
-        let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
+        let ca_raw = self
+            .ca
+            .clone()
+            .or_else(|| file.ca.clone().map(CaList::into_text))
+            .unwrap_or_else(|| "embedded".into());
         let ctx = ResolveContext {
             namespace: &ns,
             node_mode: mode == Mode::Node,
             std_env,
         };
-        let ca = self.backends.resolve(&ca_raw, &file_backends, &ctx)?;
+        let mut cas = Vec::new();
+        for name in parse_ca_list(&ca_raw)? {
+            cas.push(self.backends.resolve(name, &file_backends, &ctx)?);
+        }
+        // `parse_ca_list` returns at least one name.
+        let ca = cas.remove(0);
+        let ca_fallbacks = cas;
+        let ca_failover_after = pick(&self.ca_failover_after, &file.ca_failover_after)
+            .map(|raw| parse_failover_after(&raw))
+            .transpose()?;
+        if ca_failover_after.is_some() && ca_fallbacks.is_empty() {
+            return Err(ConfigError::Conflict(format!(
+                "--ca-failover-after needs --ca to list two or more backends, e.g. vault,embedded (--ca is {ca_raw:?})"
+            )));
+        }
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
             Some(v) => parse_ttl(&v).map_err(|r| invalid("cert-ttl", &v, r))?,
@@ -829,6 +882,8 @@ impl RunArgs {
             limits,
             spiffe_id,
             ca,
+            ca_fallbacks,
+            ca_failover_after,
             cert_ttl,
             renew_at,
             key_type,
@@ -1231,6 +1286,52 @@ impl<'de> Deserialize<'de> for KnownKeys {
         }
 
         d.deserialize_struct("FileConfig", file_keys(), Keys)
+    }
+}
+
+/// The names of `--ca`, in order: `vault,embedded`. Refuses an empty name and a name
+/// given twice; the backends refuse unknown names.
+fn parse_ca_list(raw: &str) -> Result<Vec<&str>, ConfigError> {
+    let names: Vec<&str> = raw.split(',').map(str::trim).collect();
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() {
+            return Err(invalid(
+                "ca",
+                raw,
+                "an empty backend name; expected one backend, or several separated by commas, e.g. vault,embedded",
+            ));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid(
+                "ca",
+                raw,
+                format!("{name} is listed twice; each backend may appear once"),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// `--ca-failover-after`: a duration of at least a second.
+fn parse_failover_after(raw: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+        invalid(
+            "ca-failover-after",
+            raw,
+            format!("{e}; expected e.g. 30s, 15m, 6h"),
+        )
+    })?;
+    if d < Duration::from_secs(1) {
+        return Err(invalid("ca-failover-after", raw, "must be at least 1s"));
+    }
+    Ok(d)
+}
+
+/// Serializes an optional duration as people write it.
+fn humanized_option<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => humanized(d, s),
+        None => s.serialize_none(),
     }
 }
 
