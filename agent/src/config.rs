@@ -803,6 +803,9 @@ impl RunArgs {
             node_mode: mode == Mode::Node,
             std_env,
         };
+        let ca_failover_after = pick(&self.ca_failover_after, &file.ca_failover_after)
+            .map(|raw| parse_failover_after(&raw))
+            .transpose()?;
         let mut cas = Vec::new();
         for name in parse_ca_list(&ca_raw)? {
             cas.push(self.backends.resolve(name, &file_backends, &ctx)?);
@@ -810,9 +813,6 @@ impl RunArgs {
         // `parse_ca_list` returns at least one name.
         let ca = cas.remove(0);
         let ca_fallbacks = cas;
-        let ca_failover_after = pick(&self.ca_failover_after, &file.ca_failover_after)
-            .map(|raw| parse_failover_after(&raw))
-            .transpose()?;
         if ca_failover_after.is_some() && ca_fallbacks.is_empty() {
             return Err(ConfigError::Conflict(format!(
                 "--ca-failover-after needs --ca to list two or more backends, e.g. vault,embedded (--ca is {ca_raw:?})"
@@ -1734,6 +1734,95 @@ mod tests {
         assert!(
             matches!(v.auth, VaultAuthSettings::Kubernetes { ref role, .. } if role == "k8s-role")
         );
+    }
+
+    #[test]
+    fn a_ca_list_comes_from_the_file_as_a_list_or_a_string_and_flags_win() {
+        let vault_keys = "vault-addr = \"https://v.example\"\nvault-role = \"r\"\n\
+                          vault-auth = \"kubernetes\"\nvault-auth-role = \"k8s-role\"\n";
+        let names = |c: &Config| -> Vec<&'static str> {
+            std::iter::once(&c.ca)
+                .chain(&c.ca_fallbacks)
+                .map(CaConfig::name)
+                .collect()
+        };
+        let f = file(&format!(
+            "ca = [\"vault\", \"embedded\"]\nca-failover-after = \"2m\"\n{vault_keys}"
+        ));
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let c = from_file.resolve_with_env(&no_env).unwrap();
+        assert_eq!(names(&c), ["vault", "embedded"]);
+        assert_eq!(c.ca_failover_after, Some(Duration::from_secs(120)));
+        // Each listed backend got its own settings from the same file.
+        assert!(matches!(&c.ca, CaConfig::Vault(v) if v.role == "r"));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["ca-fallbacks"][0]["backend"], "embedded");
+        assert_eq!(json["ca-failover-after"], "2m");
+        // One call may ask both: the manager's limit covers both backends' limits.
+        assert_eq!(
+            crate::Policy::from_config(&c).ca_timeout,
+            Duration::from_secs(60)
+        );
+
+        let f = file(&format!("ca = \"embedded , vault\"\n{vault_keys}"));
+        let c = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve_with_env(&no_env)
+        .unwrap();
+        assert_eq!(names(&c), ["embedded", "vault"]);
+        assert_eq!(c.ca_failover_after, None);
+
+        // The flag replaces the file's whole list.
+        let c = RunArgs {
+            ca: Some("embedded".into()),
+            ca_failover_after: None,
+            ..from_file
+        };
+        let err = c.resolve_with_env(&no_env).unwrap_err().to_string();
+        assert!(err.contains("--ca-failover-after needs"), "{err}");
+        let c = RunArgs {
+            config: None,
+            ca: Some("embedded".into()),
+            ..Default::default()
+        }
+        .resolve_with_env(&no_env)
+        .unwrap();
+        assert_eq!(names(&c), ["embedded"]);
+        assert!(c.ca_fallbacks.is_empty());
+    }
+
+    #[test]
+    fn a_bad_ca_list_in_the_file_is_refused_like_the_flag() {
+        for (text, needle) in [
+            ("ca = [\"embedded\", \"embedded\"]\n", "embedded is listed twice"),
+            ("ca = [\"embedded\", \"\"]\n", "empty backend name"),
+            ("ca = \"embedded,acme\"\n", "the backends are"),
+            ("ca = [\"embedded\", \"vault\"]\n", "--vault-addr"),
+            (
+                "ca = \"embedded\"\nca-failover-after = \"1h\"\n",
+                "two or more backends",
+            ),
+            (
+                "ca = [\"vault\", \"embedded\"]\nca-failover-after = \"0s\"\n",
+                "--ca-failover-after",
+            ),
+            ("ca = 3\n", "line 1"),
+        ] {
+            let f = file(text);
+            let err = RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     const PCA_ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/0a1b-2c3d";
