@@ -1289,8 +1289,8 @@ impl<'de> Deserialize<'de> for KnownKeys {
     }
 }
 
-/// The names of `--ca`, in order: `vault,embedded`. Refuses an empty name and a name
-/// given twice; the backends refuse unknown names.
+/// The names of `--ca`, in order: `vault,embedded`. Refuses an empty name, an unknown one
+/// and a name given twice.
 fn parse_ca_list(raw: &str) -> Result<Vec<&str>, ConfigError> {
     let names: Vec<&str> = raw.split(',').map(str::trim).collect();
     for (i, name) in names.iter().enumerate() {
@@ -1299,6 +1299,18 @@ fn parse_ca_list(raw: &str) -> Result<Vec<&str>, ConfigError> {
                 "ca",
                 raw,
                 "an empty backend name; expected one backend, or several separated by commas, e.g. vault,embedded",
+            ));
+        }
+        if !sds_backends::settings::NAMES.contains(name) {
+            // Every name is checked before any backend's settings are, so a misspelt name is
+            // what the error says, not a fallback's missing flag.
+            return Err(invalid(
+                "ca",
+                name,
+                format!(
+                    "the backends are: {}",
+                    sds_backends::settings::NAMES.join(", ")
+                ),
             ));
         }
         if names[..i].contains(name) {

@@ -1266,6 +1266,8 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
             "mesh-ca",
             "--pod-name",
             "web-0",
+            "--pod-uid",
+            "0d3c2b1a-1111-4222-8333-444455556666",
         ],
         &["--pod-name", "--mode node"],
     ));
