@@ -15,8 +15,9 @@
 //!   roots (`trust_bundle`); a backend whose roots come only with certificates
 //!   ([`CertificateAuthority::roots_come_with_certificates`]) is probed instead by letting the
 //!   next renewal that falls after its probe time try it first. Once a probe succeeds the
-//!   backend is up again and signs from the next renewal; the certificate in service is not
-//!   replaced early.
+//!   backend is asked first again from the next renewal (the certificate in service is not
+//!   replaced early); if that sign still fails retryably, the call fails over at once, since
+//!   the backend has not signed since its failures began.
 //! - **Trust.** Certificates of any backend must verify everywhere, so the trust bundle is
 //!   the union of every backend's roots, primary first. A backend that cannot be read keeps
 //!   the roots it gave last; one whose roots come only with certificates contributes those.
@@ -404,8 +405,11 @@ impl Failover {
         let b = &mut st.backends[i];
         match probe {
             Probe::Up => {
+                // Half open: it is asked first again, but its failure clock keeps running
+                // until it signs, so a sign that still fails (a root call that answers from a
+                // pinned bundle, a CA that flaps) fails over at once, not after another
+                // threshold.
                 b.down = false;
-                b.failing_since = None;
                 b.probe_failures = 0;
                 b.next_probe = None;
                 drop(st);

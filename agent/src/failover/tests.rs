@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sds_backends::testing::ScriptedCa;
+use sds_backends::testing::{Fault, ScriptedCa};
 use sds_backends::{
     CaError, CertificateAuthority, IssuedChain, KeyType, SignRequest, SpiffeId, TrustBundle,
 };
@@ -294,6 +294,27 @@ async fn the_primary_is_probed_with_backoff_and_signs_again_at_the_next_renewal(
     assert_eq!(f.active(), "vault");
     assert_eq!(f.on_fallback_for(), Duration::ZERO);
     assert_eq!(f.metrics().ca_fallback_seconds.get(), 0.0);
+
+    // A probe that succeeds while signing still fails (a pinned bundle answers the root call
+    // without the CA): the renewal that tries the primary fails over at once, with no
+    // second threshold to wait out.
+    vault.set_outage(Some(down()));
+    assert!(f.sign(&req).await.is_err());
+    tokio::time::advance(Duration::from_secs(100)).await;
+    f.sign(&req).await.unwrap();
+    assert_eq!(f.active(), "embedded");
+    vault.set_outage(None);
+    let back = Instant::now();
+    while f.is_down("vault") {
+        assert!(back.elapsed() <= Duration::from_secs(60), "no probe in time");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    vault.push_fault(Fault::Fail(down()));
+    let signed_before = embedded.sign_calls();
+    let chain = f.sign(&req).await.expect("failed over in the same call");
+    assert!(issued_by(&chain, &embedded));
+    assert_eq!(embedded.sign_calls(), signed_before + 1);
+    assert!(f.is_down("vault"));
     shutdown.cancel();
 }
 
