@@ -1811,7 +1811,10 @@ mod tests {
     #[test]
     fn a_bad_ca_list_in_the_file_is_refused_like_the_flag() {
         for (text, needle) in [
-            ("ca = [\"embedded\", \"embedded\"]\n", "embedded is listed twice"),
+            (
+                "ca = [\"embedded\", \"embedded\"]\n",
+                "embedded is listed twice",
+            ),
             ("ca = [\"embedded\", \"\"]\n", "empty backend name"),
             ("ca = \"embedded,acme\"\n", "the backends are"),
             ("ca = [\"embedded\", \"vault\"]\n", "--vault-addr"),

@@ -2787,6 +2787,10 @@ fn validate_resolves_every_backend_of_a_ca_list() {
         QUICK,
     );
     assert_ne!(out.code(), Some(0), "{}", out.stderr);
-    assert!(out.stderr.contains("--ca backend embedded"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--ca backend embedded"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("never-printed"), "{}", out.stderr);
 }

@@ -381,7 +381,10 @@ fn the_rules_cover_expiry_failures_nacks_and_latency() {
         ),
         ("sds_agent_sds_nacks_total", "NACKs"),
         ("sds_agent_ca_request_duration_seconds_bucket", "CA latency"),
-        ("sds_agent_ca_fallback_seconds", "a fallback CA for too long"),
+        (
+            "sds_agent_ca_fallback_seconds",
+            "a fallback CA for too long",
+        ),
     ] {
         assert!(
             rules.iter().any(|r| r.expr.contains(needle)),

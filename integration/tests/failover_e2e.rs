@@ -319,9 +319,19 @@ async fn openbao_down_for_half_the_lifetime_is_covered_by_the_embedded_fallback(
             metric(agent, "sds_agent_ca_active_backend{backend=\"vault\"}").await,
             1.0
         );
-        assert!(metric(agent, "sds_agent_ca_probe_failures_total{backend=\"vault\"}").await >= 1.0);
+        assert!(
+            metric(
+                agent,
+                "sds_agent_ca_probe_failures_total{backend=\"vault\"}"
+            )
+            .await
+                >= 1.0
+        );
         let log = std::fs::read_to_string(agent.process().log_path()).unwrap();
-        assert!(log.contains("certificates now come from a fallback CA"), "{log}");
+        assert!(
+            log.contains("certificates now come from a fallback CA"),
+            "{log}"
+        );
         assert!(log.contains("the primary CA signs again"), "{log}");
     }
 }

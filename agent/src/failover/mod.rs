@@ -286,7 +286,11 @@ impl Failover {
             .get_or_create(&CaErrorLabels {
                 backend,
                 kind: error.kind(),
-                retryable: if error.is_retryable() { "true" } else { "false" },
+                retryable: if error.is_retryable() {
+                    "true"
+                } else {
+                    "false"
+                },
             })
             .inc();
         self.metrics

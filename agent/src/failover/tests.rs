@@ -209,7 +209,11 @@ async fn a_non_retryable_error_never_fails_over() {
         tokio::time::advance(Duration::from_secs(100)).await;
     }
     assert_eq!(embedded.sign_calls(), 0);
-    assert_eq!(f.name(), "vault", "the manager counts the error under vault");
+    assert_eq!(
+        f.name(),
+        "vault",
+        "the manager counts the error under vault"
+    );
     assert!(!f.is_down("vault"));
 
     // Failing retryably past the threshold, then refusing: the refusal ends the failover's
@@ -231,7 +235,11 @@ async fn a_non_retryable_error_never_fails_over() {
 async fn a_later_backend_signs_only_when_every_one_before_it_is_down() {
     let (a, b, c) = (ScriptedCa::new(), ScriptedCa::new(), ScriptedCa::new());
     let ttl = Duration::from_secs(400);
-    let f = failover(&[("vault", &a), ("istiod", &b), ("embedded", &c)], None, ttl);
+    let f = failover(
+        &[("vault", &a), ("istiod", &b), ("embedded", &c)],
+        None,
+        ttl,
+    );
     let req = request(ttl);
     a.set_outage(Some(down()));
     assert!(f.sign(&req).await.is_err());
@@ -283,7 +291,10 @@ async fn the_primary_is_probed_with_backoff_and_signs_again_at_the_next_renewal(
     vault.set_outage(None);
     let back = Instant::now();
     while f.is_down("vault") {
-        assert!(back.elapsed() <= Duration::from_secs(60), "no probe in time");
+        assert!(
+            back.elapsed() <= Duration::from_secs(60),
+            "no probe in time"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The certificate in service is not replaced early: the fallback stays active until
@@ -306,7 +317,10 @@ async fn the_primary_is_probed_with_backoff_and_signs_again_at_the_next_renewal(
     vault.set_outage(None);
     let back = Instant::now();
     while f.is_down("vault") {
-        assert!(back.elapsed() <= Duration::from_secs(60), "no probe in time");
+        assert!(
+            back.elapsed() <= Duration::from_secs(60),
+            "no probe in time"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     vault.push_fault(Fault::Fail(down()));
@@ -399,8 +413,11 @@ fn fingerprints_are_sha256_of_the_der() {
     let (subject, sha256) = super::describe(&bundle.roots()[0]);
     assert!(subject.contains("example.org"), "{subject}");
     assert_eq!(sha256.len(), 32 * 3 - 1);
-    assert!(sha256.split(':').all(|b| b.len() == 2
-        && b.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())));
+    assert!(sha256.split(':').all(|b| {
+        b.len() == 2
+            && b.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+    }));
     let (_, again) = super::describe(&bundle.roots()[0]);
     assert_eq!(sha256, again);
 }
@@ -468,7 +485,9 @@ async fn under_the_manager_the_fallback_covers_an_outage_and_the_primary_returns
     assert_eq!(
         metrics
             .ca_active_backend
-            .get_or_create(&BackendLabel { backend: "embedded" })
+            .get_or_create(&BackendLabel {
+                backend: "embedded"
+            })
             .get(),
         1
     );
@@ -492,7 +511,9 @@ async fn under_the_manager_the_fallback_covers_an_outage_and_the_primary_returns
     assert!(
         metrics
             .ca_certificates_signed
-            .get_or_create(&BackendLabel { backend: "embedded" })
+            .get_or_create(&BackendLabel {
+                backend: "embedded"
+            })
             .get()
             >= 1
     );
