@@ -4,7 +4,8 @@
 //!
 //! Data flows one way: [`config`] → [`identity`] → [`secrets`] (keys → CSR → CA → validate →
 //! publish) → [`sds`] streams → Envoy, and [`workload_api`] streams → other workloads. [`admin`] and [`metrics`] observe; nothing below the
-//! secret manager knows about SDS, and no backend knows about rotation.
+//! secret manager knows about SDS, and no backend knows about rotation. With several CA
+//! backends, [`failover`] stands in front of them as one CA.
 
 #![forbid(unsafe_code)]
 
