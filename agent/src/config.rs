@@ -191,9 +191,16 @@ pub struct RunArgs {
     /// Kubernetes service account of the workload. [default: default]
     #[arg(long, env = "SDS_AGENT_SERVICE_ACCOUNT", value_name = "SA")]
     pub service_account: Option<String>,
-    /// CA backend that signs the workload certificates. [default: embedded]
-    #[arg(long, env = "SDS_AGENT_CA", value_name = "BACKEND")]
+    /// CA backend that signs the workload certificates; or several, comma-separated, in
+    /// order (e.g. vault,embedded): the first signs, and the next signs only while every one
+    /// before it has failed with retryable errors for --ca-failover-after. [default: embedded]
+    #[arg(long, env = "SDS_AGENT_CA", value_name = "BACKENDS")]
     pub ca: Option<String>,
+    /// With several --ca backends: how long a backend must keep failing with retryable
+    /// errors (unavailable, throttled, timeout) before the next one signs. [default: a
+    /// quarter of the current certificate's lifetime]
+    #[arg(long, env = "SDS_AGENT_CA_FAILOVER_AFTER", value_name = "DURATION")]
+    pub ca_failover_after: Option<String>,
     /// Certificate lifetime to ask for, e.g. 30s, 90m, 24h. [default: 24h]
     #[arg(long, env = "SDS_AGENT_CERT_TTL", value_name = "DURATION")]
     pub cert_ttl: Option<String>,
@@ -388,6 +395,24 @@ enum IdList {
     Text(String),
 }
 
+/// The `ca` key of the config file: `"vault,embedded"` as on the command line, or
+/// `["vault", "embedded"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum CaList {
+    Names(Vec<String>),
+    Text(String),
+}
+
+impl CaList {
+    fn into_text(self) -> String {
+        match self {
+            CaList::Names(names) => names.join(","),
+            CaList::Text(text) => text,
+        }
+    }
+}
+
 impl IdList {
     fn into_text(self) -> String {
         match self {
@@ -536,7 +561,8 @@ struct FileConfig {
     trust_domain: Option<String>,
     namespace: Option<String>,
     service_account: Option<String>,
-    ca: Option<String>,
+    ca: Option<CaList>,
+    ca_failover_after: Option<String>,
     cert_ttl: Option<String>,
     renew_at: Option<f64>,
     key_type: Option<String>,
@@ -587,8 +613,17 @@ pub struct Config {
     pub limits: SdsLimits,
     /// The workload identity served as `default`.
     pub spiffe_id: SpiffeId,
-    /// The CA backend.
+    /// The CA backend; with `--ca a,b`, the primary.
     pub ca: CaConfig,
+    /// With `--ca a,b,...`, the backends after the first, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ca_fallbacks: Vec<CaConfig>,
+    /// `--ca-failover-after`, when given (else a quarter of the certificate's lifetime).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "humanized_option"
+    )]
+    pub ca_failover_after: Option<Duration>,
     /// Lifetime asked of the CA.
     #[serde(serialize_with = "humanized")]
     pub cert_ttl: Duration,
@@ -817,13 +852,31 @@ impl RunArgs {
         // The mode first: a backend refuses, in node mode, what names one workload's
         // resources.
         let (mode, node, ca_concurrency, identity_idle_timeout) = self.node.resolve(&file)?;
-        let ca_raw = pick(&self.ca, &file.ca).unwrap_or_else(|| "embedded".into());
+        let ca_raw = self
+            .ca
+            .clone()
+            .or_else(|| file.ca.clone().map(CaList::into_text))
+            .unwrap_or_else(|| "embedded".into());
         let ctx = ResolveContext {
             namespace: &ns,
             node_mode: mode == Mode::Node,
             std_env,
         };
-        let ca = self.backends.resolve(&ca_raw, &file_backends, &ctx)?;
+        let ca_failover_after = pick(&self.ca_failover_after, &file.ca_failover_after)
+            .map(|raw| parse_failover_after(&raw))
+            .transpose()?;
+        let mut cas = Vec::new();
+        for name in parse_ca_list(&ca_raw)? {
+            cas.push(self.backends.resolve(name, &file_backends, &ctx)?);
+        }
+        // `parse_ca_list` returns at least one name.
+        let ca = cas.remove(0);
+        let ca_fallbacks = cas;
+        if ca_failover_after.is_some() && ca_fallbacks.is_empty() {
+            return Err(ConfigError::Conflict(format!(
+                "--ca-failover-after needs --ca to list two or more backends, e.g. vault,embedded (--ca is {ca_raw:?})"
+            )));
+        }
 
         let cert_ttl = match pick(&self.cert_ttl, &file.cert_ttl) {
             Some(v) => parse_ttl(&v).map_err(|r| invalid("cert-ttl", &v, r))?,
@@ -938,6 +991,8 @@ impl RunArgs {
             limits,
             spiffe_id,
             ca,
+            ca_fallbacks,
+            ca_failover_after,
             cert_ttl,
             renew_at,
             key_type,
@@ -1344,6 +1399,64 @@ impl<'de> Deserialize<'de> for KnownKeys {
         }
 
         d.deserialize_struct("FileConfig", file_keys(), Keys)
+    }
+}
+
+/// The names of `--ca`, in order: `vault,embedded`. Refuses an empty name, an unknown one
+/// and a name given twice.
+fn parse_ca_list(raw: &str) -> Result<Vec<&str>, ConfigError> {
+    let names: Vec<&str> = raw.split(',').map(str::trim).collect();
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() {
+            return Err(invalid(
+                "ca",
+                raw,
+                "an empty backend name; expected one backend, or several separated by commas, e.g. vault,embedded",
+            ));
+        }
+        if !sds_backends::settings::NAMES.contains(name) {
+            // Every name is checked before any backend's settings are, so a misspelt name is
+            // what the error says, not a fallback's missing flag.
+            return Err(invalid(
+                "ca",
+                name,
+                format!(
+                    "the backends are: {}",
+                    sds_backends::settings::NAMES.join(", ")
+                ),
+            ));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid(
+                "ca",
+                raw,
+                format!("{name} is listed twice; each backend may appear once"),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// `--ca-failover-after`: a duration of at least a second.
+fn parse_failover_after(raw: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(raw.trim()).map_err(|e| {
+        invalid(
+            "ca-failover-after",
+            raw,
+            format!("{e}; expected e.g. 30s, 15m, 6h"),
+        )
+    })?;
+    if d < Duration::from_secs(1) {
+        return Err(invalid("ca-failover-after", raw, "must be at least 1s"));
+    }
+    Ok(d)
+}
+
+/// Serializes an optional duration as people write it.
+fn humanized_option<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => humanized(d, s),
+        None => s.serialize_none(),
     }
 }
 
@@ -1796,6 +1909,98 @@ mod tests {
         assert!(
             matches!(v.auth, VaultAuthSettings::Kubernetes { ref role, .. } if role == "k8s-role")
         );
+    }
+
+    #[test]
+    fn a_ca_list_comes_from_the_file_as_a_list_or_a_string_and_flags_win() {
+        let vault_keys = "vault-addr = \"https://v.example\"\nvault-role = \"r\"\n\
+                          vault-auth = \"kubernetes\"\nvault-auth-role = \"k8s-role\"\n";
+        let names = |c: &Config| -> Vec<&'static str> {
+            std::iter::once(&c.ca)
+                .chain(&c.ca_fallbacks)
+                .map(CaConfig::name)
+                .collect()
+        };
+        let f = file(&format!(
+            "ca = [\"vault\", \"embedded\"]\nca-failover-after = \"2m\"\n{vault_keys}"
+        ));
+        let from_file = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        };
+        let c = from_file.resolve_with_env(&no_env).unwrap();
+        assert_eq!(names(&c), ["vault", "embedded"]);
+        assert_eq!(c.ca_failover_after, Some(Duration::from_secs(120)));
+        // Each listed backend got its own settings from the same file.
+        assert!(matches!(&c.ca, CaConfig::Vault(v) if v.role == "r"));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["ca-fallbacks"][0]["backend"], "embedded");
+        assert_eq!(json["ca-failover-after"], "2m");
+        // One call may ask both: the manager's limit covers both backends' limits.
+        assert_eq!(
+            crate::Policy::from_config(&c).ca_timeout,
+            Duration::from_secs(60)
+        );
+
+        let f = file(&format!("ca = \"embedded , vault\"\n{vault_keys}"));
+        let c = RunArgs {
+            config: Some(f.path().to_owned()),
+            ..Default::default()
+        }
+        .resolve_with_env(&no_env)
+        .unwrap();
+        assert_eq!(names(&c), ["embedded", "vault"]);
+        assert_eq!(c.ca_failover_after, None);
+
+        // The flag replaces the file's whole list.
+        let c = RunArgs {
+            ca: Some("embedded".into()),
+            ca_failover_after: None,
+            ..from_file
+        };
+        let err = c.resolve_with_env(&no_env).unwrap_err().to_string();
+        assert!(err.contains("--ca-failover-after needs"), "{err}");
+        let c = RunArgs {
+            config: None,
+            ca: Some("embedded".into()),
+            ..Default::default()
+        }
+        .resolve_with_env(&no_env)
+        .unwrap();
+        assert_eq!(names(&c), ["embedded"]);
+        assert!(c.ca_fallbacks.is_empty());
+    }
+
+    #[test]
+    fn a_bad_ca_list_in_the_file_is_refused_like_the_flag() {
+        for (text, needle) in [
+            (
+                "ca = [\"embedded\", \"embedded\"]\n",
+                "embedded is listed twice",
+            ),
+            ("ca = [\"embedded\", \"\"]\n", "empty backend name"),
+            ("ca = \"embedded,acme\"\n", "the backends are"),
+            ("ca = [\"embedded\", \"vault\"]\n", "--vault-addr"),
+            (
+                "ca = \"embedded\"\nca-failover-after = \"1h\"\n",
+                "two or more backends",
+            ),
+            (
+                "ca = [\"vault\", \"embedded\"]\nca-failover-after = \"0s\"\n",
+                "--ca-failover-after",
+            ),
+            ("ca = 3\n", "line 1"),
+        ] {
+            let f = file(text);
+            let err = RunArgs {
+                config: Some(f.path().to_owned()),
+                ..Default::default()
+            }
+            .resolve_with_env(&no_env)
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     const PCA_ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/0a1b-2c3d";

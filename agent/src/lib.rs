@@ -4,7 +4,8 @@
 //!
 //! Data flows one way: [`config`] → [`identity`] → [`secrets`] (keys → CSR → CA → validate →
 //! publish) → [`sds`] streams → Envoy, and [`workload_api`] streams → other workloads. [`admin`] and [`metrics`] observe; nothing below the
-//! secret manager knows about SDS, and no backend knows about rotation.
+//! secret manager knows about SDS, and no backend knows about rotation. With several CA
+//! backends, [`failover`] stands in front of them as one CA.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod admin;
 pub mod attest;
 pub mod client;
 pub mod config;
+pub mod failover;
 pub mod federation;
 pub mod identity;
 pub mod keys;
@@ -69,7 +71,11 @@ impl Policy {
             ttl: config.cert_ttl,
             renew_at: config.renew_at,
             key_type: config.key_type,
-            ca_timeout: ca_timeout(&config.ca),
+            // One call of a `--ca` list may ask each backend in turn.
+            ca_timeout: std::iter::once(&config.ca)
+                .chain(&config.ca_fallbacks)
+                .map(ca_timeout)
+                .sum(),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             bundle_refresh: config.trust_bundle_refresh,
@@ -87,13 +93,50 @@ fn ca_timeout(ca: &CaConfig) -> Duration {
     ca.call_timeout().map_or(DEFAULT, |t| DEFAULT.max(t))
 }
 
-/// Builds the CA backend a configuration names (the backend builds itself).
+/// Builds the CA backend a configuration names (the backend builds itself); with several
+/// (`--ca a,b`), builds every one and returns their [`failover::Failover`], with metrics of
+/// its own (use [`build_failover`] to share the agent's).
 pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CertificateAuthority>> {
-    let ctx = BuildContext {
+    match build_failover(config, Arc::new(Metrics::new()))? {
+        Some(failover) => Ok(failover),
+        None => Ok(config.ca.build(&build_context(config))?),
+    }
+}
+
+/// With several `--ca` backends, builds each (in order, naming the one that fails) and the
+/// [`failover::Failover`] over them, writing to `metrics`; `None` with one backend.
+pub fn build_failover(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<failover::Failover>>> {
+    if config.ca_fallbacks.is_empty() {
+        return Ok(None);
+    }
+    let ctx = build_context(config);
+    let listed: Vec<&CaConfig> = std::iter::once(&config.ca)
+        .chain(&config.ca_fallbacks)
+        .collect();
+    let mut backends = Vec::with_capacity(listed.len());
+    for ca in &listed {
+        backends.push(
+            ca.build(&ctx)
+                .with_context(|| format!("--ca backend {}", ca.name()))?,
+        );
+    }
+    Ok(Some(failover::Failover::new(
+        backends,
+        listed.iter().map(|ca| ca_timeout(ca)).collect(),
+        config.ca_failover_after,
+        Policy::from_config(config),
+        metrics,
+    )))
+}
+
+fn build_context(config: &Config) -> BuildContext<'_> {
+    BuildContext {
         trust_domain: config.spiffe_id.trust_domain(),
         node_mode: config.mode == config::Mode::Node,
-    };
-    Ok(config.ca.build(&ctx)?)
+    }
 }
 
 /// In node mode, builds the kubelet client as `run` would (reads `--kubelet-ca`, checks the
@@ -140,7 +183,27 @@ impl RunningAgent {
         policy: Policy,
         ca: Arc<dyn CertificateAuthority>,
     ) -> anyhow::Result<Self> {
-        let metrics = Arc::new(Metrics::new());
+        Self::start_inner(config, policy, ca, None, Arc::new(Metrics::new())).await
+    }
+
+    /// [`RunningAgent::start`] on several CA backends (`--ca a,b`): `failover` signs, and its
+    /// probe task runs with the agent.
+    pub async fn start_failover(
+        config: &Config,
+        policy: Policy,
+        failover: Arc<failover::Failover>,
+    ) -> anyhow::Result<Self> {
+        let metrics = failover.metrics().clone();
+        Self::start_inner(config, policy, failover.clone(), Some(failover), metrics).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        policy: Policy,
+        ca: Arc<dyn CertificateAuthority>,
+        failover: Option<Arc<failover::Failover>>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         metrics.prime(
             ca.name(),
             config.output_dir.is_some(),
@@ -238,6 +301,7 @@ impl RunningAgent {
             ca_concurrency = config.ca_concurrency,
             backend = ca.name(),
             sds_plain_roots = config.sds_plain_roots,
+            fallbacks = ?config.ca_fallbacks.iter().map(CaConfig::name).collect::<Vec<_>>(),
             "serving SDS"
         );
         let span = info_span!(
@@ -248,6 +312,12 @@ impl RunningAgent {
         let mut tasks = vec![tokio::spawn(
             manager.clone().run(shutdown.clone()).instrument(span),
         )];
+        if let Some(f) = failover {
+            tasks.push(tokio::spawn(
+                f.run(shutdown.clone())
+                    .instrument(info_span!("ca_failover")),
+            ));
+        }
         if let Some(f) = &federation {
             tasks.push(tokio::spawn(
                 f.clone()
@@ -436,8 +506,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // restart, a probe that gives up) must shut down cleanly, not kill the process and leave
     // the socket behind.
     let signals = Signals::install()?;
-    let ca = build_ca(&config)?;
-    let agent = RunningAgent::start(&config, Policy::from_config(&config), ca).await?;
+    let policy = Policy::from_config(&config);
+    let agent = match build_failover(&config, Arc::new(Metrics::new()))? {
+        Some(failover) => RunningAgent::start_failover(&config, policy, failover).await?,
+        None => RunningAgent::start(&config, policy, build_ca(&config)?).await?,
+    };
     signals.wait().await;
     info!("shutting down");
     agent.shutdown().await;

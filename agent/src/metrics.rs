@@ -95,6 +95,23 @@ pub struct Metrics {
     pub federated_domains: Gauge,
     /// `--federation-dir` entries skipped, by reason ([`FEDERATION_DIR_SKIP_REASONS`]).
     pub federation_dir_skipped: Family<ReasonLabel, Counter>,
+    /// `--ca` lists several backends: certificates signed, by the backend that signed them.
+    pub ca_certificates_signed: Family<BackendLabel, Counter>,
+    /// `--ca` lists several backends: 1 for the backend that signed the certificate in
+    /// service, 0 for the others.
+    pub ca_active_backend: Family<BackendLabel, Gauge>,
+    /// `--ca` lists several backends: seconds since certificates started coming from a
+    /// fallback; 0 while the primary signs.
+    pub ca_fallback_seconds: FloatGauge,
+    /// `--ca` lists several backends: failed probes of a backend that is down, by backend.
+    pub ca_probe_failures: Family<BackendLabel, Counter>,
+}
+
+/// The label of a series about one CA backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BackendLabel {
+    /// The backend's `--ca` name.
+    pub backend: &'static str,
 }
 
 /// The `phase` label of `sds_agent_root_rotation_transitions_total`.
@@ -356,6 +373,10 @@ impl Metrics {
             trust_bundle_roots: Gauge::default(),
             federated_domains: Gauge::default(),
             federation_dir_skipped: Family::default(),
+            ca_certificates_signed: Family::default(),
+            ca_active_backend: Family::default(),
+            ca_fallback_seconds: FloatGauge::default(),
+            ca_probe_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -538,6 +559,27 @@ impl Metrics {
             "--federation-dir entries skipped (counted once per file), by reason",
             m.federation_dir_skipped.clone(),
         );
+        r.register(
+            "ca_certificates_signed",
+            "--ca with several backends: certificates signed, by the backend that signed them",
+            m.ca_certificates_signed.clone(),
+        );
+        r.register(
+            "ca_active_backend",
+            "--ca with several backends: 1 for the backend that signed the certificate in service, 0 for the others",
+            m.ca_active_backend.clone(),
+        );
+        r.register_with_unit(
+            "ca_fallback",
+            "--ca with several backends: seconds since certificates started coming from a fallback CA, 0 while the primary signs",
+            prometheus_client::registry::Unit::Seconds,
+            m.ca_fallback_seconds.clone(),
+        );
+        r.register(
+            "ca_probe_failures",
+            "--ca with several backends: failed probes of a backend that is down (failed over), by backend",
+            m.ca_probe_failures.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -586,26 +628,7 @@ impl Metrics {
                 drop(self.file_writes.get_or_create(&ResultLabel { result }));
             }
         }
-        for operation in ["sign", "trust_bundle"] {
-            drop(
-                self.ca_request_duration
-                    .get_or_create(&CaOperationLabels { backend, operation }),
-            );
-            for result in std::iter::once("success").chain(CaError::KINDS.map(|(k, _)| k)) {
-                drop(self.ca_requests.get_or_create(&CaRequestLabels {
-                    backend,
-                    operation,
-                    result,
-                }));
-            }
-        }
-        for (kind, retryable) in CaError::KINDS {
-            drop(self.ca_errors.get_or_create(&CaErrorLabels {
-                backend,
-                kind,
-                retryable: if retryable { "true" } else { "false" },
-            }));
-        }
+        self.prime_ca_backend(backend);
         for reason in REJECTION_REASONS {
             drop(
                 self.ca_responses_rejected
@@ -642,6 +665,31 @@ impl Metrics {
                         .get_or_create(&ReasonLabel { reason }),
                 );
             }
+        }
+    }
+
+    /// Creates, at zero, the CA call and error series of `backend`: every backend of a
+    /// `--ca` list has its own.
+    pub fn prime_ca_backend(&self, backend: &'static str) {
+        for operation in ["sign", "trust_bundle"] {
+            drop(
+                self.ca_request_duration
+                    .get_or_create(&CaOperationLabels { backend, operation }),
+            );
+            for result in std::iter::once("success").chain(CaError::KINDS.map(|(k, _)| k)) {
+                drop(self.ca_requests.get_or_create(&CaRequestLabels {
+                    backend,
+                    operation,
+                    result,
+                }));
+            }
+        }
+        for (kind, retryable) in CaError::KINDS {
+            drop(self.ca_errors.get_or_create(&CaErrorLabels {
+                backend,
+                kind,
+                retryable: if retryable { "true" } else { "false" },
+            }));
         }
     }
 

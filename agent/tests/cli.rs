@@ -1293,6 +1293,71 @@ fn bad_inputs(dir: &Path) -> (Vec<Bad>, Vec<String>) {
         &["ca-concurrency", "0"],
     ));
 
+    // `--ca` lists (CA failover).
+    cases.push(bad(
+        "an unknown backend in a --ca list",
+        &["--ca", "vault,acme"],
+        &["--ca", "\"acme\"", "embedded, istiod, vault"],
+    ));
+    cases.push(bad(
+        "a backend listed twice",
+        &["--ca", "embedded, embedded"],
+        &["--ca", "embedded is listed twice"],
+    ));
+    cases.push(bad(
+        "an empty element in a --ca list",
+        &["--ca", "vault,,embedded"],
+        &["--ca", "vault,,embedded", "empty backend name"],
+    ));
+    cases.push(bad(
+        "a trailing comma in a --ca list",
+        &["--ca", "embedded,"],
+        &["--ca", "empty backend name"],
+    ));
+    cases.push(bad(
+        "a fallback with settings of its own that are missing",
+        &["--ca", "embedded,vault", "--vault-role", "sds"],
+        &["--vault-addr", "VAULT_ADDR"],
+    ));
+    cases.push(bad(
+        "a fallback that node mode refuses with these settings",
+        &[
+            "--mode",
+            "node",
+            "--ca",
+            "embedded,cert-manager",
+            "--cert-manager-issuer-name",
+            "mesh-ca",
+            "--pod-name",
+            "web-0",
+            "--pod-uid",
+            "0d3c2b1a-1111-4222-8333-444455556666",
+        ],
+        &["--pod-name", "--mode node"],
+    ));
+    cases.push(bad(
+        "--ca-failover-after with one backend",
+        &["--ca", "embedded", "--ca-failover-after", "1m"],
+        &["--ca-failover-after", "two or more backends"],
+    ));
+    cases.push(bad(
+        "--ca-failover-after not a duration",
+        &["--ca", "istiod,embedded", "--ca-failover-after", "soon"],
+        &["--ca-failover-after", "SDS_AGENT_CA_FAILOVER_AFTER", "soon"],
+    ));
+    cases.push(bad(
+        "--ca-failover-after under a second",
+        &["--ca", "istiod,embedded", "--ca-failover-after", "10ms"],
+        &["--ca-failover-after", "at least 1s"],
+    ));
+    let mut env_list = bad(
+        "a backend listed twice in the environment",
+        &[],
+        &["SDS_AGENT_CA", "vault is listed twice"],
+    );
+    env_list.env = vec![("SDS_AGENT_CA", "vault,embedded,vault".into())];
+    cases.push(env_list);
+
     let mut env_case = bad("bad env value", &[], &["SDS_AGENT_KEY_TYPE", "dsa"]);
     env_case.env = vec![("SDS_AGENT_KEY_TYPE", "dsa".into())];
     cases.push(env_case);
@@ -2733,4 +2798,63 @@ fn status_works_without_any_ca_bundle() {
     assert_eq!(out.code(), Some(0), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("ready"), "{}", out.stdout);
     assert!(a.stop("TERM").success());
+}
+
+/// `--ca vault,embedded`: `validate` resolves and builds every listed backend, each with its
+/// own settings, and prints them in order with the failover threshold.
+#[test]
+fn validate_resolves_every_backend_of_a_ca_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("vault-token");
+    std::fs::write(&token, "hvs.never-printed").unwrap();
+    let token = token.display().to_string();
+    let d = validate_json(agent().current_dir(dir.path()).args([
+        "validate",
+        "--ca",
+        "vault, embedded",
+        "--vault-addr",
+        "http://127.0.0.1:8200",
+        "--vault-role",
+        "sds",
+        "--vault-token-file",
+        &token,
+        "--ca-failover-after",
+        "90s",
+    ]));
+    assert_eq!(d["ca"]["backend"], "vault");
+    assert_eq!(d["ca-fallbacks"][0]["backend"], "embedded");
+    assert_eq!(d["ca-fallbacks"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        humantime::parse_duration(d["ca-failover-after"].as_str().unwrap()).unwrap(),
+        Duration::from_secs(90)
+    );
+    // One backend: neither key.
+    let d = validate_json(agent().current_dir(dir.path()).arg("validate"));
+    assert!(d.get("ca-fallbacks").is_none() && d.get("ca-failover-after").is_none());
+    // A fallback whose file cannot be used fails `validate`, naming the backend.
+    let out = finish(
+        agent().current_dir(dir.path()).args([
+            "validate",
+            "--ca",
+            "vault,embedded",
+            "--vault-addr",
+            "http://127.0.0.1:8200",
+            "--vault-role",
+            "sds",
+            "--vault-token-file",
+            &token,
+            "--embedded-ca-cert",
+            &token,
+            "--embedded-ca-key",
+            &token,
+        ]),
+        QUICK,
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--ca backend embedded"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("never-printed"), "{}", out.stderr);
 }

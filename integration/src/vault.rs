@@ -68,6 +68,58 @@ impl Vault {
             return Ok(None);
         };
         let port = free_port()?;
+        let proc = Self::spawn_dev(&bin, dir, port, &http, "openbao.log").await?;
+        Ok(Some(Self {
+            proc: Some(proc),
+            addr: format!("http://127.0.0.1:{port}"),
+            root_token: "root".into(),
+            unseal_key: None,
+            http,
+        }))
+    }
+
+    /// Whether this is a dev server the test started (and so can stop and restart).
+    pub fn is_own_process(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// Kills the dev server: the address refuses connections from now on, and everything it
+    /// held (in memory) is gone. [`Vault::restart`] starts a new one on the same address.
+    pub fn stop(&mut self) -> Result<(), Error> {
+        match self.proc.take() {
+            Some(mut proc) => proc.kill_hard().map(drop),
+            None => Err(Error::Missing(
+                "an external Vault (SDS_TEST_VAULT_ADDR) cannot be stopped".into(),
+            )),
+        }
+    }
+
+    /// Starts a new, empty dev server on the address of the stopped one (same root token),
+    /// logging to `dir/<log>`. Mounts, roots, roles, policies and tokens must be set up
+    /// again.
+    pub async fn restart(&mut self, dir: &Path, log: &str) -> Result<(), Error> {
+        if self.proc.is_some() {
+            return Err(Error::Missing("restart: the dev server still runs".into()));
+        }
+        let bin = bao_bin()?.ok_or_else(|| Error::Missing("bao".into()))?;
+        let port: u16 = self
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| Error::Missing(format!("no port in {}", self.addr)))?;
+        self.proc = Some(Self::spawn_dev(&bin, dir, port, &self.http, log).await?);
+        Ok(())
+    }
+
+    /// Starts `bao server -dev` on 127.0.0.1:`port` and waits until it answers.
+    async fn spawn_dev(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        http: &reqwest::Client,
+        log: &str,
+    ) -> Result<ChildGuard, Error> {
         let addr = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(bin);
         // `-dev-no-store-token`: a dev server otherwise writes its root token
@@ -85,7 +137,7 @@ impl Vault {
         .env("BAO_ADDR", &addr)
         .env_remove("BAO_TOKEN")
         .env_remove("VAULT_TOKEN");
-        let log = dir.join("openbao.log");
+        let log = dir.join(log);
         let mut proc = ChildGuard::spawn("openbao", cmd, &log)?;
         let health = format!("{addr}/v1/sys/health");
         let probe = http.clone();
@@ -100,13 +152,7 @@ impl Vault {
             }
         })
         .await?;
-        Ok(Some(Self {
-            proc: Some(proc),
-            addr,
-            root_token: "root".into(),
-            unseal_key: None,
-            http,
-        }))
+        Ok(proc)
     }
 
     /// Its address, `http://127.0.0.1:PORT`.
@@ -202,6 +248,64 @@ impl Vault {
         pem_field(&root, "certificate")
     }
 
+    /// Like [`Vault::pki_with_root`], with the root's key exported: the root's PEM and its
+    /// key's PEM, to import the same root again ([`Vault::pki_import_root`]).
+    pub async fn pki_with_exported_root(
+        &self,
+        mount: &str,
+        common_name: &str,
+    ) -> Result<(String, String), Error> {
+        self.new_pki_mount(mount).await?;
+        let root = self
+            .root(
+                "POST",
+                &format!("{mount}/root/generate/exported"),
+                Some(json!({
+                    "common_name": common_name,
+                    "key_type": "ec",
+                    "key_bits": 256,
+                    "ttl": "87600h",
+                    "issuer_name": "root-1",
+                })),
+            )
+            .await?;
+        Ok((
+            pem_field(&root, "certificate")?,
+            str_field(&root["data"], "private_key")?,
+        ))
+    }
+
+    /// Enables a PKI mount whose root is this certificate and key (PEM), as an operator
+    /// restores a CA.
+    pub async fn pki_import_root(&self, mount: &str, cert: &str, key: &str) -> Result<(), Error> {
+        self.new_pki_mount(mount).await?;
+        self.root(
+            "POST",
+            &format!("{mount}/config/ca"),
+            Some(json!({ "pem_bundle": format!("{key}\n{cert}") })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes `mount` if it exists and enables a fresh PKI mount there (max lease ten years).
+    async fn new_pki_mount(&self, mount: &str) -> Result<(), Error> {
+        self.call(
+            "DELETE",
+            &format!("sys/mounts/{mount}"),
+            Some(&self.root_token),
+            None,
+        )
+        .await?;
+        self.root(
+            "POST",
+            &format!("sys/mounts/{mount}"),
+            Some(json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}})),
+        )
+        .await
+        .map(drop)
+    }
+
     /// A role that signs CSRs carrying a URI SAN under `allowed_uri_sans`, no common name,
     /// any key type, at most `max_ttl`.
     pub async fn role(
@@ -264,6 +368,32 @@ impl Vault {
             )
             .await?;
         str_field(&answer["auth"], "client_token")
+    }
+
+    /// A token of the given `id` with `policy` and lease `ttl`: the same token can be made
+    /// again on a restarted dev server.
+    pub async fn token_with_id(&self, id: &str, policy: &str, ttl: &str) -> Result<(), Error> {
+        let answer = self
+            .root(
+                "POST",
+                "auth/token/create",
+                Some(json!({
+                    "id": id,
+                    "policies": [policy],
+                    "ttl": ttl,
+                    "renewable": true,
+                    "no_parent": true,
+                })),
+            )
+            .await?;
+        if str_field(&answer["auth"], "client_token")? == id {
+            Ok(())
+        } else {
+            Err(Error::Malformed {
+                what: "vault token",
+                detail: "created with another id than asked".into(),
+            })
+        }
     }
 
     /// Revokes a token.

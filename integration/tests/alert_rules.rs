@@ -6,8 +6,9 @@
 //! exists would parse, load and never fire; this is what the test rules out.
 //!
 //! The agent is driven into every state the rules look at: issued (on the istiod-style test
-//! CA), renewed on `POST /rotate`, then refused by the CA (its token revoked), which counts a
-//! failed renewal and a non-retryable CA error.
+//! CA, with `--ca istiod,embedded` so the failover's series exist), renewed on `POST /rotate`,
+//! then refused by the CA (its token revoked), which counts a failed renewal and a
+//! non-retryable CA error (and does not fail over).
 //!
 //! The table of alerts in `docs/operations.md` must also say what the file says.
 
@@ -244,6 +245,10 @@ async fn agent_in_every_state(dir: &std::path::Path) -> (IstioTestCa, Agent) {
         cert_ttl: "1h",
     };
     let mut args = args_for(ca.addr(), ca.tls_root(), &token, Some(CLUSTER_ID));
+    // istiod with the embedded CA as fallback, so the failover's series are exported too;
+    // the revoked token below is a denial, which does not fail over.
+    let ca_flag = args.iter().position(|a| a == "--ca").unwrap();
+    args[ca_flag + 1] = "istiod,embedded".into();
     // A federated trust domain, so its series (primed at zero) are exported too.
     let partner = dir.join("partner");
     std::fs::create_dir_all(&partner).unwrap();
@@ -376,6 +381,10 @@ fn the_rules_cover_expiry_failures_nacks_and_latency() {
         ),
         ("sds_agent_sds_nacks_total", "NACKs"),
         ("sds_agent_ca_request_duration_seconds_bucket", "CA latency"),
+        (
+            "sds_agent_ca_fallback_seconds",
+            "a fallback CA for too long",
+        ),
     ] {
         assert!(
             rules.iter().any(|r| r.expr.contains(needle)),

@@ -542,11 +542,12 @@ impl SecretManager {
         operation: &'static str,
         call: impl Future<Output = Result<T, CaError>>,
     ) -> Result<T, CaError> {
-        let backend = self.ca.name();
         let started = Instant::now();
         let result = tokio::time::timeout(self.policy.ca_timeout, call)
             .await
             .unwrap_or(Err(CaError::Timeout(self.policy.ca_timeout)));
+        // Read after the call: a failover (`--ca a,b`) names the backend that answered.
+        let backend = self.ca.name();
         self.metrics
             .ca_request_duration
             .get_or_create(&CaOperationLabels { backend, operation })
