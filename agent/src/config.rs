@@ -929,33 +929,14 @@ impl RunArgs {
         }
         let (federate_with, federation_poll_interval) =
             self.federation(&file, spiffe_id.trust_domain())?;
+        let second = Duration::from_secs(1);
         let root_overlap = match pick(&self.root_overlap, &file.root_overlap) {
-            Some(raw) => {
-                let d = humantime::parse_duration(raw.trim()).map_err(|e| {
-                    invalid("root-overlap", &raw, format!("{e}; expected e.g. 30m, 24h"))
-                })?;
-                if d < Duration::from_secs(1) {
-                    return Err(invalid("root-overlap", &raw, "must be at least 1s"));
-                }
-                d
-            }
+            Some(raw) => min_duration("root-overlap", &raw, second, "30m, 24h")?,
             None => cert_ttl,
         };
         let trust_bundle_refresh =
             match pick(&self.trust_bundle_refresh, &file.trust_bundle_refresh) {
-                Some(raw) => {
-                    let d = humantime::parse_duration(raw.trim()).map_err(|e| {
-                        invalid(
-                            "trust-bundle-refresh",
-                            &raw,
-                            format!("{e}; expected e.g. 30s, 5m"),
-                        )
-                    })?;
-                    if d < Duration::from_secs(1) {
-                        return Err(invalid("trust-bundle-refresh", &raw, "must be at least 1s"));
-                    }
-                    d
-                }
+                Some(raw) => min_duration("trust-bundle-refresh", &raw, second, "30s, 5m")?,
                 None => DEFAULT_TRUST_BUNDLE_REFRESH,
             };
         let federation_dir = self
@@ -1068,23 +1049,12 @@ impl RunArgs {
             .clone()
             .or_else(|| file.federation_poll_interval.clone());
         let every = match raw_every {
-            Some(raw) => {
-                let d = humantime::parse_duration(raw.trim()).map_err(|e| {
-                    invalid(
-                        "federation-poll-interval",
-                        &raw,
-                        format!("{e}; expected e.g. 1s, 30s"),
-                    )
-                })?;
-                if d < MIN_FEDERATION_POLL_INTERVAL {
-                    return Err(invalid(
-                        "federation-poll-interval",
-                        &raw,
-                        "must be at least 100ms",
-                    ));
-                }
-                d
-            }
+            Some(raw) => min_duration(
+                "federation-poll-interval",
+                &raw,
+                MIN_FEDERATION_POLL_INTERVAL,
+                "1s, 30s",
+            )?,
             None => DEFAULT_FEDERATION_POLL_INTERVAL,
         };
         Ok((sources, every))
@@ -1149,19 +1119,7 @@ impl NodeArgs {
         let duration =
             |key: &str, flag: &Option<String>, file: &Option<String>, min: Duration, default| {
                 match pick(flag, file) {
-                    Some(raw) => {
-                        let d = humantime::parse_duration(raw.trim()).map_err(|e| {
-                            invalid(key, &raw, format!("{e}; expected e.g. 500ms, 30s, 1h"))
-                        })?;
-                        if d < min {
-                            return Err(invalid(
-                                key,
-                                &raw,
-                                format!("must be at least {}", humantime::format_duration(min)),
-                            ));
-                        }
-                        Ok(d)
-                    }
+                    Some(raw) => min_duration(key, &raw, min, "500ms, 30s, 1h"),
                     None => Ok(default),
                 }
             };
@@ -1439,15 +1397,30 @@ fn parse_ca_list(raw: &str) -> Result<Vec<&str>, ConfigError> {
 
 /// `--ca-failover-after`: a duration of at least a second.
 fn parse_failover_after(raw: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(raw.trim()).map_err(|e| {
-        invalid(
-            "ca-failover-after",
+    min_duration(
+        "ca-failover-after",
+        raw,
+        Duration::from_secs(1),
+        "30s, 15m, 6h",
+    )
+}
+
+/// The duration setting `key` = `raw`, at least `min`; `examples` go in the error of one that
+/// does not parse.
+fn min_duration(
+    key: &str,
+    raw: &str,
+    min: Duration,
+    examples: &str,
+) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(raw.trim())
+        .map_err(|e| invalid(key, raw, format!("{e}; expected e.g. {examples}")))?;
+    if d < min {
+        return Err(invalid(
+            key,
             raw,
-            format!("{e}; expected e.g. 30s, 15m, 6h"),
-        )
-    })?;
-    if d < Duration::from_secs(1) {
-        return Err(invalid("ca-failover-after", raw, "must be at least 1s"));
+            format!("must be at least {}", humantime::format_duration(min)),
+        ));
     }
     Ok(d)
 }

@@ -158,6 +158,50 @@ async fn check_traffic(mesh: &Mesh, fresh: &Traffic, pooled: &Traffic) -> String
     report
 }
 
+/// What a rotation under traffic showed.
+struct Rotated {
+    fresh: Traffic,
+    pooled: Traffic,
+    /// The mesh's diagnostics and the traffic, for failure messages.
+    report: String,
+    /// The phases each agent was seen in.
+    seen: [Vec<String>; 2],
+    /// The roots served at the end.
+    new_roots: Vec<Serial>,
+}
+
+/// Runs `steps` (which returns the roots expected at the end) while requests flow on a new
+/// connection each and on a pooled one until `until`. Then checks the traffic (0 failed),
+/// that each agent went through every phase in order and serves only the new roots, and that
+/// both Envoys trust only those.
+async fn rotate_under_traffic(
+    mesh: &Mesh,
+    until: Instant,
+    steps: impl Future<Output = Vec<Serial>>,
+) -> Rotated {
+    let (fresh, pooled, seen, new_roots) = tokio::join!(
+        drive(mesh.entry, "/fresh", until),
+        drive(mesh.entry, "/pooled", until),
+        watch_phases(mesh, until),
+        steps,
+    );
+    let report = check_traffic(mesh, &fresh, &pooled).await;
+    for (agent, seen) in [&mesh.frontend, &mesh.backend].into_iter().zip(&seen) {
+        let t = trust(agent).await;
+        assert_eq!(history(&t), PHASES, "{t}");
+        assert_in_order(seen, &report);
+        assert_eq!(served_roots(&t), new_roots, "{t}");
+    }
+    wait_for_envoys_to_trust(mesh, &new_roots).await;
+    Rotated {
+        fresh,
+        pooled,
+        report,
+        seen,
+        new_roots,
+    }
+}
+
 async fn first_request(mesh: &Mesh) {
     let entry = mesh.entry;
     wait_until("a first request", Duration::from_secs(20), || async move {
@@ -229,20 +273,16 @@ async fn the_embedded_ca_root_is_rotated_under_traffic_in_four_phases() {
         for agent in [&mesh.frontend, &mesh.backend] {
             wait_for_phase(agent, "removed", Duration::from_secs(25)).await;
         }
-        next.serial
+        vec![next.serial]
     };
-    let (fresh, pooled, seen, new_root) = tokio::join!(
-        drive(mesh.entry, "/fresh", until),
-        drive(mesh.entry, "/pooled", until),
-        watch_phases(&mesh, until),
-        steps,
-    );
-    let report = check_traffic(&mesh, &fresh, &pooled).await;
-    for (agent, seen) in [&mesh.frontend, &mesh.backend].into_iter().zip(&seen) {
-        let t = trust(agent).await;
-        assert_eq!(history(&t), PHASES, "{t}");
-        assert_in_order(seen, &report);
-        assert_eq!(served_roots(&t), std::slice::from_ref(&new_root), "{t}");
+    let Rotated {
+        fresh,
+        pooled,
+        report,
+        seen,
+        new_roots,
+    } = rotate_under_traffic(&mesh, until, steps).await;
+    for agent in [&mesh.frontend, &mesh.backend] {
         assert_eq!(
             agent
                 .metric_total("sds_agent_root_rotation_phase ")
@@ -251,7 +291,6 @@ async fn the_embedded_ca_root_is_rotated_under_traffic_in_four_phases() {
             4
         );
     }
-    wait_for_envoys_to_trust(&mesh, std::slice::from_ref(&new_root)).await;
     // The handshakes used certificates of the new root by the end.
     let client_now = mesh.frontend.current_serial().await.unwrap().unwrap();
     let server_now = mesh.backend.current_serial().await.unwrap().unwrap();
@@ -259,7 +298,7 @@ async fn the_embedded_ca_root_is_rotated_under_traffic_in_four_phases() {
     assert!(fresh.server_certs_used.contains(&server_now), "{report}");
     eprintln!(
         "embedded root rotation under traffic: fresh {} ok, pooled {} ok, 0 failed; phases seen \
-         {seen:?}; old root {old_root} gone, new root {new_root}",
+         {seen:?}; old root {old_root} gone, new root {new_roots:?}",
         fresh.ok, pooled.ok
     );
 }
@@ -329,22 +368,15 @@ async fn an_istiod_root_rotation_is_followed_under_traffic_in_four_phases() {
         }
         ca.root_serials().await.unwrap()
     };
-    let (fresh, pooled, seen, new_root) = tokio::join!(
-        drive(mesh.entry, "/fresh", until),
-        drive(mesh.entry, "/pooled", until),
-        watch_phases(&mesh, until),
-        steps,
-    );
-    let report = check_traffic(&mesh, &fresh, &pooled).await;
+    let Rotated {
+        fresh,
+        pooled,
+        report,
+        seen,
+        new_roots: new_root,
+    } = rotate_under_traffic(&mesh, until, steps).await;
     assert_eq!(new_root.len(), 1);
     assert_ne!(new_root, old_root);
-    for (agent, seen) in [&mesh.frontend, &mesh.backend].into_iter().zip(&seen) {
-        let t = trust(agent).await;
-        assert_eq!(history(&t), PHASES, "{t}");
-        assert_in_order(seen, &report);
-        assert_eq!(served_roots(&t), new_root, "{t}");
-    }
-    wait_for_envoys_to_trust(&mesh, &new_root).await;
     let client_now = mesh.frontend.current_serial().await.unwrap().unwrap();
     assert!(fresh.client_certs_used.contains(&client_now), "{report}");
     eprintln!(
@@ -455,25 +487,18 @@ async fn a_vault_issuer_rotation_is_followed_under_traffic_in_four_phases() {
         for agent in [&mesh.frontend, &mesh.backend] {
             wait_for_phase(agent, "removed", Duration::from_secs(20)).await;
         }
-        new_root
+        vec![new_root]
     };
-    let (fresh, pooled, seen, new_root) = tokio::join!(
-        drive(mesh.entry, "/fresh", until),
-        drive(mesh.entry, "/pooled", until),
-        watch_phases(&mesh, until),
-        steps,
-    );
-    let report = check_traffic(&mesh, &fresh, &pooled).await;
-    for (agent, seen) in [&mesh.frontend, &mesh.backend].into_iter().zip(&seen) {
-        let t = trust(agent).await;
-        assert_eq!(history(&t), PHASES, "{t}");
-        assert_in_order(seen, &report);
-        assert_eq!(served_roots(&t), std::slice::from_ref(&new_root), "{t}");
-    }
-    wait_for_envoys_to_trust(&mesh, std::slice::from_ref(&new_root)).await;
+    let Rotated {
+        fresh,
+        pooled,
+        seen,
+        new_roots,
+        ..
+    } = rotate_under_traffic(&mesh, until, steps).await;
     eprintln!(
         "vault root rotation under traffic: fresh {} ok, pooled {} ok, 0 failed; phases seen \
-         {seen:?}; old root {old_root:?} gone, new root {new_root}",
+         {seen:?}; old root {old_root:?} gone, new roots {new_roots:?}",
         fresh.ok, pooled.ok
     );
 }
